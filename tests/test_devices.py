@@ -1,0 +1,10 @@
+"""The simulated devices the multi-device tests rely on are really there."""
+
+import jax
+
+from conftest import NUM_DEVICES
+
+
+def test_eight_simulated_devices():
+  assert jax.device_count() == NUM_DEVICES == 8
+  assert {d.platform for d in jax.devices()} == {"cpu"}
