@@ -6,18 +6,18 @@ from optax_dist._params import broadcast_params
 from optax_dist._state import get_slot
 from optax_dist._state import get_slot_names
 from optax_dist._state import global_step
-from optax_dist._tower import tower
 from optax_dist._tower import TowerState
+from optax_dist._tower import tower
 
 __version__ = "0.1.0"
 
 __all__ = (
-    "average_params",
-    "broadcast_params",
-    "get_slot",
-    "get_slot_names",
-    "global_step",
-    "minimize",
-    "tower",
-    "TowerState",
+  "TowerState",
+  "average_params",
+  "broadcast_params",
+  "get_slot",
+  "get_slot_names",
+  "global_step",
+  "minimize",
+  "tower",
 )

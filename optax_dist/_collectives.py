@@ -17,19 +17,20 @@ all of them, e.g. ``("hosts", "devices")`` on a 2-D mesh).
 """
 
 from collections.abc import Hashable
-from typing import Any, TypeAlias
+from typing import Any
+from typing import TypeAlias
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 AxisName: TypeAlias = Hashable | tuple[Hashable, ...]
 
 _HOW_TO_BIND = (
-    "call it inside a function mapped over that axis, e.g. "
-    "`jax.shard_map(f, mesh=mesh, in_specs=..., out_specs=...)` with a mesh "
-    "axis named {name!r}, `jax.pmap(f, axis_name={name!r})` or "
-    "`jax.vmap(f, axis_name={name!r})`"
+  "call it inside a function mapped over that axis, e.g. "
+  "`jax.shard_map(f, mesh=mesh, in_specs=..., out_specs=...)` with a mesh "
+  "axis named {name!r}, `jax.pmap(f, axis_name={name!r})` or "
+  "`jax.vmap(f, axis_name={name!r})`"
 )
 
 
@@ -41,8 +42,7 @@ def axis_tuple(axis_name: AxisName, *, argname: str = "axis_name") -> tuple[Hash
   for name in axes:
     if name is None or not isinstance(name, Hashable):
       raise TypeError(
-          f"`{argname}` must be an axis name (a string) or a tuple of them, "
-          f"got {axis_name!r}."
+        f"`{argname}` must be an axis name (a string) or a tuple of them, got {axis_name!r}."
       )
   return axes
 
@@ -59,10 +59,10 @@ def num_workers(axis_name: AxisName) -> int:
       size *= lax.axis_size(name)
     except NameError as e:
       raise NameError(
-          f"optax_dist: the axis name {name!r} is not bound here. To use it, "
-          + _HOW_TO_BIND.format(name=name)
-          + ". To run without communication, pass `axis_name=None` where the "
-          "transform allows it."
+        f"optax_dist: the axis name {name!r} is not bound here. To use it, "
+        + _HOW_TO_BIND.format(name=name)
+        + ". To run without communication, pass `axis_name=None` where the "
+        "transform allows it."
       ) from e
   return size
 

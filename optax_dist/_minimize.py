@@ -8,13 +8,13 @@ import optax
 
 
 def minimize(
-    loss_fn: Callable[..., Any],
-    optimizer: optax.GradientTransformation,
-    params: optax.Params,
-    opt_state: optax.OptState,
-    *args: Any,
-    has_aux: bool = False,
-    **kwargs: Any,
+  loss_fn: Callable[..., Any],
+  optimizer: optax.GradientTransformation,
+  params: optax.Params,
+  opt_state: optax.OptState,
+  *args: Any,
+  has_aux: bool = False,
+  **kwargs: Any,
 ) -> tuple[optax.Params, optax.OptState, Any]:
   """One optimization step: gradients of ``loss_fn``, then ``optimizer``.
 

@@ -79,9 +79,9 @@ def average_params(params: optax.Params, *, axis_name: _collectives.AxisName) ->
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(
-          f"average_params: the leaf at {jax.tree_util.keystr(path)} has dtype "
-          f"{x.dtype}; only floating-point leaves can be averaged. Average the "
-          "floating-point part and use `broadcast_params` for the rest."
+        f"average_params: the leaf at {jax.tree_util.keystr(path)} has dtype "
+        f"{x.dtype}; only floating-point leaves can be averaged. Average the "
+        "floating-point part and use `broadcast_params` for the rest."
       )
     if _collectives.is_invariant(x, axes):
       return x

@@ -20,8 +20,8 @@ _GLOBAL_STEP_FIELDS: dict[type, str] = {}
 
 # Fields that hold hyperparameters rather than per-parameter slots.
 _NOT_SLOTS: dict[type, frozenset[str]] = {
-    optax.InjectHyperparamsState: frozenset({"hyperparams", "hyperparams_states"}),
-    optax.InjectStatefulHyperparamsState: frozenset({"hyperparams", "hyperparams_states"}),
+  optax.InjectHyperparamsState: frozenset({"hyperparams", "hyperparams_states"}),
+  optax.InjectStatefulHyperparamsState: frozenset({"hyperparams", "hyperparams_states"}),
 }
 
 
@@ -53,12 +53,14 @@ def _is_slot(state: Any, field: str, value: Any) -> bool:
   if not leaves:
     return False
   # Counters (0-d integers) are bookkeeping, not slots.
-  return not all(jnp.ndim(x) == 0 and jnp.issubdtype(jnp.result_type(x), jnp.integer) for x in leaves)
+  return not all(
+    jnp.ndim(x) == 0 and jnp.issubdtype(jnp.result_type(x), jnp.integer) for x in leaves
+  )
 
 
 def _slots(opt_state: Any) -> Iterator[tuple[str, Any]]:
   for state in _iter_states(opt_state):
-    for field, value in zip(state._fields, state):
+    for field, value in zip(state._fields, state, strict=True):
       if _is_slot(state, field, value):
         yield field, value
 
@@ -124,8 +126,7 @@ def get_slot(opt_state: optax.OptState, name: str) -> Any:
     if field == name:
       return value
   raise KeyError(
-      f"No slot named {name!r} in this optimizer state; its slots are "
-      f"{get_slot_names(opt_state)}."
+    f"No slot named {name!r} in this optimizer state; its slots are {get_slot_names(opt_state)}."
   )
 
 
@@ -162,7 +163,7 @@ def global_step(opt_state: optax.OptState) -> jax.Array:
     if field is not None:
       return getattr(state, field)
   raise ValueError(
-      "This optimizer state holds no optax_dist transform, so it has no global "
-      "step. Wrap the optimizer in one (e.g. `optax_dist.tower(inner, "
-      "axis_name=...)`), or read the step of a plain optax state yourself."
+    "This optimizer state holds no optax_dist transform, so it has no global "
+    "step. Wrap the optimizer in one (e.g. `optax_dist.tower(inner, "
+    "axis_name=...)`), or read the step of a plain optax state yourself."
   )

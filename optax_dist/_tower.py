@@ -17,22 +17,22 @@ class TowerState(NamedTuple):
 
   Attributes:
     inner_state: State of the wrapped optimizer.
-    count: Number of updates applied so far (int32), read by
+    num_updates: Number of updates applied so far (int32), read by
       :func:`optax_dist.global_step`.
   """
 
   inner_state: optax.OptState
-  count: jax.Array
+  num_updates: jax.Array
 
 
-_state.register_global_step(TowerState, "count")
+_state.register_global_step(TowerState, "num_updates")
 
 
 def tower(
-    inner: optax.GradientTransformation,
-    *,
-    axis_name: _collectives.AxisName | None,
-    loss_reduction: str = "mean",
+  inner: optax.GradientTransformation,
+  *,
+  axis_name: _collectives.AxisName | None,
+  loss_reduction: str = "mean",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Reduces gradients over the workers of ``axis_name``, then applies ``inner``.
 
@@ -91,20 +91,18 @@ def tower(
            [-2., -3.]], dtype=float32)
   """
   if loss_reduction not in _REDUCTIONS:
-    raise ValueError(
-        f"`loss_reduction` must be one of {_REDUCTIONS}, got {loss_reduction!r}."
-    )
+    raise ValueError(f"`loss_reduction` must be one of {_REDUCTIONS}, got {loss_reduction!r}.")
   axes = None if axis_name is None else _collectives.axis_tuple(axis_name)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return TowerState(inner_state=inner.init(params), count=jnp.zeros([], jnp.int32))
+    return TowerState(inner_state=inner.init(params), num_updates=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     if axes is not None:
       updates = _collectives.reduce_gradients(updates, axes, loss_reduction)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    count = optax.safe_increment(state.count)
-    return updates, TowerState(inner_state=inner_state, count=count)
+    num_updates = optax.safe_increment(state.num_updates)
+    return updates, TowerState(inner_state=inner_state, num_updates=num_updates)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

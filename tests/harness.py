@@ -5,7 +5,8 @@ function; inside it each worker sees its own slice, as a user's step does.
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 from jax.sharding import AxisType
@@ -36,7 +37,9 @@ def map_workers(fn: Callable, n: int, mode: str, axis_name: str = AXIS) -> Calla
       return jax.tree.map(lambda x: x[None], out)
 
     spec = P(axis_name)
-    return jax.jit(jax.shard_map(body, mesh=worker_mesh(n, axis_name), in_specs=spec, out_specs=spec))
+    return jax.jit(
+      jax.shard_map(body, mesh=worker_mesh(n, axis_name), in_specs=spec, out_specs=spec)
+    )
   raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
 
 
@@ -47,13 +50,13 @@ class Trajectory(NamedTuple):
 
 
 def run_transform(
-    tx: optax.GradientTransformation,
-    params: Any,
-    batches: list[Any],
-    *,
-    mode: str,
-    grad_fn: Callable | None = None,
-    axis_name: str = AXIS,
+  tx: optax.GradientTransformation,
+  params: Any,
+  batches: list[Any],
+  *,
+  mode: str,
+  grad_fn: Callable | None = None,
+  axis_name: str = AXIS,
 ) -> Trajectory:
   """Runs ``tx`` for ``len(batches)`` steps on stacked per-worker ``params``.
 

@@ -1,8 +1,7 @@
 """The simulated devices the multi-device tests rely on are really there."""
 
-import jax
-
 from conftest import NUM_DEVICES
+import jax
 
 
 def test_eight_simulated_devices():

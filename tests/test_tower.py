@@ -1,8 +1,8 @@
 """tower: gold values of TowerOptimizer, a NumPy reference, both gradient layouts."""
 
 from harness import AXIS
-from harness import map_workers
 from harness import MODES
+from harness import map_workers
 from harness import run_transform
 from harness import stack
 from harness import worker_mesh
@@ -42,7 +42,7 @@ def test_gold_values_per_worker_params(mode, reduction):
   tx = optax_dist.tower(optax.sgd(1.0), axis_name=AXIS, loss_reduction=reduction)
   batches = [(split_rows(x, 2), split_rows(x, 2)) for x in XS]
   traj = run_transform(tx, stack(np.float32(10.0), 2), batches, mode=mode, grad_fn=tower_loss)
-  for params, expected in zip(traj.params, GOLD[reduction]):
+  for params, expected in zip(traj.params, GOLD[reduction], strict=True):
     np.testing.assert_allclose(params, [expected, expected], rtol=0, atol=1e-6)
   np.testing.assert_array_equal(optax_dist.global_step(traj.state), [2, 2])
 
@@ -58,17 +58,19 @@ def test_gold_values_replicated_params_under_shard_map(reduction):
     return c, state
 
   step = jax.jit(
-      jax.shard_map(
-          step,
-          mesh=worker_mesh(2),
-          in_specs=(P(), P(), P(AXIS), P(AXIS)),
-          out_specs=(P(), P()),
-      )
+    jax.shard_map(
+      step,
+      mesh=worker_mesh(2),
+      in_specs=(P(), P(), P(AXIS), P(AXIS)),
+      out_specs=(P(), P()),
+    )
   )
   c = jnp.float32(10.0)
   state = tx.init(c)
-  for x, expected in zip(XS, GOLD[reduction]):
-    c, state = jax.block_until_ready(step(c, state, jnp.asarray(x, jnp.float32), jnp.asarray(x, jnp.float32)))
+  for x, expected in zip(XS, GOLD[reduction], strict=True):
+    c, state = jax.block_until_ready(
+      step(c, state, jnp.asarray(x, jnp.float32), jnp.asarray(x, jnp.float32))
+    )
     assert float(c) == pytest.approx(expected, abs=1e-6)
   assert int(optax_dist.global_step(state)) == 2
 
@@ -128,15 +130,18 @@ INNERS = {"sgd": optax.sgd(0.1), "adam": optax.adam(0.1, b2=0.99)}
 @pytest.mark.parametrize(("inner", "reduction"), [("sgd", "sum"), ("adam", "mean")])
 def test_matches_numpy_reference(mode, n, inner, reduction):
   rng = np.random.default_rng(n)
-  params = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=(4,)).astype(np.float32)}
+  params = {
+    "w": rng.normal(size=(3, 4)).astype(np.float32),
+    "b": rng.normal(size=(4,)).astype(np.float32),
+  }
   grads = [
-      {k: rng.normal(size=(n, *v.shape)).astype(np.float32) for k, v in params.items()}
-      for _ in range(3)
+    {k: rng.normal(size=(n, *v.shape)).astype(np.float32) for k, v in params.items()}
+    for _ in range(3)
   ]
   tx = optax_dist.tower(INNERS[inner], axis_name=AXIS, loss_reduction=reduction)
   traj = run_transform(tx, stack(params, n), grads, mode=mode)
   expected = numpy_tower(params, grads, inner=inner, reduction=reduction)
-  for got, want in zip(traj.params, expected):
+  for got, want in zip(traj.params, expected, strict=True):
     for k in params:
       for worker in range(n):  # Every worker applies the same update.
         np.testing.assert_allclose(got[k][worker], want[k], rtol=1e-6, atol=1e-6)
@@ -158,7 +163,9 @@ def test_mixed_replicated_and_per_worker_leaves_under_shard_map():
     return params["shared"], params["local"]
 
   step = jax.jit(
-      jax.shard_map(step, mesh=worker_mesh(n), in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P(AXIS)))
+    jax.shard_map(
+      step, mesh=worker_mesh(n), in_specs=(P(), P(AXIS), P(AXIS)), out_specs=(P(), P(AXIS))
+    )
   )
   shared, local = jax.block_until_ready(step(jnp.float32(0.0), jnp.zeros(n), jnp.asarray(x)))
   # Both gradients are averaged over workers: mean(x) and mean(x**2).
@@ -171,11 +178,11 @@ def test_multi_transform_of_two_towers(layout):
   # Several optimizers in one step: each tower reduces only its own leaves.
   n = 2
   tx = optax.multi_transform(
-      {
-          "a": optax_dist.tower(optax.sgd(1.0), axis_name=AXIS, loss_reduction="sum"),
-          "b": optax_dist.tower(optax.sgd(1.0), axis_name=AXIS, loss_reduction="mean"),
-      },
-      {"a": "a", "b": "b"},
+    {
+      "a": optax_dist.tower(optax.sgd(1.0), axis_name=AXIS, loss_reduction="sum"),
+      "b": optax_dist.tower(optax.sgd(1.0), axis_name=AXIS, loss_reduction="mean"),
+    },
+    {"a": "a", "b": "b"},
   )
   spec = P() if layout == "replicated" else P(AXIS)
 
@@ -215,7 +222,9 @@ def test_two_losses_two_optimizers_in_one_step():
 
   step = map_workers(step, n, "shard_map")
   xs = np.arange(n, dtype=np.float32)[:, None] * np.ones((n, 2), np.float32)
-  w1, w2, steps = jax.block_until_ready(step(np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32), xs))
+  w1, w2, steps = jax.block_until_ready(
+    step(np.zeros((n, 2), np.float32), np.zeros((n, 2), np.float32), xs)
+  )
   np.testing.assert_allclose(w1, np.full((n, 2), -xs[:, 0].sum()))
   # Adam's first step moves every coordinate by lr against the gradient's sign:
   # the mean gradient of (w - x)^2 at w = 0 is -2 mean(x) < 0.
@@ -224,7 +233,7 @@ def test_two_losses_two_optimizers_in_one_step():
 
 
 def test_unknown_loss_reduction_is_rejected():
-  with pytest.raises(ValueError, match="loss_reduction.*'sum', 'mean'.*'max'"):
+  with pytest.raises(ValueError, match=r"loss_reduction.*'sum', 'mean'.*'max'"):
     optax_dist.tower(optax.sgd(1.0), axis_name=AXIS, loss_reduction="max")
 
 
