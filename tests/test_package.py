@@ -111,3 +111,9 @@ def test_readme_training_loop_runs():
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
   np.testing.assert_allclose(params["w"], ref_params["w"], rtol=1e-5, atol=1e-6)
   assert int(optax_dist.global_step(opt_state)) == 20
+
+
+def test_every_public_name_is_in_the_api_reference():
+  api = (ROOT / "docs" / "api.rst").read_text()
+  listed = set(re.findall(r"^   (\w+)$", api, re.M))
+  assert listed == set(optax_dist.__all__)

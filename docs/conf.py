@@ -1,0 +1,27 @@
+"""Sphinx configuration for the optax_dist documentation."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+# The examples in docstrings use simulated devices; request them before JAX starts.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import optax_dist
+
+project = "optax_dist"
+release = version = optax_dist.__version__
+extensions = [
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.doctest",
+  "sphinx.ext.mathjax",
+  "sphinx.ext.napoleon",
+  "myst_parser",
+]
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+autosummary_generate = True
+autodoc_typehints = "description"
+napoleon_google_docstring = True
+html_theme = "furo"
+exclude_patterns = ["_build"]
