@@ -1,8 +1,11 @@
 """optax_dist: distributed optimizers as composable optax transformations."""
 
+from optax_dist._elastic import ElasticAverageState
+from optax_dist._elastic import elastic_average
 from optax_dist._minimize import minimize
 from optax_dist._params import average_params
 from optax_dist._params import broadcast_params
+from optax_dist._state import center_params
 from optax_dist._state import get_slot
 from optax_dist._state import get_slot_names
 from optax_dist._state import global_step
@@ -12,9 +15,12 @@ from optax_dist._tower import tower
 __version__ = "0.1.0"
 
 __all__ = (
+  "ElasticAverageState",
   "TowerState",
   "average_params",
   "broadcast_params",
+  "center_params",
+  "elastic_average",
   "get_slot",
   "get_slot_names",
   "global_step",

@@ -8,6 +8,7 @@ tree in a fixed order: depth first, fields in declaration order, containers in
 in it.
 """
 
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,8 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# State type -> name of its field holding the global step (see `global_step`).
-_GLOBAL_STEP_FIELDS: dict[type, str] = {}
+# State type -> how to read its global step (see `global_step`).
+_GLOBAL_STEP_GETTERS: dict[type, Callable[[Any], jax.Array]] = {}
+
+# State type -> how to read its center variables (see `center_params`).
+_CENTER_GETTERS: dict[type, Callable[[Any], Any]] = {}
 
 # Fields that hold hyperparameters rather than per-parameter slots.
 _NOT_SLOTS: dict[type, frozenset[str]] = {
@@ -25,9 +29,14 @@ _NOT_SLOTS: dict[type, frozenset[str]] = {
 }
 
 
-def register_global_step(state_type: type, field: str) -> None:
-  """Declares that ``state_type.<field>`` is what :func:`global_step` reads."""
-  _GLOBAL_STEP_FIELDS[state_type] = field
+def register_global_step(state_type: type, getter: Callable[[Any], jax.Array]) -> None:
+  """Declares how :func:`global_step` reads a state of ``state_type``."""
+  _GLOBAL_STEP_GETTERS[state_type] = getter
+
+
+def register_center(state_type: type, getter: Callable[[Any], Any]) -> None:
+  """Declares how :func:`center_params` reads a state of ``state_type``."""
+  _CENTER_GETTERS[state_type] = getter
 
 
 def _is_state(x: Any) -> bool:
@@ -159,11 +168,73 @@ def global_step(opt_state: optax.OptState) -> jax.Array:
     Array(3, dtype=int32)
   """
   for state in _iter_states(opt_state):
-    field = _GLOBAL_STEP_FIELDS.get(type(state))
-    if field is not None:
-      return getattr(state, field)
+    getter = _GLOBAL_STEP_GETTERS.get(type(state))
+    if getter is not None:
+      return getter(state)
   raise ValueError(
     "This optimizer state holds no optax_dist transform, so it has no global "
     "step. Wrap the optimizer in one (e.g. `optax_dist.tower(inner, "
     "axis_name=...)`), or read the step of a plain optax state yourself."
   )
+
+
+def center_params(opt_state: optax.OptState, params: optax.Params | None = None) -> optax.Params:
+  """The center variables of the periodic transform inside ``opt_state``.
+
+  The counterpart of the reference's ``swapping_saver``: the center, shaped
+  like the params and under their names, ready for evaluation or for an orbax
+  checkpoint. Every worker holds an identical copy; this returns the caller's.
+  The center keeps its own dtype (float32 for bfloat16 params): cast it with
+  ``optax.tree.cast_like(center, params)`` where the params' dtype is needed.
+
+  Under ``optax.masked`` (or ``optax.multi_transform``) the center has
+  ``optax.MaskedNode`` where the transform does not apply; pass ``params`` to
+  fill those leaves from them.
+
+  Args:
+    opt_state: A state holding exactly one periodic optax_dist transform
+      (anywhere inside a chain or wrapper).
+    params: Optional params, to fill the leaves that have no center.
+
+  Returns:
+    The center params.
+
+  Raises:
+    ValueError: if the state holds no periodic transform, or several (e.g.
+      nested ones; read the one you want from its own state).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax.chain(optax.clip(1.0), optax_dist.elastic_average(
+    ...     optax.sgd(0.5), axis_name="w", communication_period=1, moving_rate=0.5))
+    >>> def step(params):
+    ...   state = tx.init(params)
+    ...   updates, state = tx.update(-jnp.ones(2), state, params)
+    ...   return optax_dist.center_params(state)
+    >>> jax.vmap(step, axis_name="w")(jnp.zeros((1, 2)))
+    Array([[0.25, 0.25]], dtype=float32)
+  """
+  centers = [
+    getter(state)
+    for state in _iter_states(opt_state)
+    if (getter := _CENTER_GETTERS.get(type(state))) is not None
+  ]
+  if not centers:
+    raise ValueError(
+      "This optimizer state holds no periodic optax_dist transform (such as "
+      "`elastic_average`), so it has no center variables."
+    )
+  if len(centers) > 1:
+    raise ValueError(
+      f"This optimizer state holds {len(centers)} periodic optax_dist "
+      "transforms, each with its own center; call `center_params` on the "
+      "state of the one you want."
+    )
+  center = centers[0]
+  if params is None:
+    return center
+
+  def fill(c: Any, p: Any) -> Any:
+    return p if isinstance(c, optax.MaskedNode) else c
+
+  return jax.tree.map(fill, center, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))

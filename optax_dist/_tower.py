@@ -25,7 +25,7 @@ class TowerState(NamedTuple):
   num_updates: jax.Array
 
 
-_state.register_global_step(TowerState, "num_updates")
+_state.register_global_step(TowerState, lambda state: state.num_updates)
 
 
 def tower(

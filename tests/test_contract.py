@@ -39,6 +39,18 @@ class Case(NamedTuple):
 CASES = [
   Case("tower_mean", optax_dist.tower, {"loss_reduction": "mean"}, {}),
   Case("tower_sum", optax_dist.tower, {"loss_reduction": "sum"}, {}),
+  Case(
+    "elastic_simultaneous",
+    optax_dist.elastic_average,
+    {"communication_period": 2, "ordering": "simultaneous"},
+    {"moving_rate": 0.3, "rho": 0.05},
+  ),
+  Case(
+    "elastic_round_robin",
+    optax_dist.elastic_average,
+    {"communication_period": 2, "ordering": "round_robin"},
+    {"moving_rate": 0.3, "rho": 0.05},
+  ),
 ]
 
 N = 2  # Workers, simulated with vmap unless a check says otherwise.

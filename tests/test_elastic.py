@@ -1,0 +1,227 @@
+"""elastic_average: gold values of ElasticAverageOptimizer, a NumPy reference, invariants."""
+
+import functools
+
+from harness import AXIS
+from harness import MODES
+from harness import map_workers
+from harness import run_transform
+from harness import stack
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_dist
+
+V0_V1 = np.array([0.0, 1.0], np.float32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gold_one_worker_period_two(mode):
+  # SGD lr 1, gradient -1, alpha 1. x: (0,1) -> (1,2) -> (2,3), sync: d = (2,2),
+  # x -> (0,1), c -> (2,3) -> call 3: x = (1,2), c stays (2,3).
+  tx = optax_dist.elastic_average(
+    optax.sgd(1.0), axis_name=AXIS, communication_period=2, moving_rate=1.0
+  )
+  grads = [stack(-np.ones(2, np.float32), 1)] * 3
+  traj = run_transform(tx, stack(V0_V1, 1), grads, mode=mode)
+  np.testing.assert_allclose(traj.params[0][0], [1.0, 2.0])
+  np.testing.assert_allclose(traj.params[1][0], [0.0, 1.0])
+  np.testing.assert_allclose(traj.params[2][0], [1.0, 2.0])
+  np.testing.assert_allclose(optax_dist.center_params(traj.state)[0], [2.0, 3.0])
+  np.testing.assert_array_equal(optax_dist.global_step(traj.state), [1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gold_two_workers_round_robin(mode):
+  # Both at (1,2) after the SGD step. Worker 0: d0 = (1,1), x0 = (0.5,1.5),
+  # c = (0.5,1.5). Worker 1: d1 = (0.5,0.5), x1 = (0.75,1.75), c = (0.75,1.75).
+  tx = optax_dist.elastic_average(
+    optax.sgd(1.0), axis_name=AXIS, communication_period=1, moving_rate=0.5, ordering="round_robin"
+  )
+  traj = run_transform(tx, stack(V0_V1, 2), [stack(-np.ones(2, np.float32), 2)], mode=mode)
+  np.testing.assert_allclose(traj.params[0], [[0.5, 1.5], [0.75, 1.75]])
+  np.testing.assert_allclose(optax_dist.center_params(traj.state), [[0.75, 1.75]] * 2)
+  # Each worker keeps the center it read at its turn.
+  np.testing.assert_allclose(traj.state.snapshot, [[0.0, 1.0], [0.5, 1.5]])
+
+
+def numpy_easgd(x0, grads, *, n, p, alpha, rho, ordering, inner, lr=0.1, b1=0.9, b2=0.99, eps=1e-8):
+  """The equations of DESIGN section 3 in float64. grads: (T, N, D)."""
+  x = np.repeat(np.asarray(x0, np.float64)[None], n, axis=0)
+  c = np.asarray(x0, np.float64).copy()
+  snap = np.repeat(c[None], n, axis=0)
+  mu, nu = np.zeros_like(x), np.zeros_like(x)
+  out = []
+  for t, g in enumerate(grads, start=1):
+    g = np.asarray(g, np.float64) + rho * (x - snap)
+    if inner == "sgd":
+      x = x - lr * g
+    else:
+      mu = b1 * mu + (1 - b1) * g
+      nu = b2 * nu + (1 - b2) * g**2
+      x = x - lr * (mu / (1 - b1**t)) / (np.sqrt(nu / (1 - b2**t)) + eps)
+    if t % p == 0:
+      if ordering == "simultaneous":
+        snap = np.repeat(c[None], n, axis=0)
+        d = x - snap
+        x = x - alpha * d
+        c = c + alpha * d.sum(0)
+      else:
+        for k in range(n):
+          snap[k] = c
+          d = x[k] - c
+          x[k] = x[k] - alpha * d
+          c = c + alpha * d
+    out.append((x.copy(), c.copy()))
+  return out
+
+
+# Every mode and worker count meets both orderings and both inner optimizers.
+NUMPY_GRID = [
+  (mode, n, ordering, "adam" if (n in (2, 8)) == (ordering == "simultaneous") else "sgd")
+  for mode in MODES
+  for n in (1, 2, 4, 8)
+  for ordering in ("simultaneous", "round_robin")
+]
+
+
+@pytest.mark.parametrize(("mode", "n", "ordering", "inner"), NUMPY_GRID)
+def test_matches_numpy_reference(mode, n, ordering, inner):
+  rng = np.random.default_rng(100 + n)
+  p, rho, steps = 2, 0.05, 6
+  x0 = rng.normal(size=5).astype(np.float32)
+  grads = rng.normal(size=(steps, n, 5)).astype(np.float32)
+  inner_tx = optax.sgd(0.1) if inner == "sgd" else optax.adam(0.1, b2=0.99)
+  # moving_rate=None: the reference's default 0.9 / p / N.
+  tx = optax_dist.elastic_average(
+    inner_tx, axis_name=AXIS, communication_period=p, rho=rho, ordering=ordering
+  )
+  traj = run_transform(tx, stack(x0, n), list(grads), mode=mode)
+  expected = numpy_easgd(
+    x0, grads, n=n, p=p, alpha=0.9 / p / n, rho=rho, ordering=ordering, inner=inner
+  )
+  for t, (x, _) in enumerate(expected):
+    np.testing.assert_allclose(traj.params[t], x, rtol=2e-6, atol=2e-6, err_msg=f"step {t + 1}")
+  np.testing.assert_allclose(
+    optax_dist.center_params(traj.state),
+    np.repeat(expected[-1][1][None], n, 0),
+    rtol=2e-6,
+    atol=2e-6,
+  )
+  np.testing.assert_array_equal(optax_dist.global_step(traj.state), [steps // p] * n)
+
+
+@pytest.fixture(scope="module")
+def sync_once():
+  """One jitted sync of 4 workers (p = 1, zero inner step), alpha traced."""
+  n = 4
+
+  def run(x, center, alpha, ordering):
+    tx = optax_dist.elastic_average(
+      optax.sgd(0.0), axis_name=AXIS, communication_period=1, moving_rate=alpha, ordering=ordering
+    )
+
+    def worker(xk):
+      state = tx.init(xk)._replace(center=center, snapshot=center)
+      u, state = tx.update(jnp.zeros_like(xk), state, xk)
+      return xk + u, state.center
+
+    return jax.vmap(worker, axis_name=AXIS)(x)
+
+  return {
+    o: jax.jit(functools.partial(run, ordering=o)) for o in ("simultaneous", "round_robin")
+  }, n
+
+
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+@hypothesis.given(
+  xs=st.lists(st.floats(-10, 10, width=32), min_size=12, max_size=12),
+  center=st.floats(-10, 10, width=32),
+  alpha=st.floats(2.0**-6, 1.0, width=32),
+  ordering=st.sampled_from(["simultaneous", "round_robin"]),
+)
+def test_elastic_step_conserves_workers_plus_center(sync_once, xs, center, alpha, ordering):
+  fns, n = sync_once
+  x = jnp.asarray(np.reshape(xs, (n, 3)), jnp.float32)
+  new_x, new_c = fns[ordering](x, jnp.full(3, center, jnp.float32), jnp.float32(alpha))
+  before = np.asarray(x, np.float64).sum(0) + center
+  after = np.asarray(new_x, np.float64).sum(0) + np.asarray(new_c[0], np.float64)
+  np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-4)
+  # The workers all hold the same center.
+  np.testing.assert_array_equal(new_c, np.broadcast_to(new_c[0], new_c.shape))
+
+
+def test_bfloat16_params_keep_small_elastic_moves_in_a_float32_center():
+  # Workers at 1 + 2^-6 and 1 - 2^-6 around a center at 1: with alpha = 2^-6,
+  # each sync moves the center by alpha * sum(d) = 0 and the workers inward by
+  # 2^-12, far below bfloat16's resolution at 1 (2^-7). With one worker at
+  # 1 + 2^-6, the center gains alpha * d = 2^-12 per sync: kept in float32.
+  tx = optax_dist.elastic_average(
+    optax.sgd(0.0), axis_name=AXIS, communication_period=1, moving_rate=2.0**-6
+  )
+  x0 = jnp.asarray([1.0 + 2.0**-6], jnp.bfloat16)
+
+  def train(x):
+    state = tx.init(jnp.ones_like(x))
+    for _ in range(8):
+      u, state = tx.update(jnp.zeros_like(x), state, x)
+      assert u.dtype == jnp.bfloat16
+    return state
+
+  state = jax.vmap(train, axis_name=AXIS)(x0[None])
+  assert state.center.dtype == state.snapshot.dtype == jnp.float32
+  # Center after 8 syncs: 1 + (1 - (1 - 2^-6)^8) * (x - 1), x - 1 = 2^-6.
+  expected = 1.0 + (1 - (1 - 2.0**-6) ** 8) * 2.0**-6
+  np.testing.assert_allclose(state.center[0], [expected], rtol=1e-6)
+  assert float(state.center[0, 0]) != float(jnp.asarray(state.center[0, 0], jnp.bfloat16))
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"communication_period": 0}, "communication_period.*>= 1"),
+    ({"communication_period": 2.5}, "communication_period.*int"),
+    ({"moving_rate": 0.0}, r"moving_rate.*\(0, 1\]"),
+    ({"moving_rate": 1.5}, r"moving_rate.*\(0, 1\]"),
+    ({"rho": -0.1}, "rho.*>= 0"),
+    ({"ordering": "sequential"}, "ordering.*'simultaneous', 'round_robin'"),
+  ],
+)
+def test_bad_arguments(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    optax_dist.elastic_average(optax.sgd(0.1), axis_name=AXIS, **kwargs)
+
+
+def test_params_are_required():
+  tx = optax_dist.elastic_average(optax.sgd(0.1), axis_name=AXIS)
+  state = tx.init(jnp.zeros(2))
+  with pytest.raises(ValueError, match="elastic_average needs the current params"):
+    jax.vmap(lambda g: tx.update(g, state), axis_name=AXIS)(jnp.ones((2, 2)))
+
+
+def test_center_params_in_chain_masked_and_errors():
+  params = {"a": jnp.zeros(2), "b": jnp.full(2, 7.0)}
+  easgd = optax_dist.elastic_average(
+    optax.sgd(1.0), axis_name=AXIS, communication_period=1, moving_rate=0.5
+  )
+  tx = optax.chain(optax.clip(10.0), optax.masked(easgd, {"a": True, "b": False}))
+
+  def step(p):
+    state = tx.init(p)
+    _, state = tx.update({"a": -jnp.ones(2), "b": -jnp.ones(2)}, state, p)
+    return optax_dist.center_params(state, p)
+
+  center = map_workers(step, 1, "vmap")(stack(params, 1))
+  # "a": x = 1 after SGD, center 0 + 0.5 * 1; "b" has no center: from params.
+  np.testing.assert_allclose(center["a"], [[0.5, 0.5]])
+  np.testing.assert_allclose(center["b"], [[7.0, 7.0]])
+  with pytest.raises(ValueError, match="holds no periodic"):
+    optax_dist.center_params(optax.sgd(0.1).init(params))
+  nested = optax_dist.elastic_average(easgd, axis_name=AXIS)
+  with pytest.raises(ValueError, match="holds 2 periodic"):
+    optax_dist.center_params(nested.init(params))
