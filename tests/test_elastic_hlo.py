@@ -1,7 +1,6 @@
 """elastic_average in compiled HLO: collectives only in the sync branch."""
 
 from harness import AXIS
-import hlo
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -11,6 +10,7 @@ import optax
 import pytest
 
 import optax_dist
+from optax_dist import _hlo as hlo
 
 N = 8
 PARAMS = {"b": np.zeros((N, 32), np.float32), "w": np.zeros((N, 64, 32), np.float32)}
