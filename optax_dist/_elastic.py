@@ -174,7 +174,9 @@ def elastic_average(
     def sync(carry):
       updates, center, _ = carry
       # The worker after this step's gradient step, in center precision.
-      x = jax.tree.map(lambda p, u: p.astype(u.dtype) + u, params, _promote(updates, center))
+      x = jax.tree.map(
+        lambda p, u, c: p.astype(c.dtype) + u.astype(c.dtype), params, updates, center
+      )
       if ordering == "simultaneous":
         snapshot = center
         diff = jax.tree.map(lambda xi, c: xi - c, x, center)
@@ -194,10 +196,6 @@ def elastic_average(
     return updates, ElasticAverageState(inner_state, center, snapshot, step, num_syncs)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _promote(updates: Any, like: Any) -> Any:
-  return jax.tree.map(lambda u, c: u.astype(c.dtype), updates, like)
 
 
 def _round_robin(x: Any, center: Any, alpha: Any, axes: tuple) -> tuple[Any, Any, Any]:
