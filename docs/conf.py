@@ -24,4 +24,7 @@ autosummary_generate = True
 autodoc_typehints = "description"
 napoleon_google_docstring = True
 html_theme = "furo"
-exclude_patterns = ["_build"]
+html_title = f"optax_dist {release}"
+exclude_patterns = ["_build", "_ext"]
+# Headings become link targets, so pages can link to each other's sections.
+myst_heading_anchors = 3
