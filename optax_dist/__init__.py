@@ -1,8 +1,14 @@
 """optax_dist: distributed optimizers as composable optax transformations."""
 
+from optax_dist._agn import AGNState
+from optax_dist._agn import agn
+from optax_dist._diloco import DiLoCoState
+from optax_dist._diloco import diloco
 from optax_dist._elastic import ElasticAverageState
 from optax_dist._elastic import elastic_average
 from optax_dist._minimize import minimize
+from optax_dist._model_average import ModelAverageState
+from optax_dist._model_average import model_average
 from optax_dist._params import average_params
 from optax_dist._params import broadcast_params
 from optax_dist._state import center_params
@@ -15,15 +21,21 @@ from optax_dist._tower import tower
 __version__ = "0.1.0"
 
 __all__ = (
+  "AGNState",
+  "DiLoCoState",
   "ElasticAverageState",
+  "ModelAverageState",
   "TowerState",
+  "agn",
   "average_params",
   "broadcast_params",
   "center_params",
+  "diloco",
   "elastic_average",
   "get_slot",
   "get_slot_names",
   "global_step",
   "minimize",
+  "model_average",
   "tower",
 )

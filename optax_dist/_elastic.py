@@ -11,9 +11,6 @@ import optax
 
 from optax_dist import _collectives
 from optax_dist import _periodic
-from optax_dist import _state
-
-_ORDERINGS = ("simultaneous", "round_robin")
 
 
 class ElasticAverageState(NamedTuple):
@@ -140,8 +137,7 @@ def elastic_average(
     _periodic.check_rate(moving_rate, "moving_rate")
   if isinstance(rho, numbers.Real) and float(rho) < 0:
     raise ValueError(f"`rho` must be >= 0, got {rho}.")
-  if ordering not in _ORDERINGS:
-    raise ValueError(f"`ordering` must be one of {_ORDERINGS}, got {ordering!r}.")
+  _periodic.check_ordering(ordering)
   axes = _collectives.axis_tuple(axis_name)
   use_rho = not (isinstance(rho, numbers.Real) and rho == 0)
   inner = optax.with_extra_args_support(inner)
@@ -168,15 +164,10 @@ def elastic_average(
         params,
         state.snapshot,
       )
-    updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    step, is_sync = _periodic.advance(state.step, period)
 
-    def sync(carry):
-      updates, center, _ = carry
-      # The worker after this step's gradient step, in center precision.
-      x = jax.tree.map(
-        lambda p, u, c: p.astype(c.dtype) + u.astype(c.dtype), params, updates, center
-      )
+    def sync(local, carry):
+      center, _ = carry
+      x = local.x
       if ordering == "simultaneous":
         snapshot = center
         diff = jax.tree.map(lambda xi, c: xi - c, x, center)
@@ -184,16 +175,24 @@ def elastic_average(
         center = jax.tree.map(lambda c, t: c + alpha * t, center, total)
       else:
         snapshot, diff, center = _round_robin(x, center, alpha, axes)
-      updates = jax.tree.map(
-        lambda u, d: (u.astype(d.dtype) - alpha * d).astype(u.dtype), updates, diff
-      )
-      return updates, center, snapshot
+      correction = jax.tree.map(lambda d: -alpha * d, diff)
+      return local.corrected(correction), (center, snapshot)
 
-    updates, center, snapshot = _periodic.run_on_sync(
-      is_sync, sync, (updates, state.center, state.snapshot), axes
+    out = _periodic.periodic_update(
+      inner,
+      state,
+      updates,
+      params,
+      extra_args,
+      period=period,
+      axes=axes,
+      sync=sync,
+      carry=(state.center, state.snapshot),
     )
-    num_syncs = state.num_syncs + is_sync.astype(jnp.int32)
-    return updates, ElasticAverageState(inner_state, center, snapshot, step, num_syncs)
+    center, snapshot = out.carry
+    return out.updates, ElasticAverageState(
+      out.inner_state, center, snapshot, out.step, out.num_syncs
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -221,5 +220,4 @@ def _round_robin(x: Any, center: Any, alpha: Any, axes: tuple) -> tuple[Any, Any
   return snapshot, diff, center
 
 
-_state.register_global_step(ElasticAverageState, lambda state: state.num_syncs)
-_state.register_center(ElasticAverageState, lambda state: state.center)
+_periodic.register(ElasticAverageState)

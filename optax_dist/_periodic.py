@@ -1,9 +1,10 @@
-"""The mechanism shared by the periodic algorithms (elastic averaging, ...).
+"""The mechanism shared by the periodic algorithms.
 
-Each periodic transform takes a local inner step on every call, counts its
-calls, and on every ``period``-th call runs a sync that talks to the other
-workers and moves the worker (and a center) by a *correction* added to the
-inner update. The pieces here keep that pattern in one place:
+Elastic averaging, AGN, model averaging and DiLoCo all take a local inner step
+on every call, count their calls, and on every ``period``-th call run a sync
+that talks to the other workers and moves the worker (and a center) by a
+*correction* added to the inner update. :func:`periodic_update` is that
+pattern, written once; each algorithm supplies only its sync:
 
 * :func:`advance`: the step counter and the sync decision (calls p, 2p, ...).
 * :func:`run_on_sync`: runs the sync only on sync steps, as a loop of zero or
@@ -12,11 +13,14 @@ inner update. The pieces here keep that pattern in one place:
   per carried tree; a while loop's carry is updated in place.
 * :func:`center_like`: a float32 (at least) copy of the params for centers
   and snapshots, so that small elastic moves are not lost to bfloat16.
+* :func:`register`: makes a state's center and sync count readable by
+  :func:`optax_dist.center_params` and :func:`optax_dist.global_step`.
 """
 
 from collections.abc import Callable
 import numbers
 from typing import Any
+from typing import NamedTuple
 from typing import TypeVar
 
 import jax
@@ -25,8 +29,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _state
 
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 def check_period(value: Any, name: str) -> int:
@@ -73,6 +79,17 @@ def center_like(params: Any) -> Any:
   return jax.tree.map(copy, params)
 
 
+def zeros_like(tree: Any) -> Any:
+  """Zeros shaped like ``tree``; abstract leaves stay abstract."""
+
+  def zeros(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    return jnp.zeros_like(x)
+
+  return jax.tree.map(zeros, tree)
+
+
 def advance(step: jax.Array, period: int) -> tuple[jax.Array, jax.Array]:
   """The next step counter and whether this call syncs (calls p, 2p, ...)."""
   step = optax.safe_increment(step)
@@ -88,3 +105,92 @@ def run_on_sync(is_sync: jax.Array, sync: Callable[[T], T], carry: T, axis_name:
   carry = _collectives.to_varying(carry, axis_name)
   trips = jnp.where(is_sync, 1, 0).astype(jnp.int32)
   return lax.fori_loop(0, trips, lambda _, c: sync(c), carry)
+
+
+ORDERINGS = ("simultaneous", "round_robin")
+
+
+def check_ordering(ordering: Any) -> str:
+  if ordering not in ORDERINGS:
+    raise ValueError(f"`ordering` must be one of {ORDERINGS}, got {ordering!r}.")
+  return ordering
+
+
+class Local(NamedTuple):
+  """What a sync sees of the worker: its params before this call, the inner
+  optimizer's update, and ``x = params + updates`` in center precision."""
+
+  params: Any
+  updates: Any
+  x: Any
+
+  def corrected(self, correction: Any) -> Any:
+    """Updates that land the worker at ``x + correction``."""
+    return jax.tree.map(
+      lambda u, d: (u.astype(d.dtype) + d).astype(u.dtype), self.updates, correction
+    )
+
+  def moved_to(self, target: Any) -> Any:
+    """Updates that land the worker on ``target`` (e.g. the new center).
+
+    ``target - params`` is rounded once, so params close to the target land
+    on it exactly and every worker leaves with the same bits.
+    """
+    return jax.tree.map(
+      lambda t, p, u: (t - p.astype(t.dtype)).astype(u.dtype), target, self.params, self.updates
+    )
+
+
+class Stepped(NamedTuple):
+  """What :func:`periodic_update` returns: the pieces of the new state."""
+
+  updates: Any
+  inner_state: Any
+  step: jax.Array
+  num_syncs: jax.Array
+  carry: Any
+
+
+def periodic_update(
+  inner: optax.GradientTransformationExtraArgs,
+  state: Any,
+  grads: Any,
+  params: Any,
+  extra_args: dict[str, Any],
+  *,
+  period: int,
+  axes: tuple,
+  sync: Callable[[Local, C], tuple[Any, C]],
+  carry: C,
+) -> Stepped:
+  """One call of a periodic transform.
+
+  ``state`` has ``inner_state``, ``step`` and ``num_syncs`` fields. Every call
+  the inner optimizer takes its local step, ``u = inner(g)``. On calls p, 2p,
+  ... ``sync(local, carry) -> (updates, carry)`` runs on the worker after this
+  step's gradient step (``local.x``) and returns the updates that land it
+  where the algorithm says: ``local.corrected(correction)`` (``u`` plus a
+  correction) or ``local.moved_to(center)``. On other calls nothing else runs:
+  ``u`` and ``carry`` (centers, snapshots, ...) are returned as they are.
+  """
+  updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+  step, is_sync = advance(state.step, period)
+
+  def on_sync(loop_carry):
+    updates, carry = loop_carry
+    x = jax.tree.map(
+      lambda p, u: p.astype(center_dtype(p.dtype)) + u.astype(center_dtype(p.dtype)),
+      params,
+      updates,
+    )
+    return sync(Local(params, updates, x), carry)
+
+  updates, carry = run_on_sync(is_sync, on_sync, (updates, carry), axes)
+  num_syncs = state.num_syncs + is_sync.astype(jnp.int32)
+  return Stepped(updates, inner_state, step, num_syncs, carry)
+
+
+def register(state_type: type) -> None:
+  """``center_params`` reads ``.center``, ``global_step`` reads ``.num_syncs``."""
+  _state.register_global_step(state_type, lambda state: state.num_syncs)
+  _state.register_center(state_type, lambda state: state.center)
