@@ -100,11 +100,12 @@ def run_on_sync(is_sync: jax.Array, sync: Callable[[T], T], carry: T, axis_name:
   """``sync(carry)`` on sync steps, ``carry`` otherwise; one branch runs.
 
   The carry is made varying first (under shard_map) since the sync mixes it
-  with per-worker values.
+  with per-worker values; so is what the sync returns, since a value made
+  equal by a collective (e.g. a ``pmean`` of the params) is invariant.
   """
   carry = _collectives.to_varying(carry, axis_name)
   trips = jnp.where(is_sync, 1, 0).astype(jnp.int32)
-  return lax.fori_loop(0, trips, lambda _, c: sync(c), carry)
+  return lax.fori_loop(0, trips, lambda _, c: _collectives.to_varying(sync(c), axis_name), carry)
 
 
 ORDERINGS = ("simultaneous", "round_robin")
