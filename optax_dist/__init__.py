@@ -15,6 +15,9 @@ from optax_dist._state import center_params
 from optax_dist._state import get_slot
 from optax_dist._state import get_slot_names
 from optax_dist._state import global_step
+from optax_dist._step import data_parallel_eval_step
+from optax_dist._step import data_parallel_step
+from optax_dist._step import per_worker
 from optax_dist._tower import TowerState
 from optax_dist._tower import tower
 
@@ -30,6 +33,8 @@ __all__ = (
   "average_params",
   "broadcast_params",
   "center_params",
+  "data_parallel_eval_step",
+  "data_parallel_step",
   "diloco",
   "elastic_average",
   "get_slot",
@@ -37,5 +42,6 @@ __all__ = (
   "global_step",
   "minimize",
   "model_average",
+  "per_worker",
   "tower",
 )
