@@ -1,0 +1,146 @@
+"""orbax: checkpoint the distributed training state, and export the center.
+
+A run saved mid-period and restored continues bit-identically, for every
+algorithm. The center (the reference's ``swapping_saver``) is saved under the
+params' own names and loads into a fresh single-device model.
+"""
+
+from flax import linen as nn
+from harness import AXIS
+from harness import worker_mesh
+import jax
+import jax.numpy as jnp
+from jax.sharding import SingleDeviceSharding
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import optax_dist
+
+N = 4
+PERIOD = 3
+SAVE_AFTER = 4  # One step past the first sync: in the middle of a period.
+MORE_STEPS = 4  # Through the next sync (step 6) and beyond.
+ALGORITHMS = {
+  "tower": lambda: optax_dist.tower(optax.adam(0.05), axis_name=AXIS),
+  "elastic_average": lambda: optax_dist.elastic_average(
+    optax.adam(0.05), axis_name=AXIS, communication_period=PERIOD, moving_rate=0.3, rho=0.1
+  ),
+  "elastic_average_round_robin": lambda: optax_dist.elastic_average(
+    optax.adam(0.05), axis_name=AXIS, communication_period=PERIOD, ordering="round_robin"
+  ),
+  "agn": lambda: optax_dist.agn(optax.adam(0.05), axis_name=AXIS, communication_period=PERIOD),
+  "model_average": lambda: optax_dist.model_average(
+    optax.adam(0.05), axis_name=AXIS, interval_steps=PERIOD
+  ),
+  "diloco": lambda: optax_dist.diloco(optax.adam(0.05), axis_name=AXIS, sync_period=PERIOD),
+}
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+
+MODEL = MLP()
+
+
+def loss_fn(params, batch):
+  x, y = batch
+  return jnp.mean((MODEL.apply(params, x) - y) ** 2)
+
+
+def batches(steps):
+  rng = np.random.default_rng(0)
+  return [
+    (rng.normal(size=(4 * N, 5)).astype(np.float32), rng.normal(size=(4 * N, 3)).astype(np.float32))
+    for _ in range(steps)
+  ]
+
+
+def start(tx, mesh):
+  params = MODEL.init(jax.random.key(0), jnp.zeros((1, 5)))
+  return optax_dist.per_worker((params, tx.init(params)), mesh=mesh, axis_name=AXIS)
+
+
+def train(step, params, opt_state, data):
+  for batch in data:
+    params, opt_state, _ = jax.block_until_ready(step(params, opt_state, batch))
+  return params, opt_state
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_resume_mid_period_is_bit_identical(name, tmp_path):
+  tx = ALGORITHMS[name]()
+  mesh = worker_mesh(N)
+  step = optax_dist.data_parallel_step(
+    loss_fn, tx, mesh=mesh, axis_name=AXIS, params_layout="per_worker"
+  )
+  data = batches(SAVE_AFTER + MORE_STEPS)
+  expected = train(step, *start(tx, mesh), data)
+
+  # Interrupted: train, save everything (per-worker params and states,
+  # centers, counters), then restore into a fresh process's abstract state.
+  saved = train(step, *start(tx, mesh), data[:SAVE_AFTER])
+  if name != "tower":
+    # Mid-period: the step counter is past the last sync.
+    assert int(optax_dist.global_step(saved[1])[0]) == SAVE_AFTER // PERIOD
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "state", saved)
+    ckptr.wait_until_finished()
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, start(tx, mesh))
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(tmp_path / "state", target)
+  assert jax.tree.structure(restored) == jax.tree.structure(saved)
+  for leaf in jax.tree.leaves(restored):
+    assert leaf.sharding.spec == jax.sharding.PartitionSpec(AXIS)
+  jax.tree.map(np.testing.assert_array_equal, restored, saved)
+
+  fresh_step = optax_dist.data_parallel_step(
+    loss_fn, tx, mesh=mesh, axis_name=AXIS, params_layout="per_worker"
+  )
+  resumed = train(fresh_step, *restored, data[SAVE_AFTER:])
+  jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+
+
+@pytest.mark.parametrize("name", ["elastic_average", "diloco"])
+def test_export_the_center_into_a_single_device_model(name, tmp_path):
+  tx = ALGORITHMS[name]()
+  mesh = worker_mesh(N)
+  step = optax_dist.data_parallel_step(
+    loss_fn, tx, mesh=mesh, axis_name=AXIS, params_layout="per_worker"
+  )
+  params, opt_state = train(step, *start(tx, mesh), batches(SAVE_AFTER))
+  # The reference's swapping_saver: the center under the params' own names.
+  # Every worker holds the same copy; take worker 0's.
+  center = jax.tree.map(lambda c: c[0], optax_dist.center_params(opt_state))
+  assert jax.tree.structure(center) == jax.tree.structure(jax.tree.map(lambda p: p[0], params))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / "center", center)
+    ckptr.wait_until_finished()
+
+  # A fresh model on one device, for evaluation or serving.
+  device = SingleDeviceSharding(jax.devices()[0])
+  fresh = MODEL.init(jax.random.key(42), jnp.zeros((1, 5)))
+  target = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=device), fresh)
+  with ocp.StandardCheckpointer() as ckptr:
+    loaded = ckptr.restore(tmp_path / "center", target)
+  assert loaded["params"]["Dense_1"]["kernel"].sharding == device
+  jax.tree.map(np.testing.assert_array_equal, loaded, center)
+  # The workers have left the center since the sync: the export is not
+  # worker 0's params.
+  assert not np.array_equal(
+    loaded["params"]["Dense_1"]["kernel"], params["params"]["Dense_1"]["kernel"][0]
+  )
+  x = np.random.default_rng(1).normal(size=(8, 5)).astype(np.float32)
+  np.testing.assert_array_equal(MODEL.apply(loaded, x), MODEL.apply(center, x))
+  # The distributed eval step evaluates that same model.
+  evaluate = optax_dist.data_parallel_eval_step(
+    loss_fn, mesh=mesh, axis_name=AXIS, params_layout="per_worker"
+  )
+  batch = batches(1)[0]
+  np.testing.assert_allclose(
+    evaluate(params, opt_state, batch)["loss"], loss_fn(loaded, batch), rtol=1e-6
+  )
