@@ -51,6 +51,16 @@ CASES = [
     {"communication_period": 2, "ordering": "round_robin"},
     {"moving_rate": 0.3, "rho": 0.05},
   ),
+  Case("agn_simultaneous", optax_dist.agn, {"communication_period": 2}, {}),
+  Case(
+    "agn_round_robin_mean",
+    optax_dist.agn,
+    {"communication_period": 2, "ordering": "round_robin", "center_reduction": "mean"},
+    {},
+  ),
+  Case("model_average", optax_dist.model_average, {"interval_steps": 2}, {}),
+  Case("diloco", optax_dist.diloco, {"sync_period": 2}, {}),
+  Case("diloco_bf16_comm", optax_dist.diloco, {"sync_period": 2, "comm_dtype": jnp.bfloat16}, {}),
 ]
 
 N = 2  # Workers, simulated with vmap unless a check says otherwise.

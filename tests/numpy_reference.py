@@ -1,0 +1,77 @@
+"""The periodic algorithms' equations (DESIGN sections 4 to 6) in float64 NumPy.
+
+Each function takes the initial params x0 (D,) and the gradients (T, N, D)
+and returns, after every step, the workers' params (N, D) and the center (D,).
+The inner optimizer is plain SGD or Adam, written out here too.
+"""
+
+import numpy as np
+
+
+class Inner:
+  """SGD (``"sgd"``) or Adam (``"adam"``) on one array, with its own step count."""
+
+  def __init__(self, kind, shape, lr=0.1, b1=0.9, b2=0.99, eps=1e-8):
+    self.kind, self.lr, self.b1, self.b2, self.eps = kind, lr, b1, b2, eps
+    self.mu, self.nu, self.t = np.zeros(shape), np.zeros(shape), 0
+
+  def __call__(self, g):
+    """The update (to add to the params) for gradient g."""
+    if self.kind == "sgd":
+      return -self.lr * g
+    self.t += 1
+    self.mu = self.b1 * self.mu + (1 - self.b1) * g
+    self.nu = self.b2 * self.nu + (1 - self.b2) * g**2
+    mu_hat = self.mu / (1 - self.b1**self.t)
+    nu_hat = self.nu / (1 - self.b2**self.t)
+    return -self.lr * mu_hat / (np.sqrt(nu_hat) + self.eps)
+
+
+def agn(x0, grads, *, n, p, ordering, inner, center_reduction="sum"):
+  x = np.repeat(np.asarray(x0, np.float64)[None], n, axis=0)
+  c = np.asarray(x0, np.float64).copy()
+  local = [Inner(inner, c.shape) for _ in range(n)]
+  center_opt = Inner(inner, c.shape)
+  acc = np.zeros_like(x)
+  out = []
+  for t, g in enumerate(np.asarray(grads, np.float64), start=1):
+    acc += g
+    x = x + np.stack([local[k](g[k]) for k in range(n)])
+    if t % p == 0:
+      normalized = acc / p / (n if center_reduction == "mean" else 1)
+      if ordering == "simultaneous":
+        c = c + center_opt(normalized.sum(0))
+        x[:] = c
+      else:
+        for k in range(n):
+          c = c + center_opt(normalized[k])
+          x[k] = c
+      acc[:] = 0
+    out.append((x.copy(), c.copy()))
+  return out
+
+
+def model_average(x0, grads, *, n, p, inner):
+  return diloco(x0, grads, n=n, p=p, inner=inner, outer_lr=1.0, momentum=0.0)
+
+
+def diloco(x0, grads, *, n, p, inner, outer_lr=0.7, momentum=0.9):
+  """DiLoCo with Nesterov momentum SGD as the outer optimizer.
+
+  optax.sgd(lr, momentum, nesterov=True): m <- delta + momentum * m, update
+  -lr * (delta + momentum * m). With lr 1 and no momentum: model averaging.
+  """
+  x = np.repeat(np.asarray(x0, np.float64)[None], n, axis=0)
+  c = np.asarray(x0, np.float64).copy()
+  local = [Inner(inner, c.shape) for _ in range(n)]
+  m = np.zeros_like(c)
+  out = []
+  for t, g in enumerate(np.asarray(grads, np.float64), start=1):
+    x = x + np.stack([local[k](g[k]) for k in range(n)])
+    if t % p == 0:
+      delta = c - x.mean(0)
+      m = delta + momentum * m
+      c = c - outer_lr * (delta + momentum * m)
+      x[:] = c
+    out.append((x.copy(), c.copy()))
+  return out
