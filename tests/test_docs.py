@@ -1,10 +1,13 @@
 """The documentation: its code runs, and the API reference covers the package."""
 
+import importlib.util
 import pathlib
 import re
+import types
 
 import jax
 import numpy as np
+import pytest
 
 import optax_dist
 
@@ -68,3 +71,98 @@ def test_migration_tower_translation_trains():
   # (the reported loss is the one before the last update, so it is larger).
   assert float(ns["loss_fn"](ns["params"], batch)) <= float(ns["metrics"]["loss"])
   assert int(optax_dist.global_step(ns["opt_state"])) == 100
+
+
+def load_coverage_check():
+  """docs/_ext/coverage_check.py, the Sphinx extension (it imports Sphinx lazily)."""
+  path = DOCS / "_ext" / "coverage_check.py"
+  spec = importlib.util.spec_from_file_location("coverage_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_the_docs_build_runs_the_coverage_check():
+  conf = (DOCS / "conf.py").read_text()
+  assert '"coverage_check"' in conf
+  assert 'coverage_check_module = "optax_dist"' in conf
+
+
+def test_coverage_check_passes_on_the_api_reference():
+  check = load_coverage_check()
+  api = (DOCS / "api.rst").read_text()
+  assert sorted(check.autosummary_names(api, "optax_dist")) == sorted(optax_dist.__all__)
+  assert check.coverage_problems(api, optax_dist) == []
+  assert check.check_source(DOCS, "api.rst", "optax_dist") == []
+
+
+@pytest.mark.parametrize("name", optax_dist.__all__)
+def test_coverage_check_fails_when_a_public_name_is_removed(name, tmp_path):
+  check = load_coverage_check()
+  api = (DOCS / "api.rst").read_text()
+  entry = f"\n   {name}\n"
+  assert api.count(entry) == 1, f"api.rst should list {name} once"
+  removed = api.replace(entry, "\n")
+  assert name in check.missing_names(removed, optax_dist.__all__, "optax_dist")
+  assert name not in check.missing_names(api, optax_dist.__all__, "optax_dist")
+  before = check.coverage_problems(api, optax_dist)
+  problems = check.coverage_problems(removed, optax_dist)
+  assert [p for p in problems if p not in before] == [
+    f"`optax_dist.{name}` is public (in __all__) but not listed in the API reference"
+  ]
+  # The same through the file the Sphinx hook reads.
+  (tmp_path / "api.rst").write_text(removed)
+  assert check.check_source(tmp_path, "api.rst", "optax_dist") == problems
+
+
+def test_coverage_check_reads_only_autosummary_entries():
+  check = load_coverage_check()
+  text = """\
+Title
+=====
+
+.. currentmodule:: pkg
+
+.. autosummary::
+   :toctree: _autosummary
+   :nosignatures:
+
+   alpha
+   pkg.beta
+   ~pkg.gamma  Some trailing text
+   .. a comment
+
+   delta
+
+Prose that mentions epsilon.
+
+   zeta (indented, but not in a directive)
+
+  .. autosummary::
+
+     eta
+"""
+  assert check.autosummary_names(text, "pkg") == ["alpha", "beta", "gamma", "delta", "eta"]
+
+
+def test_coverage_check_reports_stale_duplicate_and_undocumented_names():
+  check = load_coverage_check()
+
+  def documented():
+    """Has a docstring."""
+
+  def bare():
+    pass
+
+  pkg = types.ModuleType("pkg")
+  pkg.__all__ = ("bare", "documented")
+  pkg.bare, pkg.documented = bare, documented
+  text = ".. autosummary::\n\n   bare\n   documented\n   documented\n   gone\n"
+  assert check.coverage_problems(text, pkg) == [
+    "`gone` is listed in the API reference but is not in `pkg.__all__`",
+    "`documented` is listed more than once in the API reference",
+    "`pkg.bare` has no docstring",
+  ]
+  assert check.check_source("/nonexistent", "api.rst", "optax_dist") == [
+    "the API reference /nonexistent/api.rst does not exist"
+  ]
