@@ -2,13 +2,17 @@
 
 from optax_dist._agn import AGNState
 from optax_dist._agn import agn
+from optax_dist._agreement import check_agreement
 from optax_dist._diloco import DiLoCoState
 from optax_dist._diloco import diloco
+from optax_dist._distributed import initialize_from_env
 from optax_dist._elastic import ElasticAverageState
 from optax_dist._elastic import elastic_average
 from optax_dist._minimize import minimize
 from optax_dist._model_average import ModelAverageState
 from optax_dist._model_average import model_average
+from optax_dist._nonfinite import ApplyIfAllFiniteState
+from optax_dist._nonfinite import apply_if_all_finite
 from optax_dist._params import average_params
 from optax_dist._params import broadcast_params
 from optax_dist._state import center_params
@@ -25,14 +29,17 @@ __version__ = "0.1.0"
 
 __all__ = (
   "AGNState",
+  "ApplyIfAllFiniteState",
   "DiLoCoState",
   "ElasticAverageState",
   "ModelAverageState",
   "TowerState",
   "agn",
+  "apply_if_all_finite",
   "average_params",
   "broadcast_params",
   "center_params",
+  "check_agreement",
   "data_parallel_eval_step",
   "data_parallel_step",
   "diloco",
@@ -40,6 +47,7 @@ __all__ = (
   "get_slot",
   "get_slot_names",
   "global_step",
+  "initialize_from_env",
   "minimize",
   "model_average",
   "per_worker",

@@ -1,0 +1,293 @@
+"""One process of the multi-process tests (``tests/test_multiprocess.py``).
+
+Started twice (2 processes x 2 CPU devices, joined by
+``optax_dist.initialize_from_env``), either directly by the test or through
+``python -m optax_dist.launch``. Usage::
+
+  python tests/mp_worker.py all OUT_DIR CKPT_DIR
+  python tests/mp_worker.py train OUT_DIR CKPT_DIR [--kill-at STEP]
+  python tests/mp_worker.py disagree OUT_DIR
+
+The training code (``algorithms``, ``run_algorithm``, ...) is shared with
+the test, which runs it in one process on 4 of its 8 devices as the reference.
+"""
+
+import os
+import pathlib
+import signal
+import sys
+
+import numpy as np
+
+N = 4  # Workers: 2 processes x 2 devices, or 4 devices of one process.
+AXIS = "workers"
+DIM = 8
+BATCH = 4
+STEPS = 7  # Two full periods of 3, and one step into the third.
+TRAIN_STEPS = 12
+CHECKPOINT_EVERY = 4
+
+
+def algorithms():
+  """name -> transform; every algorithm of the package, on the worker axis."""
+  import optax
+
+  import optax_dist
+
+  adam = optax.adam(0.05, b2=0.99)
+  return {
+    "tower": optax_dist.tower(adam, axis_name=AXIS),
+    "elastic_simultaneous": optax_dist.elastic_average(
+      optax.sgd(0.1, momentum=0.9), axis_name=AXIS, communication_period=3, rho=0.05
+    ),
+    "elastic_round_robin": optax_dist.elastic_average(
+      adam, axis_name=AXIS, communication_period=3, moving_rate=0.3, ordering="round_robin"
+    ),
+    "agn": optax_dist.agn(adam, axis_name=AXIS, communication_period=3),
+    "agn_round_robin": optax_dist.agn(
+      optax.sgd(0.05), axis_name=AXIS, communication_period=2, ordering="round_robin"
+    ),
+    "model_average": optax_dist.model_average(adam, axis_name=AXIS, interval_steps=3),
+    "diloco": optax_dist.diloco(adam, axis_name=AXIS, sync_period=3),
+  }
+
+
+def data(steps):
+  """Per-step, per-worker regression batches: x (steps, N, B, DIM), y (steps, N, B)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(steps, N, BATCH, DIM)).astype(np.float32)
+  w = np.linspace(-1.0, 1.0, DIM, dtype=np.float32)
+  y = (x @ w + 0.1 * rng.normal(size=(steps, N, BATCH))).astype(np.float32)
+  return x, y
+
+
+def initial_params():
+  return {"w": np.full((N, DIM), 0.1, np.float32), "b": np.zeros((N,), np.float32)}
+
+
+def loss_fn(params, x, y):
+  import jax.numpy as jnp
+
+  return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+def mesh():
+  import jax
+  from jax.sharding import AxisType
+
+  assert jax.device_count() >= N, jax.devices()
+  return jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:N])
+
+
+def per_worker(fn, m):
+  """``fn`` on every worker, args and results stacked along a leading worker axis."""
+  import jax
+  from jax.sharding import PartitionSpec as P
+
+  def body(*args):
+    out = fn(*jax.tree.map(lambda a: a[0], args))
+    return jax.tree.map(lambda a: a[None], out)
+
+  return jax.jit(jax.shard_map(body, mesh=m, in_specs=P(AXIS), out_specs=P(AXIS)))
+
+
+def put(tree, m):
+  """A global array from the full NumPy value every process holds."""
+  import jax
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  sharding = NamedSharding(m, P(AXIS))
+
+  def one(a):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+  return jax.tree.map(one, tree)
+
+
+def fetch(tree):
+  """The full value of global arrays, on every process."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
+
+
+def make_step(tx, m):
+  import jax
+  import optax
+
+  def step(params, state, x, y):
+    grads = jax.grad(loss_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return per_worker(step, m)
+
+
+def run_algorithm(tx, m, x, y):
+  """Params and state after ``len(x)`` steps of ``tx``, as NumPy trees."""
+  import jax
+
+  params = put(initial_params(), m)
+  state = per_worker(tx.init, m)(params)
+  step = make_step(tx, m)
+  for t in range(len(x)):
+    params, state = jax.block_until_ready(step(params, state, put(x[t], m), put(y[t], m)))
+  return fetch(params), fetch(state)
+
+
+def flat(name, params, state):
+  """``{name/params/i: leaf, name/state/i: leaf}`` for np.savez."""
+  import jax
+
+  out = {}
+  for kind, tree in (("params", params), ("state", state)):
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+      out[f"{name}/{kind}/{i}"] = np.asarray(leaf)
+  return out
+
+
+def nonfinite_transform():
+  import optax
+
+  import optax_dist
+
+  inner = optax_dist.elastic_average(
+    optax.adam(0.05, b2=0.99), axis_name=AXIS, communication_period=2, moving_rate=0.3
+  )
+  return optax_dist.apply_if_all_finite(inner, axis_name=AXIS)
+
+
+def nonfinite_data():
+  """Worker 3 (on process 1) gets a NaN gradient at step 3, a sync step of period 2."""
+  x, y = data(STEPS)
+  x = x.copy()
+  x[3, 3, 0, 0] = np.nan
+  return x, y
+
+
+def agreement_messages(m):
+  """check_agreement's error (caught) for a period, then params, that differ per process."""
+  import jax
+
+  import optax_dist
+
+  pid = jax.process_index()
+  params = put(initial_params(), m)
+  optax_dist.check_agreement(train_transform(), params, mesh=m, axis_name=AXIS)  # Agrees.
+  messages = {}
+  try:
+    optax_dist.check_agreement(train_transform(period=3 + pid), params, mesh=m, axis_name=AXIS)
+  except ValueError as e:
+    messages["agree/period"] = np.array(str(e))
+  shifted = put(jax.tree.map(lambda a: a + 0.5 * pid, initial_params()), m)
+  try:
+    optax_dist.check_agreement(train_transform(), shifted, mesh=m, axis_name=AXIS)
+  except ValueError as e:
+    messages["agree/params"] = np.array(str(e))
+  return messages
+
+
+def all_scenarios(out_dir, ckpt_dir):
+  """Every algorithm, the skip wrapper, the agreement checks, and an uninterrupted train."""
+  import jax
+
+  m = mesh()
+  results = {}
+  x, y = data(STEPS)
+  for name, tx in algorithms().items():
+    results.update(flat(name, *run_algorithm(tx, m, x, y)))
+  results.update(flat("nonfinite", *run_algorithm(nonfinite_transform(), m, *nonfinite_data())))
+  results.update(agreement_messages(m))
+  np.savez(out_dir / f"all_{jax.process_index()}.npz", **results)
+  train(out_dir, ckpt_dir)
+
+
+def disagree():
+  """Each process builds its transform with its own period: both must raise."""
+  import jax
+
+  import optax_dist
+
+  m = mesh()
+  tx = train_transform(period=3 + jax.process_index())
+  optax_dist.check_agreement(tx, put(initial_params(), m), mesh=m, axis_name=AXIS)
+
+
+def train_transform(period=3):
+  import optax
+
+  import optax_dist
+
+  return optax_dist.elastic_average(
+    optax.adam(0.05, b2=0.99), axis_name=AXIS, communication_period=period, moving_rate=0.3
+  )
+
+
+def train(out_dir, ckpt_dir, kill_at=None):
+  """Trains with an orbax checkpoint every CHECKPOINT_EVERY steps, resuming from the latest.
+
+  With ``kill_at``, process 1 kills itself with SIGKILL before step ``kill_at``
+  on the first run (the launcher's restart count is 0), mid-period and after a
+  checkpoint.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+
+  m = mesh()
+  tx = train_transform()
+  x, y = data(TRAIN_STEPS)
+  params = put(initial_params(), m)
+  state = per_worker(tx.init, m)(params)
+  step = make_step(tx, m)
+  manager = ocp.CheckpointManager(
+    ckpt_dir,
+    options=ocp.CheckpointManagerOptions(
+      save_interval_steps=CHECKPOINT_EVERY, enable_async_checkpointing=False
+    ),
+  )
+  start = manager.latest_step() or 0
+  if start:
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "state": state})
+    restored = manager.restore(start, args=ocp.args.StandardRestore(target))
+    params, state = restored["params"], restored["state"]
+  restart = int(os.environ.get("OPTAX_DIST_RESTART", "0"))
+  for t in range(start, TRAIN_STEPS):
+    if kill_at == t and restart == 0 and jax.process_index() == 1:
+      os.kill(os.getpid(), signal.SIGKILL)
+    params, state = jax.block_until_ready(step(params, state, put(x[t], m), put(y[t], m)))
+    if (t + 1) % CHECKPOINT_EVERY == 0:
+      manager.save(t + 1, args=ocp.args.StandardSave({"params": params, "state": state}))
+  manager.wait_until_finished()
+  manager.close()
+  params, state = fetch(params), fetch(state)
+  np.savez(
+    out_dir / f"train_{jax.process_index()}.npz",
+    start=start,
+    restart=restart,
+    step=state.step,
+    num_syncs=state.num_syncs,
+    **flat("train", params, state),
+  )
+
+
+def main(argv):
+  import optax_dist
+
+  optax_dist.initialize_from_env()
+  scenario, out_dir = argv[0], pathlib.Path(argv[1])
+  if scenario == "all":
+    all_scenarios(out_dir, pathlib.Path(argv[2]))
+  elif scenario == "disagree":
+    disagree()
+  elif scenario == "train":
+    kill_at = int(argv[argv.index("--kill-at") + 1]) if "--kill-at" in argv else None
+    train(out_dir, pathlib.Path(argv[2]), kill_at)
+  else:
+    raise SystemExit(f"unknown scenario {scenario!r}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
