@@ -227,6 +227,8 @@ def check_agreement(
 
   def workers_on(process: int) -> str:
     ws = [str(w) for w, ps in enumerate(workers_of) if process in ps]
+    if not ws:
+      return "no worker of the mesh"
     return f"workers {', '.join(ws)}" if len(ws) > 1 else f"worker {ws[0]}"
 
   digest0, lines0 = decoded[0]
