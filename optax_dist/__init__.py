@@ -3,6 +3,9 @@
 from optax_dist._agn import AGNState
 from optax_dist._agn import agn
 from optax_dist._agreement import check_agreement
+from optax_dist._comm import Collective
+from optax_dist._comm import CommunicationReport
+from optax_dist._comm import communication_report
 from optax_dist._diloco import DiLoCoState
 from optax_dist._diloco import diloco
 from optax_dist._distributed import initialize_from_env
@@ -30,6 +33,8 @@ __version__ = "0.1.0"
 __all__ = (
   "AGNState",
   "ApplyIfAllFiniteState",
+  "Collective",
+  "CommunicationReport",
   "DiLoCoState",
   "ElasticAverageState",
   "ModelAverageState",
@@ -40,6 +45,7 @@ __all__ = (
   "broadcast_params",
   "center_params",
   "check_agreement",
+  "communication_report",
   "data_parallel_eval_step",
   "data_parallel_step",
   "diloco",

@@ -72,3 +72,40 @@ def collectives(hlo: str) -> list[Op]:
 
 def copies_of_at_least(hlo: str, min_bytes: int) -> list[Op]:
   return [op for op in ops(hlo) if op.kind == "copy" and op.nbytes >= min_bytes]
+
+
+_CALLEE = re.compile(
+  r"(?:calls|body|condition|to_apply|branch_computations|\w+_computation)=\{?([^,}\s]+(?:, %[^,}\s]+)*)"
+)
+
+
+def _call_graph(hlo: str) -> dict[str, set[str]]:
+  """Computation -> the computations its instructions call."""
+  graph: dict[str, set[str]] = {}
+  current = None
+  for line in hlo.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = header.group(1)
+      graph.setdefault(current, set())
+      continue
+    if current is None:
+      continue
+    for group in _CALLEE.findall(line):
+      graph[current].update(name.strip().lstrip("%") for name in group.split(","))
+  return graph
+
+
+def loop_computations(hlo: str) -> set[str]:
+  """Computations that run inside a while loop (bodies, conditions, and what they call)."""
+  graph = _call_graph(hlo)
+  pending = [
+    name for pair in re.findall(r"condition=%([\w.\-]+), body=%([\w.\-]+)", hlo) for name in pair
+  ]
+  seen: set[str] = set()
+  while pending:
+    name = pending.pop()
+    if name not in seen:
+      seen.add(name)
+      pending.extend(graph.get(name, ()))
+  return seen
