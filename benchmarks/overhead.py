@@ -1,29 +1,34 @@
-"""What elastic_average costs per step, next to plain Adam, on simulated devices.
+"""What each transform costs per step, next to the plain step it replaces.
 
-Side by side in one run, median of interleaved repetitions, 8 simulated CPU
+Side by side in one run, median of interleaved repetitions, 8 simulated
 devices under ``jax.shard_map``, an MLP of about 1M parameters, per-worker
 params and state donated as in a real training loop. Each timed step is the
 optimizer update alone (gradients given), the strictest setting for overhead:
 
-* non-sync elastic_average(adam) step / plain adam step (target <= 1.03),
-* sync elastic_average(adam) step / plain pmean(grads) + adam step.
+* ``tower(adam)`` / a hand-written ``pmean(grads)`` + adam step (target <= 1.02),
+* each periodic transform's non-sync step / a plain adam step (target <= 1.03),
+* each periodic transform's sync step / the ``pmean`` + adam step.
 
-The compiled HLO of each step is read for evidence: collectives (and their
-bytes) and params-sized ``copy`` instructions outside loop bodies.
+The compiled HLO of each step is read for evidence: the bytes its collectives
+move on every step and per sync (``optax_dist.communication_report``), and the
+params-sized ``copy`` instructions in the entry computation beyond those of
+its baseline.
 
-    python benchmarks/elastic_overhead.py --repeats 7
+    python benchmarks/overhead.py --repeats 7
 """
 
 import argparse
 import itertools
+import json
 import os
 import statistics
 import time
 
 NUM_DEVICES = 8
-os.environ["XLA_FLAGS"] = " ".join(
-  [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={NUM_DEVICES}"]
-).strip()
+if "cpu" in os.environ.get("JAX_PLATFORMS", "cpu"):
+  os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={NUM_DEVICES}"]
+  ).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -36,6 +41,7 @@ from optax_dist import _hlo as hlo  # noqa: E402
 
 AXIS = "workers"
 SIZES = (784, 1024, 256, 10)  # 1,068,810 parameters.
+NEVER = 10**9  # A period that never syncs within the benchmark.
 
 
 def make_params(n):
@@ -61,48 +67,54 @@ def build(tx, mesh, reduce_grads=False):
   )
 
 
-def hlo_evidence(fn, params, state, grads, min_copy_bytes):
-  text = fn.lower(params, state, grads).compile().as_text()
-  entry = text[text.index("\nENTRY") :]
-  big = [op.shape for op in hlo.copies_of_at_least(entry, min_copy_bytes)]
-  comms = [f"{op.kind} {op.nbytes:,} B" for op in hlo.collectives(text)]
-  return big, comms
+def variants(adam):
+  """name -> (transform, reduce gradients by hand, baseline name)."""
+  periodic = {
+    "easgd": lambda p: optax_dist.elastic_average(adam, axis_name=AXIS, communication_period=p),
+    "agn": lambda p: optax_dist.agn(adam, axis_name=AXIS, communication_period=p),
+    "model_average": lambda p: optax_dist.model_average(adam, axis_name=AXIS, interval_steps=p),
+    "diloco": lambda p: optax_dist.diloco(adam, axis_name=AXIS, sync_period=p),
+  }
+  out = {
+    "adam": (adam, False, None),
+    "pmean + adam": (adam, True, None),
+    "tower(adam)": (optax_dist.tower(adam, axis_name=AXIS), False, "pmean + adam"),
+  }
+  for name, make in periodic.items():
+    out[f"{name} non-sync"] = (make(NEVER), False, "adam")
+    out[f"{name} sync"] = (make(1), False, "pmean + adam")
+  return out
+
+
+def entry_copies(fn, args, min_bytes):
+  text = fn.lower(*args).compile().as_text()
+  return len(hlo.copies_of_at_least(text[text.index("\nENTRY") :], min_bytes))
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per round and variant")
+  parser.add_argument("--json", help="write the figures to this file")
   args = parser.parse_args(argv)
   n = jax.device_count()
   mesh = jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Auto,))
-  adam = optax.adam(1e-3)
-  variants = {
-    "adam (local)": (adam, False),
-    "easgd non-sync": (
-      optax_dist.elastic_average(adam, axis_name=AXIS, communication_period=10**9),
-      False,
-    ),
-    "pmean + adam": (adam, True),
-    "easgd sync": (optax_dist.elastic_average(adam, axis_name=AXIS, communication_period=1), False),
-  }
   grads = jax.tree.map(lambda a: a * 1e-3 + 1e-4, make_params(n))
   num_params = sum(a[0].size for a in jax.tree.leaves(grads))
-  smallest_leaf = min(a[0].size for a in jax.tree.leaves(grads) if a.ndim > 2) * 4
-  runs, times = {}, {name: [] for name in variants}
-  print(
-    f"{n} simulated devices, {num_params:,} parameters per worker, backend {jax.default_backend()}"
-  )
-  for name, (tx, reduce_grads) in variants.items():
+  smallest_matrix = min(a[0].size for a in jax.tree.leaves(grads) if a.ndim > 2) * 4
+  print(f"{n} devices ({jax.devices()[0].device_kind}), {num_params:,} parameters per worker")
+  table = variants(optax.adam(1e-3))
+  runs, times, evidence = {}, {name: [] for name in table}, {}
+  for name, (tx, reduce_grads, _) in table.items():
     fn = build(tx, mesh, reduce_grads)
     params = make_params(n)
     state = jax.vmap(tx.init)(params)
-    big, comms = hlo_evidence(fn, params, state, grads, smallest_leaf)
-    print(
-      f"  HLO {name:15s}: params-sized copies in ENTRY {big or 'none'}; collectives {comms or 'none'}"
-    )
-    params = make_params(n)
-    state = jax.vmap(tx.init)(params)
+    report = optax_dist.communication_report(fn, params, state, grads)
+    evidence[name] = {
+      "every_step_bytes": report.every_step_bytes,
+      "sync_bytes": report.sync_bytes,
+      "entry_copies": entry_copies(fn, (params, state, grads), smallest_matrix),
+    }
     for _ in range(3):  # Warm up.
       params, state = jax.block_until_ready(fn(params, state, grads))
     runs[name] = [fn, params, state]
@@ -116,14 +128,31 @@ def main(argv=None):
       times[name].append((time.perf_counter() - start) / args.steps)
       run[1], run[2] = params, state
   med = {name: statistics.median(ts) for name, ts in times.items()}
-  print(f"\nmedian step time over {args.repeats} interleaved rounds of {args.steps} steps:")
-  for name, t in med.items():
-    print(f"  {name:15s} {t * 1e3:8.3f} ms")
-  ratio_local = med["easgd non-sync"] / med["adam (local)"]
-  ratio_sync = med["easgd sync"] / med["pmean + adam"]
-  print(f"\nnon-sync easgd / adam      = {ratio_local:.3f}  (target <= 1.03)")
-  print(f"sync easgd / pmean + adam  = {ratio_sync:.3f}")
-  return {"non_sync_ratio": ratio_local, "sync_ratio": ratio_sync}
+  print(f"\nmedian of {args.repeats} interleaved rounds of {args.steps} steps; HLO evidence")
+  print(
+    f"{'step':22s} {'ms':>8s} {'ratio':>7s}  {'vs':14s} {'target':>6s}  "
+    f"{'bytes/step':>10s} {'bytes/sync':>10s} {'extra copies':>12s}"
+  )
+  results = {}
+  for name, (_, _, base) in table.items():
+    ratio = med[name] / med[base] if base else 1.0
+    target = 1.02 if name.startswith("tower") else 1.03 if "non-sync" in name else None
+    ev = evidence[name]
+    extra = ev["entry_copies"] - (evidence[base]["entry_copies"] if base else 0)
+    print(
+      f"{name:22s} {med[name] * 1e3:8.3f} {ratio:7.3f}  {base or '':14s} "
+      f"{target or '':>6}  {ev['every_step_bytes']:10,d} {ev['sync_bytes']:10,d} {extra:12d}"
+    )
+    results[name] = {"ms": med[name] * 1e3, "ratio": ratio, "baseline": base, "target": target}
+    results[name].update(ev, extra_entry_copies=extra)
+  print(
+    f"\nparams: {num_params * 4:,} bytes per worker; 'extra copies' counts params-sized "
+    "(>= smallest weight matrix) copy instructions in the entry computation beyond the baseline's"
+  )
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "n": n, "results": results}, f, indent=1)
+  return results
 
 
 if __name__ == "__main__":
