@@ -104,8 +104,29 @@ def run_on_sync(is_sync: jax.Array, sync: Callable[[T], T], carry: T, axis_name:
   equal by a collective (e.g. a ``pmean`` of the params) is invariant.
   """
   carry = _collectives.to_varying(carry, axis_name)
+
+  def body(c: T) -> T:
+    return _collectives.to_varying(sync(c), axis_name)
+
+  # On a mesh of several axes the sync may also make values vary over an axis
+  # other than `axis_name` (a hierarchical composition: an update that a tower
+  # made invariant over "local" meets params that vary over it). The loop's
+  # carry must have one type: the union of what goes in and what comes out.
+  out = jax.eval_shape(body, carry)
+  carry = jax.tree.map(_vary_like, carry, out)
   trips = jnp.where(is_sync, 1, 0).astype(jnp.int32)
-  return lax.fori_loop(0, trips, lambda _, c: _collectives.to_varying(sync(c), axis_name), carry)
+  return lax.fori_loop(0, trips, lambda _, c: jax.tree.map(_vary_like, body(c), carry), carry)
+
+
+def _vma(x: Any) -> frozenset:
+  mat = getattr(x, "manual_axis_type", None)  # A jax.ShapeDtypeStruct from eval_shape.
+  return frozenset(mat.varying) if mat is not None else _collectives._varying(x)
+
+
+def _vary_like(x: Any, like: Any) -> Any:
+  """``x``, cast to varying over the axes ``like`` varies over and ``x`` does not."""
+  missing = tuple(sorted(_vma(like) - _vma(x), key=str))
+  return lax.pcast(x, missing, to="varying") if missing else x
 
 
 ORDERINGS = ("simultaneous", "round_robin")
