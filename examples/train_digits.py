@@ -16,7 +16,8 @@ download). The global batch is split over 8 workers by
 
 At the end it prints the test accuracy of the model a checkpoint would export
 (the center, for the periodic algorithms) and the bytes each worker sent, read
-from the compiled step's collectives, and saves a loss/accuracy plot.
+from the compiled step's collectives (``optax_dist.communication_report``), and
+saves a loss/accuracy plot.
 
     python examples/train_digits.py --algorithm easgd --period 8
 """
@@ -40,7 +41,6 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import optax_dist  # noqa: E402
-from optax_dist import _hlo  # noqa: E402
 
 AXIS = "workers"
 ALGORITHMS = ("sync", "easgd", "agn", "model_average", "diloco")
@@ -97,24 +97,6 @@ def loss_fn(params, batch):
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   correct = jnp.sum(jnp.argmax(logits, axis=-1) == labels)
   return loss, {"metrics": {"accuracy": (correct, labels.shape[0])}}
-
-
-def communication(step, params, opt_state, batch):
-  """Bytes of the compiled step's collectives: those run every step, and per sync.
-
-  A periodic algorithm's sync is a loop of zero or one trip, so collectives in
-  a while-loop body run only on sync steps. Sizes are the all-reduced (or
-  gathered) buffers, the usual measure of an all-reduce's payload.
-  """
-  text = step.lower(params, opt_state, batch).compile().as_text()
-  bodies = _hlo.while_bodies(text)
-  every_step = per_sync = 0
-  for op in _hlo.collectives(text):
-    if op.computation in bodies:
-      per_sync += op.nbytes
-    else:
-      every_step += op.nbytes
-  return every_step, per_sync
 
 
 def plot(path, history, title):
@@ -184,7 +166,10 @@ def main(argv=None):
     idx = rng.choice(len(x_train), size=args.batch_size, replace=False)
     return x_train[idx], y_train[idx]
 
-  every_step_bytes, per_sync_bytes = communication(step, params, opt_state, sample())
+  # Bytes of the compiled step's collectives, per worker: those that run on
+  # every step, and those of the sync branch (a loop of zero or one trip).
+  report = optax_dist.communication_report(step, params, opt_state, sample())
+  every_step_bytes, per_sync_bytes = report.every_step_bytes, report.sync_bytes
   history = {"step": [], "loss": [], "eval_step": [], "test_accuracy": []}
   start = time.perf_counter()
   bar = tqdm(range(1, args.steps + 1), desc=args.algorithm, disable=args.no_progress)
