@@ -50,3 +50,17 @@ def test_train_digits_demo_learns(train_digits, algorithm, tmp_path, capsys):
   assert plot.stat().st_size > 0
   out = capsys.readouterr().out
   assert f"{algorithm}: 8 workers, 30 steps" in out and "test accuracy" in out
+
+
+def test_train_digits_demo_hierarchical(train_digits, tmp_path, capsys):
+  argv = ["--algorithm", "easgd", "--steps", "30", "--period", "4", "--hidden", "32"]
+  argv += ["--hierarchical", "--eval-every", "10", "--plot", str(tmp_path / "h.png")]
+  result = train_digits.main(argv)
+  accuracy = result["history"]["test_accuracy"]
+  assert accuracy[-1] > 0.3 and accuracy[-1] > accuracy[0], accuracy
+  # Every step the gradients within each host (and the metrics); per sync the
+  # params across the hosts.
+  params_bytes = 4 * (64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10)
+  assert (result["every_step_bytes"], result["per_sync_bytes"]) == (params_bytes + 12, params_bytes)
+  assert result["syncs"] == 30 // 4
+  assert "8 workers (2 hosts x 4 devices), 30 steps" in capsys.readouterr().out
