@@ -61,6 +61,7 @@ CASES = [
   Case("model_average", optax_dist.model_average, {"interval_steps": 2}, {}),
   Case("diloco", optax_dist.diloco, {"sync_period": 2}, {}),
   Case("diloco_bf16_comm", optax_dist.diloco, {"sync_period": 2, "comm_dtype": jnp.bfloat16}, {}),
+  Case("apply_if_all_finite", optax_dist.apply_if_all_finite, {"max_consecutive_errors": 2}, {}),
 ]
 
 N = 2  # Workers, simulated with vmap unless a check says otherwise.
