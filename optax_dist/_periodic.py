@@ -96,26 +96,62 @@ def advance(step: jax.Array, period: int) -> tuple[jax.Array, jax.Array]:
   return step, step % period == 0
 
 
-def run_on_sync(is_sync: jax.Array, sync: Callable[[T], T], carry: T, axis_name: Any) -> T:
-  """``sync(carry)`` on sync steps, ``carry`` otherwise; one branch runs.
+def run_on_sync(
+  is_sync: jax.Array, sync: Callable[[T, Any], T], carry: T, axis_name: Any, inputs: Any = ()
+) -> T:
+  """``sync(carry, inputs)`` on sync steps, ``carry`` otherwise; one branch runs.
 
   The carry is made varying first (under shard_map) since the sync mixes it
   with per-worker values; so is what the sync returns, since a value made
   equal by a collective (e.g. a ``pmean`` of the params) is invariant.
+  ``inputs`` are read-only values the sync reads (the params): they go
+  through the loop unchanged rather than being captured by it.
+
+  Under shard_map and pmap (mesh axes, not vmap), every leaf crosses the loop
+  with a leading axis of one (``x[None]`` in, ``x[0]`` out). A step that runs
+  on its ``[1, ...]`` block squeezes that axis off (``p[0]``); XLA then sees
+  the loop's results and the step's params as reshapes of the same
+  ``[1, ...]`` buffers and computes ``params + updates`` on the donated
+  buffer in place. Without the axis the loop's results are the squeezed
+  shape, the add reads the params through a reshape, and XLA copies the new
+  params into the donated buffer (a params-sized copy on every step).
   """
   carry = _collectives.to_varying(carry, axis_name)
+  inputs = _collectives.to_varying(inputs, axis_name)
 
-  def body(c: T) -> T:
-    return _collectives.to_varying(sync(c), axis_name)
+  def body(c: T, i: Any) -> T:
+    return _collectives.to_varying(sync(c, i), axis_name)
 
   # On a mesh of several axes the sync may also make values vary over an axis
   # other than `axis_name` (a hierarchical composition: an update that a tower
   # made invariant over "local" meets params that vary over it). The loop's
   # carry must have one type: the union of what goes in and what comes out.
-  out = jax.eval_shape(body, carry)
+  out = jax.eval_shape(body, carry, inputs)
   carry = jax.tree.map(_vary_like, carry, out)
+  # Under vmap the leading axis would not help (the step has no [1, ...]
+  # block) and XLA lays an [N, 1, ...] carry out apart from [N, ...] and
+  # copies it, so it is added on mesh axes only.
+  lead = _on_mesh(axis_name)
+
+  def expand(tree: Any) -> Any:
+    return jax.tree.map(lambda x: lax.expand_dims(x, (0,)), tree) if lead else tree
+
+  def squeeze(tree: Any) -> Any:
+    return jax.tree.map(lambda x: lax.squeeze(x, (0,)), tree) if lead else tree
+
+  def loop_body(_: Any, loop_carry: tuple[Any, Any]) -> tuple[Any, Any]:
+    c, i = loop_carry
+    return expand(jax.tree.map(_vary_like, body(squeeze(c), squeeze(i)), carry)), i
+
   trips = jnp.where(is_sync, 1, 0).astype(jnp.int32)
-  return lax.fori_loop(0, trips, lambda _, c: jax.tree.map(_vary_like, body(c), carry), carry)
+  out, _ = lax.fori_loop(0, trips, loop_body, (expand(carry), expand(inputs)))
+  return squeeze(out)
+
+
+def _on_mesh(axis_name: Any) -> bool:
+  """Whether every axis is a manual mesh axis (shard_map, pmap), not a vmap axis."""
+  manual = getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ())
+  return all(a in manual for a in _collectives.axis_tuple(axis_name))
 
 
 def _vma(x: Any) -> frozenset:
@@ -198,7 +234,7 @@ def periodic_update(
   updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
   step, is_sync = advance(state.step, period)
 
-  def on_sync(loop_carry):
+  def on_sync(loop_carry, params):
     updates, carry = loop_carry
     x = jax.tree.map(
       lambda p, u: p.astype(center_dtype(p.dtype)) + u.astype(center_dtype(p.dtype)),
@@ -207,7 +243,7 @@ def periodic_update(
     )
     return sync(Local(params, updates, x), carry)
 
-  updates, carry = run_on_sync(is_sync, on_sync, (updates, carry), axes)
+  updates, carry = run_on_sync(is_sync, on_sync, (updates, carry), axes, params)
   num_syncs = state.num_syncs + is_sync.astype(jnp.int32)
   return Stepped(updates, inner_state, step, num_syncs, carry)
 
