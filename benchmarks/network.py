@@ -1,0 +1,490 @@
+"""Step time over a rate-limited link: sync against the periodic algorithms.
+
+Two JAX processes (one CPU device each, gloo collectives, joined by
+``optax_dist.initialize_from_env``) run in two network namespaces joined by a
+veth pair whose both ends are rate-limited with ``tc`` (a token bucket,
+``tbf``), so every byte of every collective crosses a link of known bandwidth,
+and nothing leaves the namespaces. They train an MLP of about 4.2M parameters
+(16.8 MB in float32) with Adam, and time per step (median over repetitions
+of a window of steps):
+
+* ``compute``: a plain local Adam step (no collective), the compute alone;
+* ``sync``: ``tower(adam)``, the gradients all-reduced (pmean) on every step;
+* each periodic algorithm (``elastic_average``, ``agn``, ``model_average``,
+  ``diloco``) at each period ``p``: one params-sized all-reduce per ``p`` steps.
+
+Next to each measured time is the model
+
+    t(p) = t_compute + 2 (N - 1) / N * B / (p * bandwidth)
+
+with N = 2 workers, B the bytes of the all-reduced buffer read from the
+compiled step (``optax_dist.communication_report``) and 2 (N - 1) / N * B the
+bytes a worker sends in a ring all-reduce. Before the processes start, a TCP
+transfer between the namespaces measures what the link really delivers.
+
+Needs root, ``ip`` (iproute2, with network namespaces and veth), ``tc`` and
+``unshare``; not run in CI. The namespaces and the veth pair are removed on
+exit, also on errors and on SIGINT/SIGTERM; every child runs under a timeout.
+
+    sudo python benchmarks/network.py --rates 100mbit 1gbit
+"""
+
+import argparse
+import atexit
+import contextlib
+import itertools
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+AXIS = "workers"
+N = 2  # Processes, one worker each.
+SIZES = (1024, 2048, 1024, 10)  # 4,207,626 parameters.
+BATCH = 32  # Per worker.
+PERIODS = (1, 4, 16)
+ALGORITHMS = ("easgd", "agn", "model_average", "diloco")
+SUBNET = "10.231.77"  # Private addresses, only inside the namespaces.
+PORT = 29517
+PROBE_PORT = 29518
+
+
+# --- the link ------------------------------------------------------------------------------
+
+
+def rate_bits(rate):
+  """'100mbit' -> 1e8 bits per second (tc's units: kbit, mbit, gbit)."""
+  m = re.fullmatch(r"(\d+(?:\.\d+)?)(kbit|mbit|gbit)", rate)
+  if not m:
+    raise ValueError(f"rate {rate!r}: write it as tc does, e.g. 100mbit or 1gbit")
+  return float(m.group(1)) * {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[m.group(2)]
+
+
+class Link:
+  """Two namespaces joined by a rate-limited veth pair; ``close`` removes everything."""
+
+  def __init__(self, rate):
+    tag = f"{os.getpid() % 100000}"
+    self.namespaces = [f"odbench{tag}a", f"odbench{tag}b"]
+    self.devices = [f"odv{tag}a", f"odv{tag}b"]
+    self.ips = [f"{SUBNET}.1", f"{SUBNET}.2"]
+    self.rate = rate
+    self.closed = False
+    atexit.register(self.close)
+    try:
+      self._create()
+    except BaseException:
+      self.close()
+      raise
+
+  def _create(self):
+    for ns in self.namespaces:
+      run(["ip", "netns", "add", ns])
+    run(["ip", "link", "add", self.devices[0], "type", "veth", "peer", "name", self.devices[1]])
+    bits = rate_bits(self.rate)
+    # The bucket holds 5 ms of traffic, and at least two 64 KiB segments (veth
+    # passes segmentation-offloaded packets of up to 64 KiB whole).
+    burst = max(int(bits / 8 * 0.005), 2 * 65536)
+    for ns, dev, ip in zip(self.namespaces, self.devices, self.ips, strict=True):
+      run(["ip", "link", "set", dev, "netns", ns])
+      run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
+      run(["ip", "-n", ns, "link", "set", dev, "up"])
+      run(["ip", "-n", ns, "link", "set", "lo", "up"])
+      tbf = ["tbf", "rate", self.rate, "burst", str(burst), "latency", "100ms"]
+      run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *tbf])
+
+  def qdisc(self):
+    return [
+      run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev]).strip()
+      for ns, dev in zip(self.namespaces, self.devices, strict=True)
+    ]
+
+  def close(self):
+    if self.closed:
+      return
+    self.closed = True
+    for ns in self.namespaces:  # Deleting a namespace deletes the veth end in it.
+      subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
+    # A veth pair not moved yet lives in this namespace.
+    subprocess.run(
+      ["ip", "link", "del", self.devices[0]], capture_output=True, timeout=30, check=False
+    )
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    for ns in self.namespaces:
+      if ns in left.stdout:
+        print(f"network.py: could not remove namespace {ns}: run `ip netns del {ns}`")
+
+  def command(self, k, argv):
+    """argv run in namespace k, with a hostname that resolves to its veth address.
+
+    gloo binds to the address the hostname resolves to; in a fresh UTS
+    namespace the hostname is set to the veth IP (nothing outside changes).
+    """
+    inner = f"hostname {self.ips[k]} && exec " + " ".join(_quote(a) for a in argv)
+    return ["ip", "netns", "exec", self.namespaces[k], "unshare", "--uts", "sh", "-c", inner]
+
+
+def _quote(arg):
+  import shlex
+
+  return shlex.quote(str(arg))
+
+
+def run(argv, timeout=30):
+  out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+  if out.returncode:
+    raise RuntimeError(f"{' '.join(argv)} failed ({out.returncode}): {out.stderr.strip()}")
+  return out.stdout
+
+
+class Children:
+  """Child processes in their own process groups, killed on exit."""
+
+  def __init__(self):
+    self.procs = []
+    atexit.register(self.kill)
+
+  def start(self, argv, **kwargs):
+    proc = subprocess.Popen(argv, start_new_session=True, **kwargs)
+    self.procs.append(proc)
+    return proc
+
+  def wait(self, timeout):
+    deadline = time.monotonic() + timeout
+    for proc in self.procs:
+      left = deadline - time.monotonic()
+      try:
+        proc.wait(timeout=max(left, 0.1))
+      except subprocess.TimeoutExpired:
+        self.kill()
+        raise TimeoutError(f"a child process ran past {timeout} s; stopped") from None
+    codes = [p.returncode for p in self.procs]
+    self.procs = []
+    return codes
+
+  def kill(self):
+    for proc in self.procs:
+      if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(proc.pid, signal.SIGTERM)
+    for proc in self.procs:
+      try:
+        proc.wait(timeout=3)
+      except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    self.procs = []
+
+
+def probe(link, children, seconds=2.0):
+  """Bytes per second one TCP stream gets across the link (namespace 0 -> 1)."""
+  nbytes = int(rate_bits(link.rate) / 8 * seconds)
+  server = children.start(
+    link.command(1, [sys.executable, __file__, "--probe-server", link.ips[1]]),
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  time.sleep(0.5)
+  client = children.start(
+    link.command(0, [sys.executable, __file__, "--probe-client", link.ips[1], str(nbytes)]),
+  )
+  out, _ = server.communicate(timeout=seconds * 5 + 30)
+  client.wait(timeout=30)
+  children.procs = []
+  return float(out.strip())
+
+
+def probe_server(ip):
+  with socket.create_server((ip, PROBE_PORT)) as srv:
+    srv.settimeout(60)
+    conn, _ = srv.accept()
+    with conn:
+      conn.settimeout(60)
+      total, start = 0, None
+      while chunk := conn.recv(1 << 20):
+        start = start or time.perf_counter()
+        total += len(chunk)
+      print(total / (time.perf_counter() - start))
+
+
+def probe_client(ip, nbytes):
+  for _ in range(50):
+    try:
+      conn = socket.create_connection((ip, PROBE_PORT), timeout=5)
+      break
+    except OSError:
+      time.sleep(0.2)
+  else:
+    raise RuntimeError("probe server not reachable")
+  with conn:
+    block = b"\0" * (1 << 20)
+    sent = 0
+    while sent < nbytes:
+      conn.sendall(block)
+      sent += len(block)
+
+
+# --- one worker process --------------------------------------------------------------------
+
+
+def worker(out_path, windows, repeats):
+  import jax
+
+  import optax_dist
+
+  optax_dist.initialize_from_env()
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  import numpy as np
+  import optax
+
+  assert jax.device_count() == N and jax.local_device_count() == 1, jax.devices()
+  mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,))
+  sharding = NamedSharding(mesh, P(AXIS))
+
+  def stacked(local):
+    """A global array with a leading worker axis from this process's copy."""
+    return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)[None]), local
+    )
+
+  rng = np.random.default_rng(0)
+  params = []
+  for fan_in, fan_out in itertools.pairwise(SIZES):
+    w = (rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
+    params.append({"w": w, "b": np.zeros(fan_out, np.float32)})
+  num_params = sum(p.size for layer in params for p in layer.values())
+  data_rng = np.random.default_rng(1 + jax.process_index())  # Each worker its own batch.
+  batch = (
+    data_rng.normal(size=(BATCH, SIZES[0])).astype(np.float32),
+    data_rng.integers(0, SIZES[-1], size=BATCH).astype(np.int32),
+  )
+
+  def loss_fn(params, x, y):
+    for layer in params[:-1]:
+      x = jax.nn.relu(x @ layer["w"] + layer["b"][None, :])
+    logits = x @ params[-1]["w"] + params[-1]["b"][None, :]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def make_tx(name, period):
+    adam = optax.adam(1e-4)
+    if name == "compute":
+      return adam
+    if name == "sync":
+      return optax_dist.tower(adam, axis_name=AXIS)
+    if name == "easgd":
+      return optax_dist.elastic_average(adam, axis_name=AXIS, communication_period=period)
+    if name == "agn":
+      return optax_dist.agn(adam, axis_name=AXIS, communication_period=period)
+    if name == "model_average":
+      return optax_dist.model_average(adam, axis_name=AXIS, interval_steps=period)
+    return optax_dist.diloco(adam, axis_name=AXIS, sync_period=period)
+
+  def build(tx):
+    def body(p, s, x, y):
+      p, s, x, y = jax.tree.map(lambda a: a[0], (p, s, x, y))
+      grads = jax.grad(loss_fn)(p, x, y)
+      updates, s = tx.update(grads, s, p)
+      return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, updates), s))
+
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))
+    return jax.jit(mapped, donate_argnums=(0, 1))
+
+  variants = [("compute", 1), ("sync", 1)]
+  variants += [(a, p) for a in ALGORITHMS for p in PERIODS]
+  results = []
+  x, y = stacked(batch)
+  for name, period in variants:
+    tx = make_tx(name, period)
+    step = build(tx)
+    p, s = stacked(params), stacked(tx.init(params))
+    report = optax_dist.communication_report(step, p, s, x, y)
+    # Warm-up: compile, then one more step so that the first timed one is not special.
+    for _ in range(2):
+      p, s = jax.block_until_ready(step(p, s, x, y))
+    # A window of steps is a multiple of the period, so it holds exactly
+    # window / period syncs wherever it starts.
+    length = period * max(1, -(-windows // period))
+    times, means = [], []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      for _ in range(length):
+        t0 = time.perf_counter()
+        p, s = jax.block_until_ready(step(p, s, x, y))
+        times.append(time.perf_counter() - t0)
+      means.append((time.perf_counter() - start) / length)
+    results.append(
+      {
+        "name": name,
+        "period": period,
+        "window": length,
+        "step_s": statistics.median(means),
+        "window_means_s": means,
+        "median_single_step_s": statistics.median(times),
+        "max_single_step_s": max(times),
+        "every_step_bytes": report.every_step_bytes,
+        "sync_bytes": report.sync_bytes,
+      }
+    )
+    if jax.process_index() == 0:
+      print(
+        f"  {name:>13} p={period:<3} {1e3 * results[-1]['step_s']:8.1f} ms/step "
+        f"(windows of {length} steps: {', '.join(f'{1e3 * m:.1f}' for m in means)} ms)",
+        flush=True,
+      )
+  if jax.process_index() == 0:
+    pathlib.Path(out_path).write_text(
+      json.dumps({"num_params": int(num_params), "results": results}, indent=1)
+    )
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+
+def measure(rate, windows, repeats, timeout, children):
+  link = Link(rate)
+  try:
+    print(f"link {rate}: {'; '.join(link.qdisc())}", flush=True)
+    goodput = probe(link, children)
+    print(f"  TCP goodput across the link: {goodput * 8 / 1e6:.1f} Mbit/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+      out = pathlib.Path(tmp) / "result.json"
+      env = dict(os.environ)
+      env.update(
+        {
+          "JAX_PLATFORMS": "cpu",
+          "OPTAX_DIST_COORDINATOR": f"{link.ips[0]}:{PORT}",
+          "OPTAX_DIST_NUM_PROCESSES": str(N),
+          "OPTAX_DIST_DEVICES_PER_PROCESS": "1",
+          "OPTAX_DIST_TIMEOUT": "60",
+          "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+        }
+      )
+      env.pop("XLA_FLAGS", None)
+      for k in range(N):
+        argv = [sys.executable, __file__, "--worker", str(out), "--window", str(windows)]
+        argv += ["--repeats", str(repeats)]
+        children.start(link.command(k, argv), env={**env, "OPTAX_DIST_PROCESS_ID": str(k)})
+      codes = children.wait(timeout)
+      if any(codes):
+        raise RuntimeError(f"worker processes exited with {codes}")
+      measured = json.loads(out.read_text())
+  finally:
+    children.kill()
+    link.close()
+  return {"rate": rate, "rate_bits": rate_bits(rate), "goodput_bits": goodput * 8, **measured}
+
+
+def predict(result):
+  """Adds the model's prediction to every row."""
+  rows = result["results"]
+  compute = next(r for r in rows if r["name"] == "compute")["step_s"]
+  for r in rows:
+    payload = r["every_step_bytes"] * r["period"] + r["sync_bytes"]  # Per period.
+    wire = 2 * (N - 1) / N * payload
+    r["predicted_s"] = compute + wire / r["period"] / (result["rate_bits"] / 8)
+    r["predicted_goodput_s"] = compute + wire / r["period"] / (result["goodput_bits"] / 8)
+  return result
+
+
+def table(results):
+  lines = []
+  for result in results:
+    rows = result["results"]
+    sync = next(r for r in rows if r["name"] == "sync")["step_s"]
+    lines += [
+      f"Link {result['rate']} (tbf); one TCP stream measured {result['goodput_bits'] / 1e6:.0f} "
+      f"Mbit/s. {result['num_params']:,} params, {N} processes x 1 CPU device.",
+      "",
+      "| variant | period | measured (ms/step) | model, tc rate (ms/step) "
+      "| model, measured goodput (ms/step) | median single step (ms) | speedup vs sync |",
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+      period = "-" if r["name"] in ("compute", "sync") else str(r["period"])
+      lines.append(
+        f"| {r['name']} | {period} | {1e3 * r['step_s']:.1f} | {1e3 * r['predicted_s']:.1f} "
+        f"| {1e3 * r['predicted_goodput_s']:.1f} | {1e3 * r['median_single_step_s']:.1f} "
+        f"| {sync / r['step_s']:.2f}x |"
+      )
+    lines.append("")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"], help="tc rates")
+  parser.add_argument("--window", type=int, default=4, help="steps per timed window (at least)")
+  parser.add_argument("--repeats", type=int, default=5, help="timed windows per variant")
+  parser.add_argument("--timeout", type=int, default=420, help="seconds per rate")
+  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  parser.add_argument("--probe-server", help=argparse.SUPPRESS)
+  parser.add_argument("--probe-client", nargs=2, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.worker:
+    return worker(args.worker, args.window, args.repeats)
+  if args.probe_server:
+    return probe_server(args.probe_server)
+  if args.probe_client:
+    return probe_client(args.probe_client[0], int(args.probe_client[1]))
+
+  if os.geteuid() != 0:
+    sys.exit("network.py needs root (network namespaces, veth, tc).")
+  for tool in ("ip", "tc", "unshare"):
+    if shutil.which(tool) is None:
+      sys.exit(f"network.py needs `{tool}` on PATH.")
+  for rate in args.rates:
+    rate_bits(rate)
+
+  # SIGTERM runs the same cleanup as an exception (finally blocks, atexit).
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+  children = Children()
+  info = machine()
+  results = []
+  for rate in args.rates:
+    start = time.perf_counter()
+    results.append(predict(measure(rate, args.window, args.repeats, args.timeout, children)))
+    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "network.json").write_text(
+    json.dumps({"machine": info, "results": results}, indent=1) + "\n"
+  )
+  text = table(results)
+  (out / "network.md").write_text(text)
+  print(text)
+  print(f"results in {out}")
+
+
+def machine():
+  from importlib import metadata
+
+  cpu = "unknown"
+  for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+    if line.startswith("model name"):
+      cpu = line.split(":", 1)[1].strip()
+      break
+  return {
+    "cpu": cpu,
+    "cores": os.cpu_count(),
+    "kernel": os.uname().release,
+    "load_average_at_start": os.getloadavg(),
+    "jax": metadata.version("jax"),
+    "optax": metadata.version("optax"),
+  }
+
+
+if __name__ == "__main__":
+  main()
