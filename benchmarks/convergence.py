@@ -32,7 +32,7 @@ the gradients (tower) on every step, the params-sized sync once per period.
 :func:`bytes_communicated` computes the same from the params' bytes and the
 period; the run checks that both agree for every algorithm.
 
-    python benchmarks/convergence.py            # about 10-15 minutes on 2 cores
+    python benchmarks/convergence.py            # about 8 minutes on 2 cores
     python benchmarks/convergence.py --quick    # a smoke run: 1 seed, 128 steps
 """
 

@@ -159,19 +159,21 @@ class Children:
     return proc
 
   def wait(self, timeout):
+    """Waits for all; stops the others as soon as one fails, or all at the deadline."""
     deadline = time.monotonic() + timeout
-    for proc in self.procs:
-      left = deadline - time.monotonic()
-      try:
-        proc.wait(timeout=max(left, 0.1))
-      except subprocess.TimeoutExpired:
+    while any(p.poll() is None for p in self.procs):
+      if any(p.poll() for p in self.procs):  # One failed: the others would hang.
+        break
+      if time.monotonic() > deadline:
         self.kill()
-        raise TimeoutError(f"a child process ran past {timeout} s; stopped") from None
-    codes = [p.returncode for p in self.procs]
-    self.procs = []
-    return codes
+        raise TimeoutError(f"the child processes ran past {timeout} s; stopped")
+      time.sleep(0.2)
+    procs = list(self.procs)
+    self.kill()
+    return [p.returncode for p in procs]
 
   def kill(self):
+    """SIGTERM, then SIGKILL after 3 s, to every child still running (its process group)."""
     for proc in self.procs:
       if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
