@@ -266,7 +266,7 @@ def check_agreement(
 
       def gather(*blocks):
         sums = jnp.stack([_checksum(b) for b in blocks])  # (leaves, 2)
-        return jax.lax.all_gather(sums, axes)  # (workers, leaves, 2)
+        return _collectives.all_gather(sums, axes)  # (workers, leaves, 2)
 
       gathered = jax.jit(
         jax.shard_map(gather, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)

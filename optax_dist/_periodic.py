@@ -191,8 +191,9 @@ class Local(NamedTuple):
   def moved_to(self, target: Any) -> Any:
     """Updates that land the worker on ``target`` (e.g. the new center).
 
-    ``target - params`` is rounded once, so params close to the target land
-    on it exactly and every worker leaves with the same bits.
+    ``target - params`` is rounded once, so ``apply_updates`` lands the
+    worker on the target up to one float rounding (exactly when the params
+    are within a factor of two of it).
     """
     return jax.tree.map(
       lambda t, p, u: (t - p.astype(t.dtype)).astype(u.dtype), target, self.params, self.updates
