@@ -11,6 +11,7 @@ from optax_dist._diloco import diloco
 from optax_dist._distributed import initialize_from_env
 from optax_dist._elastic import ElasticAverageState
 from optax_dist._elastic import elastic_average
+from optax_dist._layout import per_worker
 from optax_dist._minimize import minimize
 from optax_dist._model_average import ModelAverageState
 from optax_dist._model_average import model_average
@@ -18,13 +19,16 @@ from optax_dist._nonfinite import ApplyIfAllFiniteState
 from optax_dist._nonfinite import apply_if_all_finite
 from optax_dist._params import average_params
 from optax_dist._params import broadcast_params
+from optax_dist._schedule import SyncSchedule
+from optax_dist._state import call_count
 from optax_dist._state import center_params
 from optax_dist._state import get_slot
 from optax_dist._state import get_slot_names
 from optax_dist._state import global_step
+from optax_dist._state import skipped_syncs
+from optax_dist._state import sync_schedule
 from optax_dist._step import data_parallel_eval_step
 from optax_dist._step import data_parallel_step
-from optax_dist._step import per_worker
 from optax_dist._tower import TowerState
 from optax_dist._tower import tower
 
@@ -38,11 +42,13 @@ __all__ = (
   "DiLoCoState",
   "ElasticAverageState",
   "ModelAverageState",
+  "SyncSchedule",
   "TowerState",
   "agn",
   "apply_if_all_finite",
   "average_params",
   "broadcast_params",
+  "call_count",
   "center_params",
   "check_agreement",
   "communication_report",
@@ -57,5 +63,7 @@ __all__ = (
   "minimize",
   "model_average",
   "per_worker",
+  "skipped_syncs",
+  "sync_schedule",
   "tower",
 )

@@ -1,17 +1,13 @@
 """Accumulated Gradient Normalization (AGN): workers commit averaged gradients to a center."""
 
-from typing import Any
 from typing import NamedTuple
 
 import jax
-from jax import lax
-import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
 from optax_dist import _periodic
-
-_REDUCTIONS = ("sum", "mean")
+from optax_dist import _schedule
 
 
 class AGNState(NamedTuple):
@@ -24,10 +20,14 @@ class AGNState(NamedTuple):
     center: This worker's copy of the center variables (identical on every
       worker), in float32 for low-precision params.
     accumulator: The gradients summed since the last sync, in center precision.
-    step: Number of calls since init (int32); syncs happen when it reaches a
-      multiple of the communication period.
+    step: Number of calls since init (int32).
     num_syncs: Number of completed syncs (int32), read by
       :func:`optax_dist.global_step`.
+    num_skipped_syncs: Number of syncs whose accumulated gradients were not
+      finite and that left the center as it was (int32); read by
+      :func:`optax_dist.skipped_syncs`.
+    schedule: When the transform syncs (static, no arrays); read by
+      :func:`optax_dist.sync_schedule`.
   """
 
   inner_state: optax.OptState
@@ -36,6 +36,8 @@ class AGNState(NamedTuple):
   accumulator: optax.Params
   step: jax.Array
   num_syncs: jax.Array
+  num_skipped_syncs: jax.Array
+  schedule: _schedule.SyncSchedule
 
 
 def agn(
@@ -45,6 +47,7 @@ def agn(
   communication_period: int = 10,
   ordering: str = "simultaneous",
   center_reduction: str = "sum",
+  sync_warmup: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulated Gradient Normalization: local steps, then a normalized commit.
 
@@ -85,6 +88,19 @@ def agn(
   :math:`\frac1N \sum_k a_k` instead (in round_robin each commit is scaled by
   :math:`1/N`).
 
+  ``update`` takes the static extra argument ``sync``: ``None`` (the
+  default) decides inside the program from the call counter; ``False``
+  compiles the local step alone, ``True`` the sync alone (see
+  :func:`optax_dist.sync_schedule` for the flags of a hand-written loop;
+  :func:`optax_dist.data_parallel_step` passes them by itself).
+  ``sync_warmup=K`` is post-local SGD: the first ``K`` calls average the
+  gradients over the workers before the inner step (the center follows the
+  params), and the syncs fall on calls ``K + p``, ``K + 2p``, ...
+
+  A sync whose accumulated gradients are not finite leaves the center and
+  its optimizer state as they were, moves every worker back onto the
+  center, and counts in :func:`optax_dist.skipped_syncs`.
+
   A sync's update lands each worker on the center up to one float rounding
   (``params + (center - params)``). Non-sync steps run no collective. Each
   worker holds the center, the
@@ -101,6 +117,9 @@ def agn(
     ordering: ``"simultaneous"`` or ``"round_robin"`` (static).
     center_reduction: ``"sum"`` (the reference) or ``"mean"`` of the workers'
       normalized accumulated gradients (static).
+    sync_warmup: ``K``, synchronous calls before the local steps start
+      (static int >= 0; ``None``, the default, is 0 and keeps
+      ``optax.inject_hyperparams`` from taking it for a hyperparameter).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is an :class:`AGNState`.
@@ -134,84 +153,70 @@ def agn(
     <https://arxiv.org/abs/1710.02368>`_, ACML 2017.
   """
   period = _periodic.check_period(communication_period, "communication_period")
+  warmup = _periodic.check_warmup(sync_warmup)
   _periodic.check_ordering(ordering)
-  if center_reduction not in _REDUCTIONS:
-    raise ValueError(f"`center_reduction` must be one of {_REDUCTIONS}, got {center_reduction!r}.")
+  _collectives.check_reduction(center_reduction, "center_reduction")
   axes = _collectives.axis_tuple(axis_name)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    _periodic.check_floating(params, "agn")
     center = _periodic.center_like(params)
     return AGNState(
       inner_state=inner.init(params),
       center_state=inner.init(center),
       center=center,
       accumulator=_periodic.zeros_like(center),
-      step=jnp.zeros([], jnp.int32),
-      num_syncs=jnp.zeros([], jnp.int32),
+      **_periodic.engine_fields(params, period=period, warmup=warmup),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _periodic.require_params(params, "agn")
-    accumulator = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.accumulator, updates)
+  def sync(local, carry):
+    center, center_state = carry["center"], carry["center_state"]
     scale = 1.0 / period
     if center_reduction == "mean":
       scale = scale / _collectives.num_workers(axes)
+    normalized = jax.tree.map(lambda a: a * scale, carry["accumulator"])
+    if ordering == "simultaneous":
+      total = _collectives.psum(normalized, axes)
+      finite = _periodic.all_finite(total)
+      center_updates, new_center_state = inner.update(total, center_state, center)
+      new_center = optax.apply_updates(center, center_updates)
+      target = new_center
+    else:
+      # Each commit is one step of the center's optimizer; worker k leaves
+      # with the center right after its own commit.
+      def commit(c, g_k):
+        c, c_state = c
+        u, c_state = inner.update(g_k, c_state, c)
+        return optax.apply_updates(c, u), c_state
 
-    def sync(local, carry):
-      center, center_state, accumulator = carry
-      normalized = jax.tree.map(lambda a: a * scale, accumulator)
-      if ordering == "simultaneous":
-        total = _collectives.psum(normalized, axes)
-        center_updates, center_state = inner.update(total, center_state, center)
-        center = optax.apply_updates(center, center_updates)
-        target = center
-      else:
-        target, center, center_state = _round_robin(inner, normalized, center, center_state, axes)
-      return local.moved_to(target), (center, center_state, _periodic.zeros_like(accumulator))
+      target, (new_center, new_center_state), finite = _periodic.replay_commits(
+        commit, (center, center_state), normalized, axes, mine=lambda c: c[0], after=True
+      )
+    target = _periodic.keep_unless(finite, target, center)
+    new = {
+      "center": _periodic.keep_unless(finite, new_center, center),
+      "center_state": _periodic.keep_unless(finite, new_center_state, center_state),
+      "accumulator": _periodic.zeros_like(carry["accumulator"]),
+    }
+    return _periodic.Synced(local.moved_to(target), new, finite)
 
-    out = _periodic.periodic_update(
+  def restart(x, carry):
+    return {**carry, "center": x, "accumulator": _periodic.zeros_like(carry["accumulator"])}
+
+  spec = _periodic.Spec("agn", ("center", "center_state", "accumulator"), sync, restart)
+
+  def update_fn(updates, state, params=None, *, sync=None, **extra_args):
+    accumulator = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.accumulator, updates)
+    return _periodic.periodic_update(
+      spec,
       inner,
-      state,
+      state._replace(accumulator=accumulator),
       updates,
       params,
       extra_args,
-      period=period,
       axes=axes,
       sync=sync,
-      carry=(state.center, state.center_state, accumulator),
-    )
-    center, center_state, accumulator = out.carry
-    return out.updates, AGNState(
-      out.inner_state, center_state, center, accumulator, out.step, out.num_syncs
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _round_robin(
-  inner: optax.GradientTransformation, grads: Any, center: Any, center_state: Any, axes: tuple
-) -> tuple[Any, Any, Any]:
-  """The reference's parameter server: the N commits applied in worker order.
-
-  Returns the center as it stood right after this worker's commit, and the
-  center and its optimizer state after all N commits.
-  """
-  me = _collectives.worker_index(axes)
-  gathered = _collectives.all_gather(grads, axes)
-
-  def commit(carry, g_k):
-    c, c_state, k, mine = carry
-    u, c_state = inner.update(g_k, c_state, c)
-    c = optax.apply_updates(c, u)
-    mine = jax.tree.map(lambda m, ci: jnp.where(k == me, ci, m), mine, c)
-    return (c, c_state, k + 1, mine), None
-
-  init = (center, center_state, jnp.zeros([], jnp.int32), center)
-  (center, center_state, _, mine), _ = lax.scan(
-    commit, _collectives.to_varying(init, axes), gathered
-  )
-  return mine, center, center_state
-
-
-_periodic.register(AGNState)

@@ -63,6 +63,9 @@ def settings_lines(settings: Any) -> list[str]:
     elif isinstance(value, Mapping):
       for key in sorted(value, key=repr):
         walk(f"{prefix}[{key!r}]", value[key], depth + 1)
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):
+      for field, item in zip(value._fields, value, strict=True):
+        walk(f"{prefix}.{field}", item, depth + 1)
     elif isinstance(value, (tuple, list)):
       for i, item in enumerate(value):
         walk(f"{prefix}[{i}]", item, depth + 1)

@@ -26,6 +26,16 @@ import jax.numpy as jnp
 
 AxisName: TypeAlias = Hashable | tuple[Hashable, ...]
 
+REDUCTIONS = ("sum", "mean")
+
+
+def check_reduction(value: Any, name: str) -> str:
+  """A reduction over the workers: ``"sum"`` or ``"mean"``."""
+  if value not in REDUCTIONS:
+    raise ValueError(f"`{name}` must be one of {REDUCTIONS}, got {value!r}.")
+  return value
+
+
 _HOW_TO_BIND = (
   "call it inside a function mapped over that axis, e.g. "
   "`jax.shard_map(f, mesh=mesh, in_specs=..., out_specs=...)` with a mesh "
@@ -73,12 +83,19 @@ def worker_index(axis_name: AxisName) -> jax.Array:
   return lax.axis_index(axis_tuple(axis_name))
 
 
-def _varying(x: Any) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", frozenset()))
+def varying_axes(x: Any) -> frozenset:
+  """The mesh axes over which ``x`` is typed varying (empty outside shard_map).
+
+  ``x`` is a traced value or the ``jax.ShapeDtypeStruct`` that
+  ``jax.eval_shape`` gives for one.
+  """
+  mat = getattr(x, "manual_axis_type", None)
+  if mat is None:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is None:
+      return frozenset(getattr(aval, "vma", frozenset()))
+  return frozenset(mat.varying)
 
 
 def typed_axes(axis_name: AxisName) -> frozenset:
@@ -91,13 +108,13 @@ def typed_axes(axis_name: AxisName) -> frozenset:
   """
   axes = axis_tuple(axis_name)
   num_workers(axes)
-  return frozenset(a for a in axes if a in _varying(lax.axis_index(a)))
+  return frozenset(a for a in axes if a in varying_axes(lax.axis_index(a)))
 
 
 def is_invariant(x: jax.Array, axis_name: AxisName) -> bool:
   """Whether ``x`` is typed identical on every worker along all of ``axis_name``."""
   typed = typed_axes(axis_name)
-  return len(typed) == len(axis_tuple(axis_name)) and not (typed & _varying(x))
+  return len(typed) == len(axis_tuple(axis_name)) and not (typed & varying_axes(x))
 
 
 def to_varying(tree: Any, axis_name: AxisName) -> Any:
@@ -109,7 +126,7 @@ def to_varying(tree: Any, axis_name: AxisName) -> Any:
   typed = typed_axes(axis_name)
 
   def cast(x):
-    missing = tuple(a for a in axis_tuple(axis_name) if a in typed and a not in _varying(x))
+    missing = tuple(a for a in axis_tuple(axis_name) if a in typed and a not in varying_axes(x))
     return lax.pcast(x, missing, to="varying") if missing else x
 
   return jax.tree.map(cast, tree)
@@ -151,7 +168,7 @@ def reduce_gradients(grads: Any, axis_name: AxisName, reduction: str) -> Any:
   def reduce_leaf(g):
     if g.dtype == jax.dtypes.float0:
       return g
-    varying = _varying(g)
+    varying = varying_axes(g)
     # Axes over which `g` is already a sum: typed, and `g` invariant there.
     to_sum = tuple(a for a in axes if a not in typed or a in varying)
     if to_sum:
@@ -178,7 +195,7 @@ def broadcast_from(tree: Any, axis_name: AxisName, *, index: int = 0) -> Any:
 
   def bcast(x):
     x = jnp.asarray(x)
-    varying = _varying(x)
+    varying = varying_axes(x)
     if len(typed) == len(axes) and not (typed & varying):
       return x
     dtype = x.dtype

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _fragments
 from optax_dist import _periodic
+from optax_dist import _schedule
 
 
 class DiLoCoState(NamedTuple):
@@ -16,13 +18,18 @@ class DiLoCoState(NamedTuple):
 
   Attributes:
     inner_state: State of the local (worker) optimizer.
-    outer_state: State of the outer optimizer, which moves the center.
+    outer_state: State of the outer optimizer, which moves the center; with
+      ``F > 1`` fragments, a tuple of ``F`` states, one per fragment.
     center: This worker's copy of the center (the global model, identical on
       every worker), in float32 for low-precision params.
-    step: Number of calls since init (int32); syncs happen when it reaches a
-      multiple of ``sync_period``.
-    num_syncs: Number of completed syncs, i.e. outer steps (int32), read by
-      :func:`optax_dist.global_step`.
+    step: Number of calls since init (int32).
+    num_syncs: Number of outer steps taken (int32), one per fragment synced;
+      read by :func:`optax_dist.global_step`.
+    num_skipped_syncs: Number of syncs whose averaged pseudo-gradient was not
+      finite and that left the center as it was (int32); read by
+      :func:`optax_dist.skipped_syncs`.
+    schedule: When the transform syncs (static, no arrays); read by
+      :func:`optax_dist.sync_schedule`.
   """
 
   inner_state: optax.OptState
@@ -30,6 +37,8 @@ class DiLoCoState(NamedTuple):
   center: optax.Params
   step: jax.Array
   num_syncs: jax.Array
+  num_skipped_syncs: jax.Array
+  schedule: _schedule.SyncSchedule
 
 
 def diloco(
@@ -39,6 +48,8 @@ def diloco(
   outer: optax.GradientTransformation | None = None,
   sync_period: int = 500,
   comm_dtype: Any = None,
+  sync_warmup: int | None = None,
+  fragments: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: local inner steps, and every ``H`` calls an outer optimizer step.
 
@@ -64,6 +75,33 @@ def diloco(
   params' precision). Non-sync steps run no collective. Each worker holds the
   center and the outer optimizer's state beside its own.
 
+  ``update`` takes the static extra argument ``sync``: ``None`` (the
+  default) decides inside the program from the call counter; ``False``
+  compiles the local step alone, ``True`` the sync alone, an int ``f`` the
+  sync of fragment ``f`` (see :func:`optax_dist.sync_schedule` for the flags
+  of a hand-written loop; :func:`optax_dist.data_parallel_step` passes them
+  by itself).
+
+  ``sync_warmup=K`` is post-local SGD (Lin et al., 2018): the first ``K``
+  calls are synchronous data parallelism (the gradients are averaged over the
+  workers before the inner step, and the center follows the params), so the
+  workers leave the warm-up identical, with their inner optimizer's moments;
+  the outer optimizer starts fresh at call ``K`` and the outer steps fall on
+  calls ``K + H``, ``K + 2H``, ...
+
+  ``fragments`` is Streaming DiLoCo (Douillard et al., 2025): the params are
+  cut into ``F`` fragments, each with its own outer optimizer state, and
+  fragment ``f`` takes its outer step on the calls ``s`` with
+  :math:`s \bmod H = ((f + 1) H / F) \bmod H` (after the warm-up): one
+  fragment every ``H / F`` calls, each every ``H`` calls, so the bytes of a
+  sync fall by ``F`` and the average stays one model per ``H`` calls. ``H``
+  must be a multiple of ``F``.
+
+  A sync whose averaged pseudo-gradient is not finite (a worker's params hold
+  an Inf or a NaN) leaves the center and the outer state as they were, moves
+  every worker back onto the center, and counts in
+  :func:`optax_dist.skipped_syncs`.
+
   Args:
     inner: The local optimizer (the paper uses AdamW).
     axis_name: The mapped axis (or tuple of axes) of the workers.
@@ -72,15 +110,24 @@ def diloco(
     sync_period: ``H``, calls between outer steps (static int >= 1).
     comm_dtype: A floating dtype for communicating the pseudo-gradient, or
       ``None`` for the center's dtype (static).
+    sync_warmup: ``K``, synchronous calls before the local steps start
+      (static int >= 0; ``None``, the default, is 0 and keeps
+      ``optax.inject_hyperparams`` from taking it for a hyperparameter).
+    fragments: ``None`` (the whole model), an int ``F`` (the leaves in
+      flatten order, cut into ``F`` contiguous groups of nearly equal bytes),
+      a pytree of int labels in ``[0, F)`` that is a prefix of the params, or
+      a callable ``params -> labels`` (static).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a
     :class:`DiLoCoState`. Its ``update`` needs ``params``.
 
   Raises:
-    ValueError: for ``sync_period < 1``, a non-floating ``comm_dtype``, or
-      ``params=None`` at update time.
-    TypeError: if ``outer`` is not an optax transformation.
+    ValueError: for ``sync_period < 1``, ``sync_warmup < 0``, a period that
+      is not a multiple of the number of fragments, bad fragment labels, a
+      non-floating ``comm_dtype``, or ``params=None`` at update time.
+    TypeError: if ``outer`` is not an optax transformation, for integer
+      params, or a traced ``sync`` flag.
     NameError: at update time, if ``axis_name`` is not bound.
 
   Examples:
@@ -104,9 +151,15 @@ def diloco(
 
   References:
     Douillard et al., `DiLoCo: Distributed Low-Communication Training of
-    Language Models <https://arxiv.org/abs/2311.08105>`_, 2023.
+    Language Models <https://arxiv.org/abs/2311.08105>`_, 2023;
+    Douillard et al., `Streaming DiLoCo with overlapping communication
+    <https://arxiv.org/abs/2501.18512>`_, 2025;
+    Lin et al., `Don't Use Large Mini-Batches, Use Local SGD
+    <https://arxiv.org/abs/1808.07217>`_, ICLR 2020 (post-local SGD).
   """
   period = _periodic.check_period(sync_period, "sync_period")
+  warmup = _periodic.check_warmup(sync_warmup)
+  _periodic.check_schedule(period, warmup, fragments, "sync_period")
   if outer is None:
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
   if not (callable(getattr(outer, "init", None)) and callable(getattr(outer, "update", None))):
@@ -125,50 +178,49 @@ def diloco(
       )
   axes = _collectives.axis_tuple(axis_name)
   inner = optax.with_extra_args_support(inner)
+  outer = optax.with_extra_args_support(outer)
 
   def init_fn(params):
+    _periodic.check_floating(params, "diloco")
     center = _periodic.center_like(params)
+    engine = _periodic.engine_fields(params, period=period, warmup=warmup, fragments=fragments)
+    masks = _fragments.masks(*_fragments.labels(fragments, params))
+    if masks is None:
+      outer_state = outer.init(center)
+    else:
+      outer_state = tuple(outer.init(_fragments.view(center, m)) for m in masks)
     return DiLoCoState(
-      inner_state=inner.init(params),
-      outer_state=outer.init(center),
-      center=center,
-      step=jnp.zeros([], jnp.int32),
-      num_syncs=jnp.zeros([], jnp.int32),
+      inner_state=inner.init(params), outer_state=outer_state, center=center, **engine
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _periodic.require_params(params, "diloco")
+  def sync(local, carry):
+    center = carry["center"]
 
-    def sync(local, carry):
-      center, outer_state = carry
+    def pseudo_gradient(c, xi):
+      delta = c - xi
+      return delta if comm_dtype is None else delta.astype(comm_dtype)
 
-      def pseudo_gradient(c, xi):
-        delta = c - xi
-        if comm_dtype is None:
-          return delta
-        return delta.astype(comm_dtype)
-
-      delta = _collectives.pmean(jax.tree.map(pseudo_gradient, center, local.x), axes)
-      delta = jax.tree.map(lambda d, c: d.astype(c.dtype), delta, center)
-      outer_updates, outer_state = outer.update(delta, outer_state, center)
-      center = optax.apply_updates(center, outer_updates)
-      return local.moved_to(center), (center, outer_state)
-
-    out = _periodic.periodic_update(
-      inner,
-      state,
-      updates,
-      params,
-      extra_args,
-      period=period,
-      axes=axes,
-      sync=sync,
-      carry=(state.center, state.outer_state),
+    delta = _collectives.pmean(jax.tree.map(pseudo_gradient, center, local.x), axes)
+    delta = jax.tree.map(lambda d, c: d.astype(c.dtype), delta, center)
+    finite = _periodic.all_finite(delta)
+    outer_updates, outer_state = outer.update(delta, carry["outer_state"], center)
+    new_center = optax.apply_updates(center, outer_updates)
+    center = _periodic.keep_unless(finite, new_center, center)
+    outer_state = _periodic.keep_unless(finite, outer_state, carry["outer_state"])
+    return _periodic.Synced(
+      local.moved_to(center), {"center": center, "outer_state": outer_state}, finite
     )
-    center, outer_state = out.carry
-    return out.updates, DiLoCoState(out.inner_state, outer_state, center, out.step, out.num_syncs)
+
+  def restart(x, carry):
+    return {**carry, "center": x}
+
+  spec = _periodic.Spec(
+    "diloco", ("center", "outer_state"), sync, restart, per_fragment=("outer_state",)
+  )
+
+  def update_fn(updates, state, params=None, *, sync=None, **extra_args):
+    return _periodic.periodic_update(
+      spec, inner, state, updates, params, extra_args, axes=axes, sync=sync, fragments=fragments
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-_periodic.register(DiLoCoState)

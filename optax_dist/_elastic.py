@@ -1,16 +1,14 @@
 """Elastic Averaging SGD (EASGD): workers tied to a center by an elastic force."""
 
 import numbers
-from typing import Any
 from typing import NamedTuple
 
 import jax
-from jax import lax
-import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
 from optax_dist import _periodic
+from optax_dist import _schedule
 
 
 class ElasticAverageState(NamedTuple):
@@ -21,18 +19,25 @@ class ElasticAverageState(NamedTuple):
     center: This worker's copy of the center variables (identical on every
       worker), in float32 for low-precision params.
     snapshot: The center as this worker read it at its last sync (its stale
-      copy, used by the ``rho`` term).
-    step: Number of calls since init (int32); syncs happen when it reaches a
-      multiple of the communication period.
+      copy), read by the ``rho`` term only: ``optax.EmptyState()`` when
+      ``rho`` is a Python zero (the default), which needs no snapshot.
+    step: Number of calls since init (int32).
     num_syncs: Number of completed syncs (int32), read by
       :func:`optax_dist.global_step`.
+    num_skipped_syncs: Number of syncs whose summed difference was not finite
+      and that left the center (and every worker) as it was (int32); read by
+      :func:`optax_dist.skipped_syncs`.
+    schedule: When the transform syncs (static, no arrays); read by
+      :func:`optax_dist.sync_schedule`.
   """
 
   inner_state: optax.OptState
   center: optax.Params
-  snapshot: optax.Params
+  snapshot: optax.Params | optax.EmptyState
   step: jax.Array
   num_syncs: jax.Array
+  num_skipped_syncs: jax.Array
+  schedule: _schedule.SyncSchedule
 
 
 def elastic_average(
@@ -43,6 +48,7 @@ def elastic_average(
   moving_rate: float | jax.Array | None = None,
   rho: float | jax.Array = 0.0,
   ordering: str = "simultaneous",
+  sync_warmup: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Elastic Averaging SGD: local steps, and every ``p`` calls an elastic pull.
 
@@ -81,6 +87,19 @@ def elastic_average(
   an elastic move below the params' resolution still reaches the center;
   updates come back in the params' dtype.
 
+  ``update`` takes the static extra argument ``sync``: ``None`` (the
+  default) decides inside the program from the call counter; ``False``
+  compiles the local step alone, ``True`` the sync alone (see
+  :func:`optax_dist.sync_schedule` for the flags of a hand-written loop;
+  :func:`optax_dist.data_parallel_step` passes them by itself).
+  ``sync_warmup=K`` is post-local SGD: the first ``K`` calls average the
+  gradients over the workers before the inner step (the center follows the
+  params), and the syncs fall on calls ``K + p``, ``K + 2p``, ...
+
+  A sync whose summed difference is not finite (a worker's params hold an
+  Inf or a NaN) moves neither the center nor any worker, and counts in
+  :func:`optax_dist.skipped_syncs`.
+
   Start all workers from the same params (:func:`optax_dist.broadcast_params`,
   the reference's ``get_init_op``); ``init`` is local and the center starts as
   the params given to it. Read the center with :func:`optax_dist.center_params`
@@ -101,6 +120,9 @@ def elastic_average(
       ``optax.inject_hyperparams``).
     rho: The elastic term's strength in the gradient, >= 0. May be traced.
     ordering: ``"simultaneous"`` or ``"round_robin"`` (static).
+    sync_warmup: ``K``, synchronous calls before the local steps start
+      (static int >= 0; ``None``, the default, is 0 and keeps
+      ``optax.inject_hyperparams`` from taking it for a hyperparameter).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is an
@@ -133,29 +155,63 @@ def elastic_average(
     <https://arxiv.org/abs/1412.6651>`_, NeurIPS 2015.
   """
   period = _periodic.check_period(communication_period, "communication_period")
+  warmup = _periodic.check_warmup(sync_warmup)
   if moving_rate is not None:
     _periodic.check_rate(moving_rate, "moving_rate")
   if isinstance(rho, numbers.Real) and float(rho) < 0:
     raise ValueError(f"`rho` must be >= 0, got {rho}.")
   _periodic.check_ordering(ordering)
   axes = _collectives.axis_tuple(axis_name)
+  # A Python zero needs no rho term, hence no snapshot; a traced rho
+  # (inject_hyperparams) may become non-zero and keeps one.
   use_rho = not (isinstance(rho, numbers.Real) and rho == 0)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    _periodic.check_floating(params, "elastic_average")
     center = _periodic.center_like(params)
     return ElasticAverageState(
       inner_state=inner.init(params),
       center=center,
-      snapshot=center,
-      step=jnp.zeros([], jnp.int32),
-      num_syncs=jnp.zeros([], jnp.int32),
+      snapshot=center if use_rho else optax.EmptyState(),
+      **_periodic.engine_fields(params, period=period, warmup=warmup),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def sync(local, carry):
+    center = carry["center"]
+    alpha = moving_rate
+    if alpha is None:
+      alpha = 0.9 / period / _collectives.num_workers(axes)
+    if ordering == "simultaneous":
+      snapshot = center
+      total = _collectives.psum(jax.tree.map(lambda xi, c: xi - c, local.x, center), axes)
+      finite = _periodic.all_finite(total)
+      new_center = jax.tree.map(lambda c, t: c + alpha * t, center, total)
+    else:
+      # Worker k reads the center as workers 0..k-1 left it (its snapshot)
+      # and commits c <- c + alpha (x_k - c).
+      def commit(c, x_k):
+        return jax.tree.map(lambda ci, xi: ci + alpha * (xi - ci), c, x_k)
+
+      snapshot, new_center, finite = _periodic.replay_commits(
+        commit, center, local.x, axes, mine=lambda c: c, after=False
+      )
+    correction = jax.tree.map(lambda xi, s: -alpha * (xi - s), local.x, snapshot)
+    new = {"center": _periodic.keep_unless(finite, new_center, center)}
+    if use_rho:
+      new["snapshot"] = _periodic.keep_unless(finite, snapshot, carry["snapshot"])
+    updates = _periodic.keep_unless(finite, local.corrected(correction), local.updates)
+    return _periodic.Synced(updates, new, finite)
+
+  def restart(x, carry):
+    del carry
+    return {"center": x, "snapshot": x} if use_rho else {"center": x}
+
+  fields = ("center", "snapshot") if use_rho else ("center",)
+  spec = _periodic.Spec("elastic_average", fields, sync, restart)
+
+  def update_fn(updates, state, params=None, *, sync=None, **extra_args):
     _periodic.require_params(params, "elastic_average")
-    n = _collectives.num_workers(axes)
-    alpha = 0.9 / period / n if moving_rate is None else moving_rate
     if use_rho:
       # g' = g + rho (x - c_snap): the gradient of rho/2 ||x - c_snap||^2.
       updates = jax.tree.map(
@@ -164,60 +220,8 @@ def elastic_average(
         params,
         state.snapshot,
       )
-
-    def sync(local, carry):
-      center, _ = carry
-      x = local.x
-      if ordering == "simultaneous":
-        snapshot = center
-        diff = jax.tree.map(lambda xi, c: xi - c, x, center)
-        total = _collectives.psum(diff, axes)
-        center = jax.tree.map(lambda c, t: c + alpha * t, center, total)
-      else:
-        snapshot, diff, center = _round_robin(x, center, alpha, axes)
-      correction = jax.tree.map(lambda d: -alpha * d, diff)
-      return local.corrected(correction), (center, snapshot)
-
-    out = _periodic.periodic_update(
-      inner,
-      state,
-      updates,
-      params,
-      extra_args,
-      period=period,
-      axes=axes,
-      sync=sync,
-      carry=(state.center, state.snapshot),
-    )
-    center, snapshot = out.carry
-    return out.updates, ElasticAverageState(
-      out.inner_state, center, snapshot, out.step, out.num_syncs
+    return _periodic.periodic_update(
+      spec, inner, state, updates, params, extra_args, axes=axes, sync=sync
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _round_robin(x: Any, center: Any, alpha: Any, axes: tuple) -> tuple[Any, Any, Any]:
-  """The reference's parameter server, one worker commit at a time.
-
-  Every worker receives all workers' params and replays the N commits in
-  worker order: worker k reads the center c_{k-1} (its snapshot), computes
-  d_k = x_k - c_{k-1}, and leaves c_k = c_{k-1} + alpha d_k. Returns this
-  worker's snapshot and difference, and the final center.
-  """
-  me = _collectives.worker_index(axes)
-  gathered = _collectives.all_gather(x, axes)
-
-  def commit(carry, x_k):
-    c, k, snap = carry
-    snap = jax.tree.map(lambda s, ci: jnp.where(k == me, ci, s), snap, c)
-    c = jax.tree.map(lambda ci, xi: ci + alpha * (xi - ci), c, x_k)
-    return (c, k + 1, snap), None
-
-  init = (center, jnp.zeros([], jnp.int32), center)
-  (center, _, snapshot), _ = lax.scan(commit, _collectives.to_varying(init, axes), gathered)
-  diff = jax.tree.map(lambda xi, s: xi - s, x, snapshot)
-  return snapshot, diff, center
-
-
-_periodic.register(ElasticAverageState)

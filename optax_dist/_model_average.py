@@ -1,13 +1,14 @@
 """Periodic model averaging (local SGD): the workers' params averaged every few steps."""
 
+from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
 from optax_dist import _periodic
+from optax_dist import _schedule
 
 
 class ModelAverageState(NamedTuple):
@@ -17,16 +18,22 @@ class ModelAverageState(NamedTuple):
     inner_state: State of the local (worker) optimizer.
     center: The workers' mean params at the last sync (the params at init
       before the first), in float32 for low-precision params.
-    step: Number of calls since init (int32); syncs happen when it reaches a
-      multiple of ``interval_steps``.
-    num_syncs: Number of completed syncs (int32), read by
-      :func:`optax_dist.global_step`.
+    step: Number of calls since init (int32).
+    num_syncs: Number of syncs that moved the center (int32), one per
+      fragment synced; read by :func:`optax_dist.global_step`.
+    num_skipped_syncs: Number of syncs whose average was not finite and that
+      left the center as it was (int32); read by
+      :func:`optax_dist.skipped_syncs`.
+    schedule: When the transform syncs (static, no arrays); read by
+      :func:`optax_dist.sync_schedule`.
   """
 
   inner_state: optax.OptState
   center: optax.Params
   step: jax.Array
   num_syncs: jax.Array
+  num_skipped_syncs: jax.Array
+  schedule: _schedule.SyncSchedule
 
 
 def model_average(
@@ -34,6 +41,8 @@ def model_average(
   *,
   axis_name: _collectives.AxisName,
   interval_steps: int = 100,
+  sync_warmup: int | None = None,
+  fragments: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Periodic model averaging (local SGD): average the params every few steps.
 
@@ -55,17 +64,47 @@ def model_average(
   :func:`optax_dist.global_step` counts the syncs. Start all workers from the
   same params (:func:`optax_dist.broadcast_params`).
 
+  ``update`` takes the static extra argument ``sync``: ``None`` (the
+  default) decides inside the program from the call counter; ``False``
+  compiles the local step alone, ``True`` the sync alone (see
+  :func:`optax_dist.sync_schedule` for the flags of a hand-written loop).
+
+  ``sync_warmup=K`` is post-local SGD (Lin et al., 2018): the first ``K``
+  calls average the gradients over the workers before the inner step
+  (synchronous data parallelism; the center follows the params), and the
+  averages fall on calls ``K + H``, ``K + 2H``, ...
+
+  ``fragments`` streams the sync (Streaming DiLoCo): with ``F`` fragments,
+  fragment ``f`` is averaged on the calls ``s`` with
+  :math:`s \bmod H = ((f + 1) H / F) \bmod H` (after the warm-up), so one
+  fragment moves every ``H / F`` calls and the peak bytes of a sync fall by
+  ``F``. ``H`` must be a multiple of ``F``.
+
+  A sync whose average is not finite (a worker's params hold an Inf or a NaN)
+  leaves the center as it was, moves every worker back onto it, and counts
+  in :func:`optax_dist.skipped_syncs`.
+
   Args:
     inner: The local optimizer (e.g. ``optax.sgd(0.1)``).
     axis_name: The mapped axis (or tuple of axes) of the workers.
     interval_steps: ``H``, calls between averages (static int >= 1).
+    sync_warmup: ``K``, synchronous calls before the local steps start
+      (static int >= 0; ``None``, the default, is 0 and keeps
+      ``optax.inject_hyperparams`` from taking it for a hyperparameter).
+    fragments: ``None`` (the whole model), an int ``F`` (the leaves in
+      flatten order, cut into ``F`` contiguous groups of nearly equal bytes),
+      a pytree of int labels in ``[0, F)`` that is a prefix of the params, or
+      a callable ``params -> labels`` (static).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is a
     :class:`ModelAverageState`. Its ``update`` needs ``params``.
 
   Raises:
-    ValueError: for ``interval_steps < 1`` or ``params=None`` at update time.
+    ValueError: for ``interval_steps < 1``, ``sync_warmup < 0``, a period
+      that is not a multiple of the number of fragments, bad fragment labels,
+      or ``params=None`` at update time.
+    TypeError: for integer params, or a traced ``sync`` flag.
     NameError: at update time, if ``axis_name`` is not bound.
 
   Examples:
@@ -90,42 +129,41 @@ def model_average(
     McMahan et al., `Communication-Efficient Learning of Deep Networks from
     Decentralized Data <https://arxiv.org/abs/1602.05629>`_, AISTATS 2017;
     Stich, `Local SGD Converges Fast and Communicates Little
-    <https://arxiv.org/abs/1805.09767>`_, ICLR 2019.
+    <https://arxiv.org/abs/1805.09767>`_, ICLR 2019;
+    Lin et al., `Don't Use Large Mini-Batches, Use Local SGD
+    <https://arxiv.org/abs/1808.07217>`_, ICLR 2020 (post-local SGD);
+    Douillard et al., `Streaming DiLoCo with overlapping communication
+    <https://arxiv.org/abs/2501.18512>`_, 2025 (fragments).
   """
   period = _periodic.check_period(interval_steps, "interval_steps")
+  warmup = _periodic.check_warmup(sync_warmup)
+  _periodic.check_schedule(period, warmup, fragments, "interval_steps")
   axes = _collectives.axis_tuple(axis_name)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    _periodic.check_floating(params, "model_average")
     return ModelAverageState(
       inner_state=inner.init(params),
       center=_periodic.center_like(params),
-      step=jnp.zeros([], jnp.int32),
-      num_syncs=jnp.zeros([], jnp.int32),
+      **_periodic.engine_fields(params, period=period, warmup=warmup, fragments=fragments),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    _periodic.require_params(params, "model_average")
+  def sync(local, carry):
+    mean = _collectives.pmean(local.x, axes)
+    finite = _periodic.all_finite(mean)
+    center = _periodic.keep_unless(finite, mean, carry["center"])
+    return _periodic.Synced(local.moved_to(center), {"center": center}, finite)
 
-    def sync(local, center):
-      del center
-      center = _collectives.pmean(local.x, axes)
-      return local.moved_to(center), center
+  def restart(x, carry):
+    del carry
+    return {"center": x}
 
-    out = _periodic.periodic_update(
-      inner,
-      state,
-      updates,
-      params,
-      extra_args,
-      period=period,
-      axes=axes,
-      sync=sync,
-      carry=state.center,
+  spec = _periodic.Spec("model_average", ("center",), sync, restart)
+
+  def update_fn(updates, state, params=None, *, sync=None, **extra_args):
+    return _periodic.periodic_update(
+      spec, inner, state, updates, params, extra_args, axes=axes, sync=sync, fragments=fragments
     )
-    return out.updates, ModelAverageState(out.inner_state, out.carry, out.step, out.num_syncs)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-_periodic.register(ModelAverageState)

@@ -20,13 +20,17 @@ class ApplyIfAllFiniteState(NamedTuple):
     notfinite_count: Number of consecutive steps skipped because some worker's
       gradients held an Inf or a NaN (int32); 0 after a step that is applied.
     last_finite: Whether every worker's gradients were finite at the last step.
-    total_notfinite: Number of steps skipped since init (int32), never reset.
+    total_notfinite: Number of steps whose gradients were not finite on some
+      worker since init (int32), never reset.
+    total_skipped: Number of steps skipped since init (int32): the non-finite
+      ones, less those applied anyway after ``max_consecutive_errors``.
     inner_state: State of the wrapped transformation.
   """
 
   notfinite_count: jax.Array
   last_finite: jax.Array
   total_notfinite: jax.Array
+  total_skipped: jax.Array
   inner_state: optax.OptState
 
 
@@ -126,6 +130,7 @@ def apply_if_all_finite(
       notfinite_count=jnp.zeros([], jnp.int32),
       last_finite=jnp.array(True),
       total_notfinite=jnp.zeros([], jnp.int32),
+      total_skipped=jnp.zeros([], jnp.int32),
       inner_state=inner.init(params),
     )
 
@@ -148,6 +153,7 @@ def apply_if_all_finite(
     total = jnp.where(
       all_finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)
     )
-    return updates, ApplyIfAllFiniteState(notfinite_count, all_finite, total, inner_state)
+    skipped = state.total_skipped + jnp.logical_not(apply).astype(jnp.int32)
+    return updates, ApplyIfAllFiniteState(notfinite_count, all_finite, total, skipped, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,20 +1,28 @@
-"""The mechanism shared by the periodic algorithms.
+"""The periodic engine: one call of any periodic transform.
 
-Elastic averaging, AGN, model averaging and DiLoCo all take a local inner step
-on every call, count their calls, and on every ``period``-th call run a sync
-that talks to the other workers and moves the worker (and a center) by a
-*correction* added to the inner update. :func:`periodic_update` is that
-pattern, written once; each algorithm supplies only its sync:
+Elastic averaging, AGN, model averaging and DiLoCo all take a local inner
+step on every call, count their calls, and now and then run a sync that talks
+to the other workers and moves the worker (and a center) by a correction added
+to the inner update. :func:`periodic_update` is that pattern, written once. It
+owns the state's bookkeeping (``inner_state``, ``step``, ``num_syncs``,
+``num_skipped_syncs``, the ``schedule``) and decides when to sync; an algorithm
+supplies a :class:`Spec`: the state fields its sync reads and writes, the sync
+itself, and where those fields stand when every worker restarts from one point.
 
-* :func:`advance`: the step counter and the sync decision (calls p, 2p, ...).
-* :func:`run_on_sync`: runs the sync only on sync steps, as a loop of zero or
-  one trip, so non-sync steps execute no collective. A ``lax.cond`` would do
-  the same but copies its operands each step, which costs a params-sized copy
-  per carried tree; a while loop's carry is updated in place.
-* :func:`center_like`: a float32 (at least) copy of the params for centers
-  and snapshots, so that small elastic moves are not lost to bfloat16.
-* :func:`register`: makes a state's center and sync count readable by
-  :func:`optax_dist.center_params` and :func:`optax_dist.global_step`.
+How a call decides (the ``sync`` flag, see :mod:`optax_dist._schedule`):
+
+* ``None``: inside the program, from the counter. The sync runs in a loop of
+  zero or one trip, so non-sync calls execute no collective. (A ``lax.cond``
+  would do the same but copies its operands on every call; a while loop's
+  carry is updated in place.)
+* ``False``: the inner step and the counter, nothing else is compiled.
+* ``True`` or a fragment index: the sync, unconditionally, with no loop.
+* ``"warmup"``: synchronous data parallelism (gradients averaged before the
+  inner step), and the algorithm's fields follow the params.
+
+With fragments, a fragment's sync sees only that fragment's leaves (the others
+are ``optax.MaskedNode``, as under ``optax.masked``) and its own entry of the
+per-fragment fields (e.g. DiLoCo's outer state).
 """
 
 from collections.abc import Callable
@@ -29,10 +37,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _state
+from optax_dist import _fragments
+from optax_dist import _schedule
 
 T = TypeVar("T")
-C = TypeVar("C")
 
 
 def check_period(value: Any, name: str) -> int:
@@ -44,6 +52,30 @@ def check_period(value: Any, name: str) -> int:
   return int(value)
 
 
+def check_warmup(value: Any) -> int:
+  """``sync_warmup`` is a static Python int >= 0 (None: 0)."""
+  if value is None:
+    return 0
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(
+      f"`sync_warmup` must be a Python int (it is static), got {value!r}. Under "
+      "`optax.inject_hyperparams`, list it in `static_args`."
+    )
+  if value < 0:
+    raise ValueError(f"`sync_warmup` must be >= 0, got {value}.")
+  return int(value)
+
+
+def check_schedule(period: int, warmup: int, fragments: Any, period_name: str) -> None:
+  """Validates ``fragments`` and, when its count is known, that the period divides by it."""
+  num = _fragments.check(fragments)
+  if num is not None and period % num:
+    raise ValueError(
+      f"`{period_name}` ({period}) must be a multiple of the number of fragments ({num}), "
+      f"so that each fragment syncs every {period} calls."
+    )
+
+
 def check_rate(value: Any, name: str) -> None:
   """A rate in (0, 1]; traced values (inject_hyperparams) are not checked."""
   if isinstance(value, numbers.Real) and not 0 < float(value) <= 1:
@@ -53,6 +85,20 @@ def check_rate(value: Any, name: str) -> None:
 def require_params(params: Any, name: str) -> None:
   if params is None:
     raise ValueError(f"{name} needs the current params: call `update(updates, state, params)`.")
+
+
+def check_floating(params: Any, name: str) -> None:
+  """Periodic transforms average and move params: every leaf must be floating."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      where = jax.tree_util.keystr(path) or "params"
+      raise TypeError(
+        f"{name} needs floating params, but the leaf at {where} has dtype {dtype}. Keep "
+        "integer and bool leaves out of the optimizer (e.g. with `optax.masked`, or "
+        "`optax.multi_transform` with `optax.set_to_zero()` for them), or cast them to a "
+        "floating dtype."
+      )
 
 
 def center_dtype(dtype: Any) -> Any:
@@ -90,10 +136,283 @@ def zeros_like(tree: Any) -> Any:
   return jax.tree.map(zeros, tree)
 
 
-def advance(step: jax.Array, period: int) -> tuple[jax.Array, jax.Array]:
-  """The next step counter and whether this call syncs (calls p, 2p, ...)."""
-  step = optax.safe_increment(step)
-  return step, step % period == 0
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every element of ``tree`` is finite (a local reduction, no collective)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def keep_unless(ok: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``ok``, ``old`` otherwise, leaf by leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+ORDERINGS = ("simultaneous", "round_robin")
+
+
+def check_ordering(ordering: Any) -> str:
+  if ordering not in ORDERINGS:
+    raise ValueError(f"`ordering` must be one of {ORDERINGS}, got {ordering!r}.")
+  return ordering
+
+
+class Local(NamedTuple):
+  """What a sync sees of the worker: its params before this call, the inner
+  optimizer's update, and ``x = params + updates`` in center precision."""
+
+  params: Any
+  updates: Any
+  x: Any
+
+  def corrected(self, correction: Any) -> Any:
+    """Updates that land the worker at ``x + correction``."""
+    return jax.tree.map(
+      lambda u, d: (u.astype(d.dtype) + d).astype(u.dtype), self.updates, correction
+    )
+
+  def moved_to(self, target: Any) -> Any:
+    """Updates that land the worker on ``target`` (e.g. the new center).
+
+    ``target - params`` is rounded once, so ``apply_updates`` lands the
+    worker on the target up to one float rounding (exactly when the params
+    are within a factor of two of it).
+    """
+    return jax.tree.map(
+      lambda t, p, u: (t - p.astype(t.dtype)).astype(u.dtype), target, self.params, self.updates
+    )
+
+
+def local_view(params: Any, updates: Any) -> Local:
+  """The worker after its inner step, ``x = params + updates`` in center precision."""
+  x = jax.tree.map(
+    lambda p, u: p.astype(center_dtype(p.dtype)) + u.astype(center_dtype(p.dtype)),
+    params,
+    updates,
+  )
+  return Local(params, updates, x)
+
+
+class Synced(NamedTuple):
+  """What an algorithm's sync returns.
+
+  Attributes:
+    updates: The worker's updates for this call.
+    carry: The new values of the fields the sync owns.
+    finite: Whether the reduced value was finite, i.e. whether the center
+      moved (a sync that saw an Inf or a NaN keeps the center and counts as
+      skipped).
+  """
+
+  updates: Any
+  carry: dict[str, Any]
+  finite: jax.Array
+
+
+class Spec(NamedTuple):
+  """What an algorithm supplies to the engine.
+
+  Attributes:
+    name: The transform's name, for error messages.
+    carry: The state fields its sync reads and writes.
+    sync: ``sync(local, carry) -> Synced``, given the worker after this
+      call's inner step.
+    restart: ``restart(x, carry) -> carry``: the fields once every worker
+      stands on ``x`` (used by the warm-up, where they follow the params).
+    per_fragment: The carry fields that hold one entry per fragment (a tuple
+      of ``F`` values when there are several fragments); the others are
+      shaped like the params.
+  """
+
+  name: str
+  carry: tuple[str, ...]
+  sync: Callable[[Local, dict[str, Any]], Synced]
+  restart: Callable[[Any, dict[str, Any]], dict[str, Any]]
+  per_fragment: tuple[str, ...] = ()
+
+
+def engine_fields(
+  params: Any, *, period: int, warmup: int = 0, fragments: Any = None
+) -> dict[str, Any]:
+  """The fields the engine owns in a fresh state: counters at zero and the schedule."""
+  _, num_fragments = _fragments.labels(fragments, params)
+  zero = jnp.zeros([], jnp.int32)
+  return {
+    "step": zero,
+    "num_syncs": zero,
+    "num_skipped_syncs": zero,
+    "schedule": _schedule.SyncSchedule(period, warmup, num_fragments),
+  }
+
+
+def periodic_update(
+  spec: Spec,
+  inner: optax.GradientTransformationExtraArgs,
+  state: Any,
+  grads: Any,
+  params: Any,
+  extra_args: dict[str, Any],
+  *,
+  axes: tuple,
+  sync: Any = None,
+  fragments: Any = None,
+) -> tuple[Any, Any]:
+  """One call of a periodic transform: ``(updates, new_state)``.
+
+  ``state`` is the algorithm's state ``NamedTuple``: its fields
+  ``inner_state``, ``step``, ``num_syncs``, ``num_skipped_syncs`` and
+  ``schedule`` are handled here, the fields named by ``spec.carry`` by the
+  algorithm's sync. ``fragments`` is the transform's ``fragments`` argument.
+  """
+  require_params(params, spec.name)
+  schedule: _schedule.SyncSchedule = state.schedule
+  flag = _schedule.check_flag(sync, schedule.fragments)
+  carry = {name: getattr(state, name) for name in spec.carry}
+  step = optax.safe_increment(state.step)
+  masks = None
+  if schedule.fragments > 1:
+    masks = _fragments.masks(*_fragments.labels(fragments, params))
+  views = _Views(spec, masks)
+
+  def fence(tree: Any) -> Any:
+    return rounding_fence(tree, state.step)
+
+  synced = jnp.zeros([], jnp.int32)
+  skipped = jnp.zeros([], jnp.int32)
+
+  # Both paths run the same code between the same rounding points (see
+  # rounding_fence): the inner update, and a sync's inputs and outputs.
+  def inner_step(grads: Any) -> tuple[Any, Any]:
+    updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
+    return fence(updates), inner_state
+
+  def warm(params: Any, updates: Any, carry: dict[str, Any]) -> dict[str, Any]:
+    return fence(spec.restart(local_view(params, updates).x, fence(carry)))
+
+  def sync_fragment(params_f: Any, updates_f: Any, carry_f: dict[str, Any]) -> tuple:
+    out = spec.sync(local_view(params_f, updates_f), fence(carry_f))
+    return fence(out.updates), fence(out.carry), out.finite.astype(jnp.int32)
+
+  if flag is None:  # Decided in the program, from the counter.
+    is_warm, is_sync = schedule.in_graph(step)
+    if schedule.warmup:
+      grads = run_on_sync(is_warm, lambda g, _: fence(_averaged(g, axes)), grads, axes)
+    updates, inner_state = inner_step(grads)
+    if schedule.warmup:
+
+      def on_warmup(loop_carry: tuple, params: Any) -> tuple:
+        updates, carry = loop_carry
+        return updates, warm(params, updates, carry)
+
+      updates, carry = run_on_sync(is_warm, on_warmup, (updates, carry), axes, params)
+    for f, is_sync_f in enumerate(is_sync):
+
+      def on_sync(loop_carry: tuple, params_f: Any) -> tuple:
+        return sync_fragment(params_f, *loop_carry[:2])
+
+      init = (views.tree(updates, f), views.carry(carry, f), jnp.zeros([], jnp.int32))
+      updates_f, carry_f, ok = run_on_sync(is_sync_f, on_sync, init, axes, views.tree(params, f))
+      updates = views.merge_tree(updates, updates_f)
+      carry = views.merge_carry(carry, carry_f, f)
+      synced, skipped = synced + ok, skipped + is_sync_f.astype(jnp.int32) - ok
+  elif flag == _schedule.WARMUP:
+    updates, inner_state = inner_step(fence(_averaged(grads, axes)))
+    carry = _vary_tree_like(warm(params, updates, carry), carry)
+  else:
+    updates, inner_state = inner_step(grads)
+    if flag is False:
+      to_sync: list[int] = []
+    elif flag is True:
+      to_sync = list(range(schedule.fragments))
+    else:
+      to_sync = [int(flag)]
+    for f in to_sync:
+      old_updates, old_carry = views.tree(updates, f), views.carry(carry, f)
+      updates_f, carry_f, ok = sync_fragment(views.tree(params, f), old_updates, old_carry)
+      updates = views.merge_tree(updates, _vary_tree_like(updates_f, old_updates))
+      carry = views.merge_carry(carry, _vary_tree_like(carry_f, old_carry), f)
+      synced, skipped = synced + ok, skipped + 1 - ok
+
+  new_state = state._replace(
+    inner_state=inner_state,
+    step=step,
+    num_syncs=state.num_syncs + synced,
+    num_skipped_syncs=state.num_skipped_syncs + skipped,
+    **carry,
+  )
+  return updates, new_state
+
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+def rounding_fence(tree: Any, counter: jax.Array) -> Any:
+  """``tree`` unchanged, rounded where it stands, so that consumers cannot fuse into it.
+
+  XLA contracts a multiply that feeds an add (an inner update ``-lr * r``
+  that meets ``params + updates``) into one fused multiply-add, which rounds
+  once. In the in-graph path the inner update crosses the sync loop's
+  boundary first and is rounded on its own; without a fence the static path
+  would round differently and the two would part by an ulp. The fence XORs
+  the bits with a zero that XLA cannot prove to be zero (``counter < 0``):
+  one integer operation per element inside the fused kernel, no memory.
+  """
+  zero = counter < 0
+
+  def fence(x: Any) -> Any:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    bits = _UNSIGNED[x.dtype.itemsize]
+    flip = zero.astype(bits)
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(x, bits) ^ flip, x.dtype)
+
+  return jax.tree.map(fence, tree)
+
+
+def _averaged(grads: Any, axes: tuple) -> Any:
+  """The workers' mean gradient (a warm-up call is synchronous data parallelism)."""
+  return _collectives.reduce_gradients(grads, axes, "mean")
+
+
+class _Views:
+  """One fragment's part of params-shaped trees and of the per-fragment fields."""
+
+  def __init__(self, spec: Spec, masks: list[Any] | None):
+    self.spec = spec
+    self.masks = masks
+
+  def tree(self, tree: Any, f: int) -> Any:
+    if self.masks is None or not jax.tree.leaves(tree):
+      return tree
+    return _fragments.view(tree, self.masks[f])
+
+  def merge_tree(self, tree: Any, part: Any) -> Any:
+    if self.masks is None or not jax.tree.leaves(tree):
+      return part
+    return jax.tree.map(
+      lambda old, new: old if isinstance(new, optax.MaskedNode) else new,
+      tree,
+      part,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+
+  def carry(self, carry: dict[str, Any], f: int) -> dict[str, Any]:
+    if self.masks is None:
+      return carry
+    return {
+      name: value[f] if name in self.spec.per_fragment else self.tree(value, f)
+      for name, value in carry.items()
+    }
+
+  def merge_carry(self, carry: dict[str, Any], part: dict[str, Any], f: int) -> dict[str, Any]:
+    if self.masks is None:
+      return part
+    out = {}
+    for name, value in carry.items():
+      if name in self.spec.per_fragment:
+        out[name] = (*value[:f], part[name], *value[f + 1 :])
+      else:
+        out[name] = self.merge_tree(value, part[name])
+    return out
 
 
 def run_on_sync(
@@ -154,102 +473,48 @@ def _on_mesh(axis_name: Any) -> bool:
   return all(a in manual for a in _collectives.axis_tuple(axis_name))
 
 
-def _vma(x: Any) -> frozenset:
-  mat = getattr(x, "manual_axis_type", None)  # A jax.ShapeDtypeStruct from eval_shape.
-  return frozenset(mat.varying) if mat is not None else _collectives._varying(x)
-
-
 def _vary_like(x: Any, like: Any) -> Any:
   """``x``, cast to varying over the axes ``like`` varies over and ``x`` does not."""
-  missing = tuple(sorted(_vma(like) - _vma(x), key=str))
+  missing = tuple(sorted(_collectives.varying_axes(like) - _collectives.varying_axes(x), key=str))
   return lax.pcast(x, missing, to="varying") if missing else x
 
 
-ORDERINGS = ("simultaneous", "round_robin")
+def _vary_tree_like(tree: Any, like: Any) -> Any:
+  """``tree`` with the varying type of ``like`` (a state keeps its type across calls)."""
+  return jax.tree.map(_vary_like, tree, like)
 
 
-def check_ordering(ordering: Any) -> str:
-  if ordering not in ORDERINGS:
-    raise ValueError(f"`ordering` must be one of {ORDERINGS}, got {ordering!r}.")
-  return ordering
-
-
-class Local(NamedTuple):
-  """What a sync sees of the worker: its params before this call, the inner
-  optimizer's update, and ``x = params + updates`` in center precision."""
-
-  params: Any
-  updates: Any
-  x: Any
-
-  def corrected(self, correction: Any) -> Any:
-    """Updates that land the worker at ``x + correction``."""
-    return jax.tree.map(
-      lambda u, d: (u.astype(d.dtype) + d).astype(u.dtype), self.updates, correction
-    )
-
-  def moved_to(self, target: Any) -> Any:
-    """Updates that land the worker on ``target`` (e.g. the new center).
-
-    ``target - params`` is rounded once, so ``apply_updates`` lands the
-    worker on the target up to one float rounding (exactly when the params
-    are within a factor of two of it).
-    """
-    return jax.tree.map(
-      lambda t, p, u: (t - p.astype(t.dtype)).astype(u.dtype), target, self.params, self.updates
-    )
-
-
-class Stepped(NamedTuple):
-  """What :func:`periodic_update` returns: the pieces of the new state."""
-
-  updates: Any
-  inner_state: Any
-  step: jax.Array
-  num_syncs: jax.Array
-  carry: Any
-
-
-def periodic_update(
-  inner: optax.GradientTransformationExtraArgs,
-  state: Any,
-  grads: Any,
-  params: Any,
-  extra_args: dict[str, Any],
-  *,
-  period: int,
+def replay_commits(
+  commit: Callable[[Any, Any], Any],
+  carry: Any,
+  contribution: Any,
   axes: tuple,
-  sync: Callable[[Local, C], tuple[Any, C]],
-  carry: C,
-) -> Stepped:
-  """One call of a periodic transform.
+  *,
+  mine: Callable[[Any], Any],
+  after: bool,
+) -> tuple[Any, Any, jax.Array]:
+  """The reference's parameter server: every worker's commit, in worker order.
 
-  ``state`` has ``inner_state``, ``step`` and ``num_syncs`` fields. Every call
-  the inner optimizer takes its local step, ``u = inner(g)``. On calls p, 2p,
-  ... ``sync(local, carry) -> (updates, carry)`` runs on the worker after this
-  step's gradient step (``local.x``) and returns the updates that land it
-  where the algorithm says: ``local.corrected(correction)`` (``u`` plus a
-  correction) or ``local.moved_to(center)``. On other calls nothing else runs:
-  ``u`` and ``carry`` (centers, snapshots, ...) are returned as they are.
+  Every worker receives all workers' ``contribution`` (one all-gather) and
+  runs ``carry = commit(carry, contribution_k)`` for k = 0, ..., N - 1, so all
+  workers end with the same final carry. Returns ``mine(carry)`` as this
+  worker saw it just before (``after=False``) or just after (``after=True``)
+  its own commit, the final carry, and whether every contribution was finite.
   """
-  updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-  step, is_sync = advance(state.step, period)
+  me = _collectives.worker_index(axes)
+  gathered = _collectives.all_gather(contribution, axes)
 
-  def on_sync(loop_carry, params):
-    updates, carry = loop_carry
-    x = jax.tree.map(
-      lambda p, u: p.astype(center_dtype(p.dtype)) + u.astype(center_dtype(p.dtype)),
-      params,
-      updates,
-    )
-    return sync(Local(params, updates, x), carry)
+  def step(loop_carry, contribution_k):
+    c, k, kept = loop_carry
+    if not after:
+      kept = jax.tree.map(lambda m, v: jnp.where(k == me, v, m), kept, mine(c))
+    c = commit(c, contribution_k)
+    if after:
+      kept = jax.tree.map(lambda m, v: jnp.where(k == me, v, m), kept, mine(c))
+    return (c, k + 1, kept), None
 
-  updates, carry = run_on_sync(is_sync, on_sync, (updates, carry), axes, params)
-  num_syncs = state.num_syncs + is_sync.astype(jnp.int32)
-  return Stepped(updates, inner_state, step, num_syncs, carry)
-
-
-def register(state_type: type) -> None:
-  """``center_params`` reads ``.center``, ``global_step`` reads ``.num_syncs``."""
-  _state.register_global_step(state_type, lambda state: state.num_syncs)
-  _state.register_center(state_type, lambda state: state.center)
+  init = (carry, jnp.zeros([], jnp.int32), mine(carry))
+  # Unrolled: N is static and small, and a sync compiles to straight-line
+  # code (no loop inside the static sync step).
+  (final, _, kept), _ = lax.scan(step, _collectives.to_varying(init, axes), gathered, unroll=True)
+  return kept, final, all_finite(gathered)

@@ -1,4 +1,4 @@
-"""Reading optimizer states: slots (``get_slot``) and the global step.
+"""Reading optimizer states: slots, the global step, centers and sync schedules.
 
 Optax states are trees of ``NamedTuple`` s (``optax.chain`` gives a tuple of
 them, ``optax.masked`` and ``optax.multi_transform`` wrap them, optax_dist's
@@ -6,21 +6,24 @@ own states hold the inner state in a field). The helpers here walk any such
 tree in a fixed order: depth first, fields in declaration order, containers in
 ``jax.tree`` order (dicts by sorted key), each state before the states nested
 in it.
+
+The states of optax_dist are recognized by their type (:class:`TowerState`)
+or their shape: a periodic transform's state holds its
+:class:`~optax_dist.SyncSchedule` in a ``schedule`` field, beside its
+``center``, ``step``, ``num_syncs`` and ``num_skipped_syncs``.
 """
 
-from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-# State type -> how to read its global step (see `global_step`).
-_GLOBAL_STEP_GETTERS: dict[type, Callable[[Any], jax.Array]] = {}
-
-# State type -> how to read its center variables (see `center_params`).
-_CENTER_GETTERS: dict[type, Callable[[Any], Any]] = {}
+from optax_dist import _nonfinite
+from optax_dist import _schedule
+from optax_dist import _tower
 
 # Fields that hold hyperparameters rather than per-parameter slots.
 _NOT_SLOTS: dict[type, frozenset[str]] = {
@@ -28,15 +31,37 @@ _NOT_SLOTS: dict[type, frozenset[str]] = {
   optax.InjectStatefulHyperparamsState: frozenset({"hyperparams", "hyperparams_states"}),
 }
 
+# Wrappers that call the transform inside them on some calls only, or on
+# each worker's own decision: a host-side count of calls cannot follow them.
+_CALL_SKIPPING = {
+  optax.MultiStepsState: "optax.MultiSteps calls it once every k calls",
+  optax.ApplyIfFiniteState: (
+    "optax.apply_if_finite skips calls on each worker alone (use "
+    "optax_dist.apply_if_all_finite, which skips on every worker alike)"
+  ),
+  optax.ConditionallyTransformState: "optax.conditionally_transform calls it on some calls only",
+  optax.ConditionallyMaskState: "optax.conditionally_mask calls it on some calls only",
+}
 
-def register_global_step(state_type: type, getter: Callable[[Any], jax.Array]) -> None:
-  """Declares how :func:`global_step` reads a state of ``state_type``."""
-  _GLOBAL_STEP_GETTERS[state_type] = getter
+
+def is_periodic(state: Any) -> bool:
+  """Whether ``state`` is the state of a periodic transform (it carries a schedule)."""
+  return isinstance(getattr(state, "schedule", None), _schedule.SyncSchedule)
 
 
-def register_center(state_type: type, getter: Callable[[Any], Any]) -> None:
-  """Declares how :func:`center_params` reads a state of ``state_type``."""
-  _CENTER_GETTERS[state_type] = getter
+def holds_periodic(opt_state: Any) -> bool:
+  """Whether a periodic transform's state is anywhere in ``opt_state``."""
+  return any(is_periodic(s) for s in iter_states(opt_state))
+
+
+def periodic_counter(opt_state: Any) -> Any:
+  """The call counter (``step``) of the first periodic state in ``opt_state``, or None."""
+  return next((s.step for s in iter_states(opt_state) if is_periodic(s)), None)
+
+
+def communicates(opt_state: Any) -> bool:
+  """Whether ``opt_state`` holds an optax_dist transform that talks to the workers."""
+  return any(is_periodic(s) or isinstance(s, _tower.TowerState) for s in iter_states(opt_state))
 
 
 def _is_state(x: Any) -> bool:
@@ -44,13 +69,19 @@ def _is_state(x: Any) -> bool:
   return isinstance(x, tuple) and bool(getattr(x, "_fields", ()))
 
 
-def _iter_states(tree: Any) -> Iterator[Any]:
+def iter_states(tree: Any) -> Iterator[Any]:
   """The NamedTuple states in ``tree``, depth first, parents first."""
+  for state, _ in walk(tree):
+    yield state
+
+
+def walk(tree: Any, ancestors: tuple = ()) -> Iterator[tuple[Any, tuple]]:
+  """``(state, ancestors)`` for every NamedTuple state in ``tree``, parents first."""
   for node in jax.tree.leaves(tree, is_leaf=_is_state):
     if _is_state(node):
-      yield node
+      yield node, ancestors
       for value in node:
-        yield from _iter_states(value)
+        yield from walk(value, (*ancestors, node))
 
 
 def _is_slot(state: Any, field: str, value: Any) -> bool:
@@ -68,7 +99,7 @@ def _is_slot(state: Any, field: str, value: Any) -> bool:
 
 
 def _slots(opt_state: Any) -> Iterator[tuple[str, Any]]:
-  for state in _iter_states(opt_state):
+  for state in iter_states(opt_state):
     for field, value in zip(state._fields, state, strict=True):
       if _is_slot(state, field, value):
         yield field, value
@@ -167,10 +198,11 @@ def global_step(opt_state: optax.OptState) -> jax.Array:
     >>> optax_dist.global_step(state)
     Array(3, dtype=int32)
   """
-  for state in _iter_states(opt_state):
-    getter = _GLOBAL_STEP_GETTERS.get(type(state))
-    if getter is not None:
-      return getter(state)
+  for state in iter_states(opt_state):
+    if is_periodic(state):
+      return state.num_syncs
+    if isinstance(state, _tower.TowerState):
+      return state.num_updates
   raise ValueError(
     "This optimizer state holds no optax_dist transform, so it has no global "
     "step. Wrap the optimizer in one (e.g. `optax_dist.tower(inner, "
@@ -214,11 +246,7 @@ def center_params(opt_state: optax.OptState, params: optax.Params | None = None)
     >>> jax.vmap(step, axis_name="w")(jnp.zeros((1, 2)))
     Array([[0.25, 0.25]], dtype=float32)
   """
-  centers = [
-    getter(state)
-    for state in _iter_states(opt_state)
-    if (getter := _CENTER_GETTERS.get(type(state))) is not None
-  ]
+  centers = [state.center for state in iter_states(opt_state) if is_periodic(state)]
   if not centers:
     raise ValueError(
       "This optimizer state holds no periodic optax_dist transform (such as "
@@ -238,3 +266,158 @@ def center_params(opt_state: optax.OptState, params: optax.Params | None = None)
     return p if isinstance(c, optax.MaskedNode) else c
 
   return jax.tree.map(fill, center, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def _periodic_states(opt_state: Any, what: str) -> list[tuple[Any, tuple]]:
+  found = [(state, ancestors) for state, ancestors in walk(opt_state) if is_periodic(state)]
+  if not found:
+    raise ValueError(
+      f"This optimizer state holds no periodic optax_dist transform (elastic_average, agn, "
+      f"model_average or diloco), so it has no {what}."
+    )
+  return found
+
+
+def skipped_syncs(opt_state: optax.OptState) -> jax.Array:
+  """The syncs that left the center as it was because what they reduced was not finite.
+
+  A periodic transform reduces the workers' params, differences or
+  pseudo-gradients at a sync. When a worker's contribution holds an Inf or a
+  NaN, every worker sees it in the reduced value (no extra collective): the
+  center keeps its last value, workers that restart from the center restart
+  from that finite one, and the sync is counted here instead of in
+  :func:`global_step`. Non-finite *gradients* are better caught before they
+  reach the params, with :func:`optax_dist.apply_if_all_finite`.
+
+  Args:
+    opt_state: A state holding one periodic transform (anywhere inside).
+
+  Returns:
+    A 0-d int32 array (a leading worker axis when the state has one), the same
+    on every worker.
+
+  Raises:
+    ValueError: if the state holds no periodic transform.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax_dist.model_average(optax.sgd(1.0), axis_name="w", interval_steps=1)
+    >>> def step(params, grads):
+    ...   updates, state = tx.update(grads, tx.init(params), params)
+    ...   return optax.apply_updates(params, updates), optax_dist.skipped_syncs(state)
+    >>> params = jnp.zeros((2, 3))
+    >>> grads = jnp.array([[1.0, 1.0, 1.0], [1.0, jnp.inf, 1.0]])
+    >>> jax.vmap(step, axis_name="w")(params, grads)
+    (Array([[0., 0., 0.],
+           [0., 0., 0.]], dtype=float32), Array([1, 1], dtype=int32))
+  """
+  return _periodic_states(opt_state, "skipped syncs")[0][0].num_skipped_syncs
+
+
+def sync_schedule(opt_state: optax.OptState) -> _schedule.SyncSchedule:
+  """When the periodic transform inside ``opt_state`` syncs, for a hand-written loop.
+
+  A training loop that passes the static ``sync`` flag itself (so that each
+  kind of call compiles to its own program and a local step carries no sync
+  code) reads the schedule once and asks it for the flag of every call,
+  without repeating the period:
+
+  .. code-block:: python
+
+    schedule = optax_dist.sync_schedule(opt_state)
+    count = optax_dist.call_count(opt_state)  # 0, or the calls of a restored state
+    step = jax.jit(train_step, static_argnames="sync")
+    for batch in batches:
+      params, opt_state = step(params, opt_state, batch, sync=schedule(count))
+      count += 1
+
+  The schedule is static (it lives in the state as a pytree node without
+  arrays), so this reads nothing from the device. :func:`data_parallel_step`
+  does the same by itself.
+
+  Args:
+    opt_state: A state holding periodic transforms, anywhere inside
+      ``optax.chain``, ``optax.masked``, ``optax.multi_transform``,
+      ``optax.inject_hyperparams``, :func:`optax_dist.tower` or
+      :func:`optax_dist.apply_if_all_finite`. Several periodic transforms
+      must share one schedule (they all receive the same flag).
+
+  Returns:
+    The :class:`~optax_dist.SyncSchedule`.
+
+  Raises:
+    ValueError: if the state holds no periodic transform; if it holds several
+      with different schedules; or if one sits inside a wrapper that calls it
+      on some calls only (``optax.MultiSteps``, ``optax.apply_if_finite``,
+      ``optax.conditionally_transform``, ``optax.conditionally_mask``), so
+      that the calls of the loop are not the calls of the transform. There,
+      pass ``sync=None`` (the program decides from the transform's own
+      counter).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optax_dist.diloco(
+    ...     optax.adamw(1e-3), axis_name="w", sync_period=4, sync_warmup=2))
+    >>> schedule = optax_dist.sync_schedule(tx.init({"w": jnp.zeros(3)}))
+    >>> schedule
+    SyncSchedule(period=4, warmup=2, fragments=1)
+    >>> [schedule(count) for count in range(7)]
+    ['warmup', 'warmup', False, False, False, True, False]
+  """
+  found = _periodic_states(opt_state, "sync schedule")
+  for _, ancestors in found:
+    for ancestor in ancestors:
+      reason = _CALL_SKIPPING.get(type(ancestor))
+      if reason is not None:
+        raise ValueError(
+          f"The sync schedule of this optimizer cannot be known from its calls: a periodic "
+          f"transform sits inside {type(ancestor).__name__}, and {reason}. Pass `sync=None` "
+          "and let the program decide from the transform's own counter."
+        )
+  schedules = {state.schedule for state, _ in found}
+  if len(schedules) > 1:
+    raise ValueError(
+      f"This optimizer holds periodic transforms with different schedules {sorted(map(str, schedules))}; "
+      "one `sync` flag cannot serve them all. Give them one schedule, or pass `sync=None`."
+    )
+  return found[0][0].schedule
+
+
+def call_count(opt_state: optax.OptState) -> int:
+  """The calls the periodic transform inside ``opt_state`` has taken so far.
+
+  The count that :func:`sync_schedule` takes, read from a state (for
+  example a restored checkpoint) with one device read of a scalar. Steps
+  that :func:`optax_dist.apply_if_all_finite` skipped on every worker count
+  as calls, as a loop counts them.
+
+  Args:
+    opt_state: A state holding a periodic transform, stacked per worker or
+      not, on one process or several.
+
+  Returns:
+    A Python int.
+
+  Raises:
+    ValueError: as :func:`sync_schedule`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax_dist.model_average(optax.sgd(0.1), axis_name="w", interval_steps=4)
+    >>> optax_dist.call_count(tx.init(jnp.zeros(3)))
+    0
+  """
+  sync_schedule(opt_state)  # The same errors where a count cannot be known.
+  state, ancestors = _periodic_states(opt_state, "call count")[0]
+  count = _read_scalar(state.step)
+  for ancestor in ancestors:
+    if isinstance(ancestor, _nonfinite.ApplyIfAllFiniteState):
+      count += _read_scalar(ancestor.total_skipped)
+  return count
+
+
+def _read_scalar(x: Any) -> int:
+  """One element of a counter that is the same on every worker (one device read)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    x = x.addressable_shards[0].data
+  return int(np.asarray(x).reshape(-1)[0])

@@ -1,163 +1,114 @@
 """Data-parallel train and eval steps: the counterpart of ``replicate_model_fn``.
 
 A step built here takes the *global* batch, splits it along dim 0 over the
-workers of a mesh axis, runs the user's loss on every worker's slice under
-``jax.shard_map``, lets the optimizer update the params, and pools what the
-workers measured (the loss, metric totals and counts, predictions).
-
-Two layouts of params and optimizer state are supported:
-
-* ``"replicated"``: one copy, ``in_specs=P()``. For :func:`optax_dist.tower`
-  and plain optax optimizers (workers stay identical).
-* ``"per_worker"``: every leaf has a leading worker axis of size N, sharded over
-  the mesh axis (see :func:`per_worker`). Needed by the periodic transforms
-  (:func:`optax_dist.elastic_average`, ...), whose workers drift apart between
-  syncs; tower and plain optax work with it too.
+workers of a mesh axis (:mod:`optax_dist._layout`), runs the user's loss on
+every worker's slice under ``jax.shard_map``, lets the optimizer update the
+params, and pools what the workers measured (:mod:`optax_dist._metrics`).
+A train step holding a periodic transform picks, on the host, the program of
+each call (:class:`HostSchedule`).
 """
 
 from collections.abc import Callable
-from collections.abc import Mapping
-import math
+import functools
 from typing import Any
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import AxisType
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _layout
+from optax_dist import _metrics
 from optax_dist import _state
 
-_REDUCTIONS = ("sum", "mean")
-_LAYOUTS = ("replicated", "per_worker")
-_AUX_KEYS = frozenset({"metrics", "predictions"})
-_RESERVED = frozenset({"loss", "predictions"})
+_DISPATCHES = ("static", "in_graph")
+_NO_FLAG = "no sync flag"  # The optimizer's update gets no `sync` argument.
 
 
-def _holds(opt_state: Any, registry: Mapping[type, Any]) -> bool:
-  return any(type(s) in registry for s in _state._iter_states(opt_state))
+class _Setup(NamedTuple):
+  """What a train and an eval step share: the workers and where things live."""
+
+  axes: tuple
+  n: int
+  workers: P
+  layout: P
+
+  @classmethod
+  def make(cls, mesh: Any, axis_name: Any, loss_reduction: str, params_layout: str) -> "_Setup":
+    _collectives.check_reduction(loss_reduction, "loss_reduction")
+    _layout.check_layout_name(params_layout)
+    axes, n = _layout.mesh_workers(mesh, axis_name)
+    workers = P(axes[0] if len(axes) == 1 else axes)
+    return cls(axes, n, workers, workers if params_layout == "per_worker" else P())
+
+  def check(self, params: Any, opt_state: Any, batch: Any, params_layout: str) -> None:
+    _layout.check_batch(batch, self.n)
+    if opt_state is not None:
+      _layout.check_layout(opt_state, params_layout)
+    if params_layout == "per_worker":
+      _layout.check_per_worker(params, self.n, "params")
+      _layout.check_per_worker(opt_state, self.n, "optimizer state")
 
 
-def _communicates(opt_state: Any) -> bool:
-  """Whether the state holds an optax_dist transform (which then talks to the workers)."""
-  return _holds(opt_state, _state._GLOBAL_STEP_GETTERS)
+class HostSchedule:
+  """The ``sync`` flag of each call of a train step, from a count kept on the host.
 
+  The count is read from the state (one device read) when the step is given
+  a state it did not return itself: a fresh one, a restored checkpoint.
+  Otherwise the state is the one the last call returned, and the count is
+  the last call's plus one.
+  """
 
-def _has_center(opt_state: Any) -> bool:
-  return _holds(opt_state, _state._CENTER_GETTERS)
+  def __init__(self) -> None:
+    self.schedule: Any = None
+    self.count = 0
+    self.counter: Any = None  # The counter leaf of the state the last call returned.
 
-
-def _mesh_workers(mesh: jax.sharding.Mesh, axis_name: Any) -> tuple[tuple, int]:
-  axes = _collectives.axis_tuple(axis_name)
-  missing = [a for a in axes if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(
-      f"`axis_name` {axis_name!r} names axes {missing} that the mesh does not have; "
-      f"its axes are {tuple(mesh.axis_names)}."
-    )
-  return axes, math.prod(mesh.shape[a] for a in axes)
-
-
-def _shard_mapped(
-  fn: Callable, mesh: Any, axes: tuple, in_specs: tuple, out_specs: Any
-) -> Callable:
-  """``jax.shard_map(fn)``; inputs on a mesh with Explicit axes are first resharded."""
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
-  types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
-  if all(types[a] != AxisType.Explicit for a in axes):
-    return mapped
-
-  def resharded(*args):
-    args = tuple(
-      jax.tree.map(lambda x, s=spec: jax.reshard(x, NamedSharding(mesh, s)), arg)
-      for arg, spec in zip(args, in_specs, strict=True)
-    )
-    return mapped(*args)
-
-  return resharded
-
-
-def _check_options(loss_reduction: str, params_layout: str) -> None:
-  if loss_reduction not in _REDUCTIONS:
-    raise ValueError(f"`loss_reduction` must be one of {_REDUCTIONS}, got {loss_reduction!r}.")
-  if params_layout not in _LAYOUTS:
-    raise ValueError(f"`params_layout` must be one of {_LAYOUTS}, got {params_layout!r}.")
-
-
-def _check_batch(batch: Any, n: int) -> None:
-  leaves = jax.tree_util.tree_leaves_with_path(batch)
-  if not leaves:
-    raise ValueError("The batch holds no arrays to split over the workers.")
-  for path, x in leaves:
-    shape = jnp.shape(x)
-    if not shape or shape[0] % n:
-      size = shape[0] if shape else "no"
-      raise ValueError(
-        f"The batch leaf at {jax.tree_util.keystr(path) or 'batch'} has shape {shape}: "
-        f"its dim 0 ({size}) must divide by the {n} workers, since every worker gets an "
-        f"equal slice. Use a global batch size that is a multiple of {n} (pad or drop "
-        "the remainder)."
-      )
-
-
-def _check_per_worker(tree: Any, n: int, what: str) -> None:
-  for path, x in jax.tree_util.tree_leaves_with_path(tree):
-    shape = jnp.shape(x)
-    if not shape or shape[0] != n:
-      raise ValueError(
-        f"With params_layout='per_worker', every leaf of the {what} needs a leading "
-        f"worker axis of size {n}; the leaf at {jax.tree_util.keystr(path) or what} has "
-        f"shape {shape}. Lay the tree out with `optax_dist.per_worker(tree, mesh=mesh, "
-        "axis_name=...)`."
-      )
-
-
-def _check_layout(opt_state: Any, params_layout: str) -> None:
-  if params_layout == "replicated" and _has_center(opt_state):
-    raise ValueError(
-      "The optimizer holds a periodic transform (elastic_average, agn, model_average, "
-      "diloco, ...), whose workers keep their own params between syncs: build the step "
-      "with params_layout='per_worker' and lay params and state out with "
-      "`optax_dist.per_worker`."
-    )
-
-
-def _pool(loss: Any, aux: Any, axes: tuple, loss_reduction: str, has_aux: bool) -> tuple:
-  """The loss reduced over workers, pooled metrics, and this worker's predictions."""
-  if jnp.ndim(loss) != 0:
-    raise ValueError(f"`loss_fn` must return a scalar loss, got shape {jnp.shape(loss)}.")
-  reduce = _collectives.psum if loss_reduction == "sum" else _collectives.pmean
-  scalars = {"loss": reduce(loss, axes)}
-  if not has_aux:
-    return scalars, None
-  if not isinstance(aux, Mapping) or not set(aux) <= _AUX_KEYS:
-    got = sorted(aux) if isinstance(aux, Mapping) else type(aux).__name__
-    raise ValueError(
-      "With has_aux=True, `loss_fn` returns (loss, aux) with aux a dict holding "
-      f"'metrics' and/or 'predictions'; got {got}."
-    )
-  for name, value in aux.get("metrics", {}).items():
-    if name in _RESERVED:
-      raise ValueError(f"The metric name {name!r} is reserved; rename the metric.")
-    if isinstance(value, tuple):
-      if len(value) != 2:
+  def flag(self, opt_state: Any) -> Any:
+    counter = _state.periodic_counter(opt_state)
+    if counter is not self.counter:
+      try:
+        self.schedule = _state.sync_schedule(opt_state)
+      except ValueError as e:
         raise ValueError(
-          f"Metric {name!r} must be a (total, count) pair or a single total; got a "
-          f"tuple of {len(value)}."
-        )
-      total, count = _collectives.psum(tuple(jnp.asarray(v) for v in value), axes)
-      scalars[name] = total / count
-    else:
-      scalars[name] = _collectives.psum(jnp.asarray(value), axes)
-  return scalars, aux.get("predictions")
+          f"{e} With data_parallel_step, build the step with sync_dispatch='in_graph'."
+        ) from e
+      self.count = _state.call_count(opt_state)
+    return self.schedule(self.count)
+
+  def advance(self, opt_state: Any) -> None:
+    self.count += 1
+    self.counter = _state.periodic_counter(opt_state)
 
 
-def _metrics(scalars: dict, predictions: Any) -> dict:
-  if predictions is None:
-    return scalars
-  return {**scalars, "predictions": predictions}
+class _TrainStep:
+  """A train step that picks its program per call (see :func:`data_parallel_step`)."""
+
+  def __init__(self, run: Any, *, static: bool):
+    self._run = run
+    self._static = static
+    self._host = HostSchedule()
+
+  def __call__(self, params: Any, opt_state: Any, batch: Any) -> Any:
+    if not self._static or not _state.holds_periodic(opt_state) or _traced(opt_state):
+      return self._run(params, opt_state, batch)
+    out = self._run(params, opt_state, batch, sync=self._host.flag(opt_state))
+    self._host.advance(out[1])
+    return out
+
+  def lower(self, params: Any, opt_state: Any, batch: Any) -> Any:
+    """The program that decides inside (``sync=None``), e.g. for ``communication_report``.
+
+    Its collectives are the static programs' together: those of every call,
+    and, in its sync branches, those of the syncs.
+    """
+    return self._run.lower(params, opt_state, batch)
+
+
+def _traced(tree: Any) -> bool:
+  """Whether the step is being traced by an enclosing transformation (no host count then)."""
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def data_parallel_step(
@@ -169,6 +120,7 @@ def data_parallel_step(
   loss_reduction: str = "mean",
   has_aux: bool = False,
   params_layout: str = "replicated",
+  sync_dispatch: str = "static",
 ) -> Callable[[optax.Params, optax.OptState, Any], tuple[optax.Params, optax.OptState, dict]]:
   r"""Builds a jitted data-parallel train step over a mesh axis.
 
@@ -214,6 +166,24 @@ def data_parallel_step(
   keep one set of params per worker). Initialize the state with
   ``optimizer.init`` on one copy of the params (it is local), then lay it out.
 
+  When to sync (periodic transforms): with ``sync_dispatch="static"`` (the
+  default) the step chooses, on the host, the program of each call from the
+  transform's schedule (:func:`optax_dist.sync_schedule`) and a count of
+  calls it keeps itself: a local step compiles to the inner step alone (no
+  loop, no conditional, no collective), a sync step to the sync alone, and
+  at most one program is compiled per kind of call (local, sync, each
+  fragment's sync, warm-up). The count is read from the state (one device
+  read of a scalar, :func:`optax_dist.call_count`) only when the step is
+  given a state it did not return itself, e.g. a restored checkpoint;
+  otherwise nothing is read back. With ``sync_dispatch="in_graph"`` one
+  program decides inside from the transform's counter (``sync=None``), as
+  the step also does when it is traced by an enclosing transformation (a
+  ``jax.jit`` around it), where the host cannot count. Both give the same
+  results (see :func:`optax_dist.sync_schedule`).
+  :func:`optax_dist.communication_report` of the step reads the program that
+  decides inside: its every-step collectives are the local programs', its
+  sync-branch collectives the sync programs'.
+
   The step returns as soon as the work is dispatched. With simulated CPU
   devices, wait for each step's result (``jax.block_until_ready``) inside a
   loop: collectives dispatched without waiting can stall XLA's CPU rendezvous.
@@ -228,18 +198,24 @@ def data_parallel_step(
     loss_reduction: ``"mean"`` (the default) or ``"sum"`` of the towers' losses.
     has_aux: Whether ``loss_fn`` returns ``(loss, aux)``.
     params_layout: ``"replicated"`` (the default) or ``"per_worker"``.
+    sync_dispatch: ``"static"`` (the default: one program per kind of call,
+      chosen on the host) or ``"in_graph"`` (one program that decides from
+      the counter). Only periodic transforms have a choice to make.
 
   Returns:
-    A jitted ``step(params, opt_state, batch) -> (params, opt_state, metrics)``;
+    A ``step(params, opt_state, batch) -> (params, opt_state, metrics)`` that
+    runs jitted programs;
     ``metrics`` is a dict with ``"loss"``, the pooled metrics under their
     names, and ``"predictions"`` when ``loss_fn`` returned some.
 
   Raises:
-    ValueError: at construction, for an unknown ``loss_reduction`` or
-      ``params_layout``, or an axis the mesh lacks; when the step is called, if
+    ValueError: at construction, for an unknown ``loss_reduction``,
+      ``params_layout`` or ``sync_dispatch``, or an axis the mesh lacks; when the step is called, if
       a batch leaf's dim 0 does not divide by the number of workers, if a
       per-worker leaf lacks the worker axis, if a periodic transform is given
-      replicated params, or if ``aux`` breaks the convention above.
+      replicated params, if ``aux`` breaks the convention above, or if the
+      sync schedule cannot be known with ``sync_dispatch="static"`` (see
+      :func:`optax_dist.sync_schedule`).
 
   Examples:
     TowerOptimizer's own test: c = 10, per-tower loss :math:`\sum |x c - y|`,
@@ -262,40 +238,39 @@ def data_parallel_step(
     >>> float(c), float(metrics["loss"])
     (7.0, 27.0)
   """
-  _check_options(loss_reduction, params_layout)
-  axes, n = _mesh_workers(mesh, axis_name)
-  workers = P(axes[0] if len(axes) == 1 else axes)
-  layout = workers if params_layout == "per_worker" else P()
+  setup = _Setup.make(mesh, axis_name, loss_reduction, params_layout)
+  if sync_dispatch not in _DISPATCHES:
+    raise ValueError(f"`sync_dispatch` must be one of {_DISPATCHES}, got {sync_dispatch!r}.")
+  axes = setup.axes
 
-  def body(params, opt_state, batch):
+  def body(params, opt_state, batch, extra):
     if params_layout == "per_worker":
       params, opt_state = jax.tree.map(lambda x: x[0], (params, opt_state))
     value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, batch)
     loss, aux = value if has_aux else (value, None)
-    if not _communicates(opt_state):
+    if not _state.communicates(opt_state):
       grads = _collectives.reduce_gradients(grads, axes, loss_reduction)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+    updates, opt_state = optimizer.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
-    scalars, predictions = _pool(loss, aux, axes, loss_reduction, has_aux)
+    scalars, predictions = _metrics.pool(loss, aux, axes, loss_reduction, has_aux)
     if params_layout == "per_worker":
       params, opt_state = jax.tree.map(lambda x: x[None], (params, opt_state))
     return params, opt_state, scalars, predictions
 
-  mapped = _shard_mapped(
-    body, mesh, axes, (layout, layout, workers), (layout, layout, P(), workers)
-  )
+  specs_in = (setup.layout, setup.layout, setup.workers)
+  specs_out = (setup.layout, setup.layout, P(), setup.workers)
 
-  @jax.jit
-  def step(params, opt_state, batch):
-    _check_batch(batch, n)
-    _check_layout(opt_state, params_layout)
-    if params_layout == "per_worker":
-      _check_per_worker(params, n, "params")
-      _check_per_worker(opt_state, n, "optimizer state")
+  @functools.partial(jax.jit, static_argnames="sync")
+  def run(params, opt_state, batch, sync=_NO_FLAG):
+    setup.check(params, opt_state, batch, params_layout)
+    extra = {} if sync is _NO_FLAG else {"sync": sync}
+    mapped = _layout.shard_mapped(
+      functools.partial(body, extra=extra), mesh, axes, specs_in, specs_out
+    )
     params, opt_state, scalars, predictions = mapped(params, opt_state, batch)
-    return params, opt_state, _metrics(scalars, predictions)
+    return params, opt_state, _metrics.with_predictions(scalars, predictions)
 
-  return step
+  return _TrainStep(run, static=sync_dispatch == "static")
 
 
 def data_parallel_eval_step(
@@ -362,71 +337,28 @@ def data_parallel_eval_step(
     >>> float(metrics["loss"]), float(metrics["accuracy"]), metrics["predictions"].shape
     (0.0, 0.75, (4,))
   """
-  _check_options(loss_reduction, params_layout)
-  axes, n = _mesh_workers(mesh, axis_name)
-  workers = P(axes[0] if len(axes) == 1 else axes)
-  layout = workers if params_layout == "per_worker" else P()
+  setup = _Setup.make(mesh, axis_name, loss_reduction, params_layout)
 
   def body(params, opt_state, batch):
     if params_layout == "per_worker":
       params, opt_state = jax.tree.map(lambda x: x[0], (params, opt_state))
-    if opt_state is not None and _has_center(opt_state):
+    if opt_state is not None and _state.holds_periodic(opt_state):
       params = optax.tree.cast_like(_state.center_params(opt_state, params), params)
     value = loss_fn(params, batch)
     loss, aux = value if has_aux else (value, None)
-    return _pool(loss, aux, axes, loss_reduction, has_aux)
+    return _metrics.pool(loss, aux, setup.axes, loss_reduction, has_aux)
 
-  mapped = _shard_mapped(body, mesh, axes, (layout, layout, workers), (P(), workers))
+  mapped = _layout.shard_mapped(
+    body,
+    mesh,
+    setup.axes,
+    (setup.layout, setup.layout, setup.workers),
+    (P(), setup.workers),
+  )
 
   @jax.jit
   def eval_step(params, opt_state, batch):
-    _check_batch(batch, n)
-    if opt_state is not None:
-      _check_layout(opt_state, params_layout)
-    if params_layout == "per_worker":
-      _check_per_worker(params, n, "params")
-      _check_per_worker(opt_state, n, "optimizer state")
-    return _metrics(*mapped(params, opt_state, batch))
+    setup.check(params, opt_state, batch, params_layout)
+    return _metrics.with_predictions(*mapped(params, opt_state, batch))
 
   return eval_step
-
-
-def per_worker(tree: Any, *, mesh: jax.sharding.Mesh, axis_name: _collectives.AxisName) -> Any:
-  """N identical copies of ``tree``, stacked on a leading worker axis and sharded over it.
-
-  The ``"per_worker"`` layout of :func:`data_parallel_step`: worker ``k`` holds
-  slice ``k`` of every leaf. Build the optimizer state with ``optimizer.init``
-  on one copy of the params (``init`` is local), then lay out both; all
-  workers then start identical, as the periodic transforms require (the
-  effect of :func:`optax_dist.broadcast_params`). Read worker ``k``'s copy
-  back with ``jax.tree.map(lambda x: x[k], tree)``.
-
-  Args:
-    tree: A tree of arrays (params, an optimizer state, ...).
-    mesh: The device mesh.
-    axis_name: The mesh axis (or tuple of axes) of the workers.
-
-  Returns:
-    The tree with every leaf of shape ``(N, *leaf.shape)``, sharded along the
-    workers' axis.
-
-  Raises:
-    ValueError: if the mesh has no axis ``axis_name``.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax_dist
-    >>> from jax.sharding import AxisType
-    >>> mesh = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Auto,),
-    ...                      devices=jax.devices()[:4])
-    >>> stacked = optax_dist.per_worker({"w": jnp.arange(3.0)}, mesh=mesh, axis_name="batch")
-    >>> stacked["w"].shape, len(stacked["w"].sharding.device_set)
-    ((4, 3), 4)
-  """
-  axes, n = _mesh_workers(mesh, axis_name)
-  sharding = NamedSharding(mesh, P(axes[0] if len(axes) == 1 else axes))
-
-  def lay_out(x: Any) -> jax.Array:
-    x = jnp.asarray(x)
-    return jax.device_put(jnp.broadcast_to(x[None], (n, *x.shape)), sharding)
-
-  return jax.tree.map(lay_out, tree)

@@ -7,9 +7,6 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _state
-
-_REDUCTIONS = ("sum", "mean")
 
 
 class TowerState(NamedTuple):
@@ -23,9 +20,6 @@ class TowerState(NamedTuple):
 
   inner_state: optax.OptState
   num_updates: jax.Array
-
-
-_state.register_global_step(TowerState, lambda state: state.num_updates)
 
 
 def tower(
@@ -90,8 +84,7 @@ def tower(
     Array([[-2., -3.],
            [-2., -3.]], dtype=float32)
   """
-  if loss_reduction not in _REDUCTIONS:
-    raise ValueError(f"`loss_reduction` must be one of {_REDUCTIONS}, got {loss_reduction!r}.")
+  _collectives.check_reduction(loss_reduction, "loss_reduction")
   axes = None if axis_name is None else _collectives.axis_tuple(axis_name)
   inner = optax.with_extra_args_support(inner)
 

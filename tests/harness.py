@@ -57,25 +57,35 @@ def run_transform(
   mode: str,
   grad_fn: Callable | None = None,
   axis_name: str = AXIS,
+  flags: list[Any] | None = None,
 ) -> Trajectory:
   """Runs ``tx`` for ``len(batches)`` steps on stacked per-worker ``params``.
 
   Each batch is stacked per worker too. Without ``grad_fn`` a batch is the
   gradient itself; with it, the gradient is ``jax.grad(grad_fn)(params, batch)``.
+  ``flags``, one per step, are passed as the static ``sync`` argument (one
+  program per distinct flag); without them ``update`` gets no ``sync``.
   Every step waits for its result (see the note on CPU rendezvous in the README).
   """
   n = jax.tree.leaves(params)[0].shape[0]
 
-  def step(p, s, batch):
-    g = batch if grad_fn is None else jax.grad(grad_fn)(p, batch)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, u
+  def make_step(extra):
+    def step(p, s, batch):
+      g = batch if grad_fn is None else jax.grad(grad_fn)(p, batch)
+      u, s = tx.update(g, s, p, **extra)
+      return optax.apply_updates(p, u), s, u
+
+    return map_workers(step, n, mode, axis_name)
 
   state = map_workers(tx.init, n, mode, axis_name)(params)
-  step_fn = map_workers(step, n, mode, axis_name)
+  programs: dict[Any, Callable] = {}
   traj = Trajectory([], [], None)
-  for batch in batches:
-    params, state, updates = jax.block_until_ready(step_fn(params, state, batch))
+  for i, batch in enumerate(batches):
+    extra = {} if flags is None else {"sync": flags[i]}
+    key = repr(extra)
+    if key not in programs:
+      programs[key] = make_step(extra)
+    params, state, updates = jax.block_until_ready(programs[key](params, state, batch))
     traj.params.append(jax.tree.map(np.asarray, params))
     traj.updates.append(jax.tree.map(np.asarray, updates))
   return traj._replace(state=state)

@@ -114,27 +114,37 @@ def fetch(tree):
   return jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
 
 
-def make_step(tx, m):
+def make_step(tx, m, **extra):
   import jax
   import optax
 
   def step(params, state, x, y):
     grads = jax.grad(loss_fn)(params, x, y)
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
   return per_worker(step, m)
 
 
-def run_algorithm(tx, m, x, y):
-  """Params and state after ``len(x)`` steps of ``tx``, as NumPy trees."""
+def run_algorithm(tx, m, x, y, static=False):
+  """Params and state after ``len(x)`` steps of ``tx``, as NumPy trees.
+
+  ``static``: pass the schedule's static ``sync`` flag to every call (one
+  program per kind of call), instead of letting the program decide.
+  """
   import jax
+
+  import optax_dist
 
   params = put(initial_params(), m)
   state = per_worker(tx.init, m)(params)
-  step = make_step(tx, m)
+  steps = {}
+  schedule = optax_dist.sync_schedule(state) if static else None
   for t in range(len(x)):
-    params, state = jax.block_until_ready(step(params, state, put(x[t], m), put(y[t], m)))
+    flag = schedule(t) if static else None
+    if flag not in steps:
+      steps[flag] = make_step(tx, m, **({"sync": flag} if static else {}))
+    params, state = jax.block_until_ready(steps[flag](params, state, put(x[t], m), put(y[t], m)))
   return fetch(params), fetch(state)
 
 
@@ -199,6 +209,8 @@ def all_scenarios(out_dir, ckpt_dir):
   x, y = data(STEPS)
   for name, tx in algorithms().items():
     results.update(flat(name, *run_algorithm(tx, m, x, y)))
+    if name != "tower":
+      results.update(flat(f"static/{name}", *run_algorithm(tx, m, x, y, static=True)))
   results.update(flat("nonfinite", *run_algorithm(nonfinite_transform(), m, *nonfinite_data())))
   results.update(agreement_messages(m))
   np.savez(out_dir / f"all_{jax.process_index()}.npz", **results)

@@ -51,27 +51,59 @@ def agn(x0, grads, *, n, p, ordering, inner, center_reduction="sum"):
   return out
 
 
-def model_average(x0, grads, *, n, p, inner):
-  return diloco(x0, grads, n=n, p=p, inner=inner, outer_lr=1.0, momentum=0.0)
+def schedule_flag(t, *, p, warmup=0, fragments=1):
+  """The flag of call t (1-based): DESIGN section 10.1 and 10.2."""
+  if t <= warmup:
+    return "warmup"
+  r = t - warmup
+  width = p // fragments
+  if r % width:
+    return False
+  if fragments == 1:
+    return True
+  return ((r % p) // width - 1) % fragments
 
 
-def diloco(x0, grads, *, n, p, inner, outer_lr=0.7, momentum=0.9):
+def model_average(x0, grads, *, n, p, inner, **kwargs):
+  return diloco(x0, grads, n=n, p=p, inner=inner, outer_lr=1.0, momentum=0.0, **kwargs)
+
+
+def diloco(
+  x0, grads, *, n, p, inner, outer_lr=0.7, momentum=0.9, warmup=0, labels=None, flags=None
+):
   """DiLoCo with Nesterov momentum SGD as the outer optimizer.
 
   optax.sgd(lr, momentum, nesterov=True): m <- delta + momentum * m, update
   -lr * (delta + momentum * m). With lr 1 and no momentum: model averaging.
+
+  ``labels`` (D,) gives each coordinate's fragment (each with its own
+  momentum); ``warmup`` calls average the gradients before the inner step
+  (the center follows the params); ``flags`` (one per call) override the
+  schedule.
   """
-  x = np.repeat(np.asarray(x0, np.float64)[None], n, axis=0)
-  c = np.asarray(x0, np.float64).copy()
+  x0 = np.asarray(x0, np.float64)
+  labels = np.zeros(x0.shape, int) if labels is None else np.asarray(labels)
+  num = int(labels.max()) + 1
+  x = np.repeat(x0[None], n, axis=0)
+  c = x0.copy()
   local = [Inner(inner, c.shape) for _ in range(n)]
   m = np.zeros_like(c)
   out = []
   for t, g in enumerate(np.asarray(grads, np.float64), start=1):
+    flag = schedule_flag(t, p=p, warmup=warmup, fragments=num) if flags is None else flags[t - 1]
+    if flag == "warmup":
+      mean = g.mean(0)
+      x = x + np.stack([local[k](mean) for k in range(n)])
+      c = x[0].copy()
+      out.append((x.copy(), c.copy()))
+      continue
     x = x + np.stack([local[k](g[k]) for k in range(n)])
-    if t % p == 0:
-      delta = c - x.mean(0)
-      m = delta + momentum * m
-      c = c - outer_lr * (delta + momentum * m)
-      x[:] = c
+    synced = [] if flag is False else list(range(num)) if flag is True else [flag]
+    for f in synced:
+      idx = labels == f
+      delta = c[idx] - x[:, idx].mean(0)
+      m[idx] = delta + momentum * m[idx]
+      c[idx] = c[idx] - outer_lr * (delta + momentum * m[idx])
+      x[:, idx] = c[idx]
     out.append((x.copy(), c.copy()))
   return out

@@ -189,3 +189,34 @@ def test_nnx_optimizer(name):
   if name != "tower":
     center = optax_dist.center_params(opt_state)
     close(center["out"]["kernel"], optax_dist.center_params(by_hand.state)["out"]["kernel"])
+
+
+def test_nnx_optimizer_takes_the_static_sync_flag():
+  # nnx.Optimizer.update passes keyword arguments to the transform: a loop
+  # reads the schedule once and compiles one step per kind of call.
+  tx = optax_dist.diloco(optax.sgd(0.05, momentum=0.9), axis_name=AXIS, sync_period=2)
+  model = NnxMLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  schedule = optax_dist.sync_schedule(nnx.as_pure(optimizer.opt_state))
+  graphdef, start = nnx.split((model, optimizer))
+  start = optax_dist.per_worker(start, mesh=worker_mesh(N), axis_name=AXIS)
+
+  def make_step(**flag):
+    @per_worker_step
+    def train_step(state, batch):
+      model, optimizer = nnx.merge(graphdef, state)
+      optimizer.update(model, nnx.grad(mse)(model, batch), **flag)
+      return nnx.state((model, optimizer))
+
+    return train_step
+
+  x, y = data()
+  in_graph, static = start, start
+  steps = {flag: make_step(sync=flag) for flag in (False, True)}
+  decide_inside = make_step()
+  for t in range(STEPS):
+    in_graph = jax.block_until_ready(decide_inside(in_graph, (x[t], y[t])))
+    static = jax.block_until_ready(steps[schedule(t)](static, (x[t], y[t])))
+  jax.tree.map(np.testing.assert_array_equal, static, in_graph)
+  _, optimizer = nnx.merge(graphdef, static)
+  np.testing.assert_array_equal(optax_dist.global_step(nnx.as_pure(optimizer.opt_state)), [2] * N)

@@ -154,6 +154,17 @@ def test_every_algorithm_matches_one_process(all_run, mesh, name):
   assert not np.allclose(params["w"], mp_worker.initial_params()["w"])
 
 
+@pytest.mark.parametrize("name", sorted(set(mp_worker.algorithms()) - {"tower"}))
+def test_static_flags_give_the_in_graph_results_on_two_processes(all_run, name):
+  # The flags of the schedule, passed by the loop on each process: the same
+  # results as the program deciding from its counter, bit for bit.
+  (result, _), _ = all_run
+  in_graph = [k for k in result.files if k.startswith(f"{name}/")]
+  assert in_graph
+  for key in in_graph:
+    np.testing.assert_array_equal(result[f"static/{key}"], result[key], err_msg=key)
+
+
 def test_nan_on_one_worker_of_one_process_skips_the_step_everywhere(all_run, mesh):
   (result, _), _ = all_run
   tx = mp_worker.nonfinite_transform()
@@ -179,7 +190,7 @@ def test_disagreement_raises_the_same_error_on_every_process(all_run):
     assert str(first[key]) == str(second[key])
   period = str(first["agree/period"])
   assert "process 1 (workers 2, 3) differs from process 0" in period
-  assert "settings.period = 4 (process 0: 3)" in period
+  assert "settings.spec.sync.period = 4 (process 0: 3)" in period
   params = str(first["agree/params"])
   assert "params['w'] on workers 2, 3 (process 1) differ from worker 0's" in params
   assert "params['b'] on workers 2, 3 (process 1)" in params
@@ -191,7 +202,7 @@ def test_disagreeing_processes_both_exit_with_the_error(tmp_path):
   assert all(code != 0 for code in codes), codes
   for output in outputs:
     assert "ValueError: check_agreement: the 4 workers on axis ('workers',) disagree" in output
-    assert "settings.period = 4 (process 0: 3)" in output
+    assert "settings.spec.sync.period = 4 (process 0: 3)" in output
 
 
 def test_crash_and_resume_is_bit_identical(all_run, tmp_path):

@@ -68,8 +68,9 @@ def test_plain_apply_if_finite_desynchronizes_the_workers():
   state = run_transform(tx, PARAMS, gradients(), mode="vmap").state
   steps = np.asarray(state.inner_state.step)
   np.testing.assert_array_equal(steps, [STEPS, STEPS, STEPS - 1, STEPS])
-  syncs = np.asarray(state.inner_state.num_syncs)
-  assert syncs[BAD_WORKER] != syncs[0]
+  # Worker 2 attempted one sync fewer than the others (synced or skipped).
+  attempts = np.asarray(state.inner_state.num_syncs + state.inner_state.num_skipped_syncs)
+  np.testing.assert_array_equal(attempts, [3, 3, 2, 3])
 
 
 def test_max_consecutive_errors_applies_after_k_skips():

@@ -1,5 +1,6 @@
 """The public surface: every name imports, is documented, and its examples run."""
 
+import dataclasses
 import doctest
 import importlib
 import inspect
@@ -38,7 +39,8 @@ def test_public_name_is_documented_with_a_runnable_example(name):
   assert len(doc.splitlines()[0]) > 10, f"{name} needs a one-line summary"
   if inspect.isclass(obj):
     assert "Attributes:" in doc, f"{name} must document its fields"
-    for field in obj._fields:
+    fields = getattr(obj, "_fields", None) or [f.name for f in dataclasses.fields(obj)]
+    for field in fields:
       assert f"{field}:" in doc, f"{name} must document {field}"
   else:
     for section in ("Args:", "Returns:", "Examples:"):

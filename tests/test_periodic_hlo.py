@@ -60,23 +60,29 @@ TRANSFORMS = {
 DILOCO_BF16 = optax_dist.diloco(ADAM, axis_name=AXIS, sync_period=4, comm_dtype=jnp.bfloat16)
 
 
-def compiled_step(tx):
-  return lowered_step(tx).compile().as_text()
+def compiled_step(tx, **extra):
+  return lowered_step(tx, **extra).compile().as_text()
 
 
-def lowered_step(tx):
+def lowered_step(tx, **extra):
+  return lowered_step_fn(tx, **extra).lower(*step_args(tx))
+
+
+def lowered_step_fn(tx, **extra):
   mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,))
 
   def step(p, s, g):
     p, s, g = jax.tree.map(lambda a: a[0], (p, s, g))
-    u, s = tx.update(g, s, p)
+    u, s = tx.update(g, s, p, **extra)
     return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, u), s))
 
-  state = jax.vmap(tx.init)(PARAMS)
-  fn = jax.jit(
+  return jax.jit(
     jax.shard_map(step, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)), donate_argnums=(0, 1)
   )
-  return fn.lower(PARAMS, state, PARAMS)
+
+
+def step_args(tx):
+  return PARAMS, jax.vmap(tx.init)(PARAMS), PARAMS
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
@@ -109,6 +115,36 @@ def test_bfloat16_communication_is_bfloat16_in_the_program():
   assert sorted(reduced) == ["32xbf16", "64x32xbf16"], reduced
   found = hlo.collectives(lowered.compile().as_text())
   assert [op.kind for op in found] == ["all-reduce"] and found[0].nbytes == PARAMS_BYTES
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_a_static_local_step_compiles_no_sync_code(name):
+  # sync=False: the inner step and the counters; no loop, no conditional,
+  # no collective, and no params-sized copy beyond the plain step's.
+  tx, _, _ = TRANSFORMS[name]
+  text = compiled_step(tx, sync=False)
+  kinds = {op.kind for op in hlo.ops(text)}
+  assert not kinds & {"while", "conditional"}, kinds
+  assert hlo.collectives(text) == []
+  assert len(hlo.copies_of_at_least(entry(text), MIN_COPY)) == len(
+    hlo.copies_of_at_least(entry(compiled_step(ADAM)), MIN_COPY)
+  )
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_a_static_sync_step_has_no_loop(name):
+  # sync=True: the sync runs unconditionally, straight-line (round_robin's
+  # ordered commits are unrolled), with the same collectives and bytes as
+  # the in-graph sync branch.
+  tx, kind, nbytes = TRANSFORMS[name]
+  text = compiled_step(tx, sync=True)
+  kinds = {op.kind for op in hlo.ops(text)}
+  assert not kinds & {"while", "conditional"}, kinds
+  found = hlo.collectives(text)
+  assert {op.kind for op in found} == {kind}, found
+  assert sum(op.nbytes for op in found) == nbytes
+  report = optax_dist.communication_report(lowered_step_fn(tx, sync=True), *step_args(tx))
+  assert (report.every_step_bytes, report.sync_bytes) == (nbytes, 0)
 
 
 def entry(text):

@@ -192,6 +192,66 @@ def test_every_transform_runs_as_it_does_by_hand(name):
   jax.tree.map(np.testing.assert_array_equal, s, by_hand.state)
 
 
+STATIC = {
+  "elastic_average": lambda: optax_dist.elastic_average(
+    SGD, axis_name=AXIS, communication_period=3, moving_rate=0.3, rho=0.1
+  ),
+  "elastic_average_round_robin": lambda: optax_dist.elastic_average(
+    SGD, axis_name=AXIS, communication_period=3, ordering="round_robin"
+  ),
+  "agn": lambda: optax_dist.agn(SGD, axis_name=AXIS, communication_period=3, sync_warmup=2),
+  "model_average": lambda: optax_dist.model_average(SGD, axis_name=AXIS, interval_steps=3),
+  "diloco_streaming_warmup": lambda: optax_dist.diloco(
+    SGD, axis_name=AXIS, sync_period=4, fragments=2, sync_warmup=1
+  ),
+}
+SGD = optax.sgd(0.05, momentum=0.9)
+
+
+@pytest.mark.parametrize("name", sorted(STATIC))
+def test_static_dispatch_equals_in_graph_with_one_program_per_kind_of_call(name, monkeypatch):
+  n, steps = 4, 9
+  tx = STATIC[name]()
+  mesh = worker_mesh(n)
+  rng = np.random.default_rng(2)
+  params = {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": np.zeros(2, np.float32)}
+  batches = [
+    (rng.normal(size=(8 * n, 3)).astype(np.float32), rng.normal(size=(8 * n, 2)).astype(np.float32))
+    for _ in range(steps)
+  ]
+  traces = []
+
+  def counted_loss(params, batch):
+    traces.append(None)
+    return lsq(params, batch)
+
+  reads = []
+  call_count = optax_dist._state.call_count
+  monkeypatch.setattr(optax_dist._state, "call_count", lambda s: reads.append(1) or call_count(s))
+  results = {}
+  for dispatch in ("in_graph", "static"):
+    traces.clear()
+    step = optax_dist.data_parallel_step(
+      counted_loss,
+      tx,
+      mesh=mesh,
+      axis_name=AXIS,
+      params_layout="per_worker",
+      sync_dispatch=dispatch,
+    )
+    p, s = optax_dist.per_worker((params, tx.init(params)), mesh=mesh, axis_name=AXIS)
+    for batch in batches:
+      p, s, _ = jax.block_until_ready(step(p, s, batch))
+    results[dispatch] = (p, s)
+    # One program decides inside; or one per kind of call, chosen on the host.
+    schedule = optax_dist.sync_schedule(s)
+    kinds = {repr(schedule(i)) for i in range(steps)}
+    assert len(traces) == (1 if dispatch == "in_graph" else len(kinds)), kinds
+  jax.tree.map(np.testing.assert_array_equal, results["static"], results["in_graph"])
+  # The host read the count once, when it first saw the (fresh) state.
+  assert len(reads) == 1
+
+
 def test_eval_step_evaluates_the_center():
   n = 2
   mesh = worker_mesh(n)

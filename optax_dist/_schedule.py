@@ -1,0 +1,153 @@
+"""When the periodic transforms sync: their schedule, and the static ``sync`` flag.
+
+A periodic transform syncs on a fixed schedule of its calls (every ``period``
+calls, after ``warmup`` synchronous calls, one fragment at a time when the
+model is cut into ``fragments``). That schedule is static: it lives in the
+transform's state as a :class:`SyncSchedule`, a pytree node with no leaves,
+so that it survives ``optax.chain``, ``optax.masked``, orbax checkpoints and
+Flax, and a training loop can read it back with :func:`sync_schedule`.
+
+The flag a call takes (the ``sync`` extra argument of ``update``):
+
+* ``None``: the program decides from the call counter (one compiled program,
+  the sync inside a loop of zero or one trip);
+* ``False``: no sync (no sync code is compiled);
+* ``True``: sync now (every fragment);
+* an ``int`` ``f``: sync fragment ``f`` only;
+* ``"warmup"``: a synchronous data-parallel call (gradients averaged over the
+  workers before the inner step; the center follows the params).
+"""
+
+import dataclasses
+import numbers
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+WARMUP = "warmup"
+
+Flag = bool | int | str | None
+
+
+def check_flag(sync: Any, num_fragments: int) -> Flag:
+  """``sync`` if it is a static flag this transform understands, else a clear error."""
+  if sync is None or isinstance(sync, bool) or sync == WARMUP:
+    return sync
+  if isinstance(sync, (jax.Array, np.ndarray, np.generic)) or isinstance(sync, jax.core.Tracer):
+    raise TypeError(
+      "`sync` must be a static Python value (None, True, False, a fragment index or "
+      f"'warmup'), got {type(sync).__name__} {sync!r}: a traced or array flag cannot "
+      "choose which program to compile. Pass a Python bool (e.g. from "
+      "`optax_dist.sync_schedule(state)(count)`) and mark it static, e.g. "
+      "`jax.jit(step, static_argnames='sync')`, or pass `sync=None` to let the program "
+      "decide from its own counter."
+    )
+  if isinstance(sync, numbers.Integral):
+    if not 0 <= int(sync) < num_fragments:
+      raise ValueError(
+        f"`sync={sync}` names a fragment, but this transform has {num_fragments} "
+        f"fragment(s): use an index in [0, {num_fragments}), True for all of them, or False."
+      )
+    return int(sync)
+  raise TypeError(f"`sync` must be None, True, False, a fragment index or 'warmup', got {sync!r}.")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class SyncSchedule:
+  """When a periodic transform syncs: the static part of its state.
+
+  Calls are counted from 1. The first ``warmup`` calls are synchronous data
+  parallelism (flag ``"warmup"``). After them, with ``r`` the number of calls
+  since the warm-up, fragment ``f`` of ``fragments`` syncs on the calls with
+
+  .. math::
+
+    r \\bmod H = \\big((f + 1) H / F\\big) \\bmod H,
+
+  ``H`` being the period: with one fragment, on calls ``warmup + H``,
+  ``warmup + 2H``, ...; with ``F`` fragments, one fragment every ``H / F``
+  calls, each fragment every ``H`` calls.
+
+  A schedule is read from a state with :func:`optax_dist.sync_schedule`. Called
+  with the number of calls made so far (:func:`optax_dist.call_count` of a
+  restored state), it returns the static flag for the next call, to pass as
+  ``update(..., sync=flag)``.
+
+  Attributes:
+    period: ``H``, calls between two syncs of the same fragment.
+    warmup: Synchronous calls before the first local step.
+    fragments: ``F``, the number of fragments (1: the whole model at once).
+
+  Examples:
+    >>> import optax_dist
+    >>> schedule = optax_dist.SyncSchedule(period=4, warmup=2)
+    >>> [schedule(count) for count in range(8)]
+    ['warmup', 'warmup', False, False, False, True, False, False]
+    >>> streaming = optax_dist.SyncSchedule(period=4, fragments=2)
+    >>> [streaming(count) for count in range(8)]
+    [False, 0, False, 1, False, 0, False, 1]
+  """
+
+  period: int
+  warmup: int = 0
+  fragments: int = 1
+
+  def __post_init__(self) -> None:
+    for name in ("period", "warmup", "fragments"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be a Python int (it is static), got {value!r}.")
+    if self.period < 1 or self.fragments < 1 or self.warmup < 0:
+      raise ValueError(f"A schedule needs period >= 1, fragments >= 1 and warmup >= 0, got {self}.")
+    if self.period % self.fragments:
+      raise ValueError(
+        f"The period ({self.period}) must be a multiple of the number of fragments "
+        f"({self.fragments}), so that each fragment syncs every {self.period} calls and "
+        "one fragment every period / fragments calls."
+      )
+
+  def __call__(self, count: int) -> bool | int | str:
+    """The ``sync`` flag of the call made after ``count`` calls.
+
+    Args:
+      count: Calls made so far (0 for the first call), a Python int.
+
+    Returns:
+      ``"warmup"``, ``False``, ``True`` (one fragment) or the index of the
+      fragment that syncs.
+    """
+    count = operator.index(count)
+    if count < 0:
+      raise ValueError(f"`count` must be >= 0, got {count}.")
+    call = count + 1
+    if call <= self.warmup:
+      return WARMUP
+    since = call - self.warmup
+    width = self.period // self.fragments
+    if since % width:
+      return False
+    if self.fragments == 1:
+      return True
+    return ((since % self.period) // width - 1) % self.fragments
+
+  def offset(self, fragment: int) -> int:
+    """The call, modulo the period and counted after the warm-up, when ``fragment`` syncs."""
+    return ((fragment + 1) * self.period // self.fragments) % self.period
+
+  def in_graph(self, step: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    """Traced decisions for the call that brings the counter to ``step``.
+
+    Returns whether it is a warm-up call, and for each fragment whether it
+    syncs.
+    """
+    is_warm = step <= self.warmup
+    since = step - self.warmup
+    syncs = [
+      jnp.logical_and(since > 0, since % self.period == self.offset(f))
+      for f in range(self.fragments)
+    ]
+    return is_warm, syncs
