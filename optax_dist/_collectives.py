@@ -150,6 +150,16 @@ def all_gather(tree: Any, axis_name: AxisName) -> Any:
   return lax.all_gather(tree, axis_tuple(axis_name))
 
 
+def all_to_all(tree: Any, axis_name: AxisName) -> Any:
+  """Every leaf's leading axis (of size N) scattered: worker k gets block k of every worker.
+
+  The result's leading axis holds, at j, worker j's block for this worker.
+  """
+  num_workers(axis_name)
+  axes = axis_tuple(axis_name)
+  return jax.tree.map(lambda x: lax.all_to_all(x, axes, 0, 0), tree)
+
+
 def reduce_gradients(grads: Any, axis_name: AxisName, reduction: str) -> Any:
   """Sums (``"sum"``) or averages (``"mean"``) per-worker gradients.
 

@@ -1,6 +1,7 @@
 """Elastic Averaging SGD (EASGD): workers tied to a center by an elastic force."""
 
 import numbers
+from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -8,6 +9,7 @@ import optax
 
 from optax_dist import _collectives
 from optax_dist import _periodic
+from optax_dist import _quantize
 from optax_dist import _schedule
 
 
@@ -21,6 +23,9 @@ class ElasticAverageState(NamedTuple):
     snapshot: The center as this worker read it at its last sync (its stale
       copy), read by the ``rho`` term only: ``optax.EmptyState()`` when
       ``rho`` is a Python zero (the default), which needs no snapshot.
+    residual: With ``error_feedback=True``, what quantization dropped from
+      this worker's last difference to the center, added to its next one;
+      ``optax.EmptyState()`` otherwise.
     step: Number of calls since init (int32).
     num_syncs: Number of completed syncs (int32), read by
       :func:`optax_dist.global_step`.
@@ -34,6 +39,7 @@ class ElasticAverageState(NamedTuple):
   inner_state: optax.OptState
   center: optax.Params
   snapshot: optax.Params | optax.EmptyState
+  residual: optax.Params | optax.EmptyState
   step: jax.Array
   num_syncs: jax.Array
   num_skipped_syncs: jax.Array
@@ -49,6 +55,8 @@ def elastic_average(
   rho: float | jax.Array = 0.0,
   ordering: str = "simultaneous",
   sync_warmup: int | None = None,
+  comm_dtype: Any = None,
+  error_feedback: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Elastic Averaging SGD: local steps, and every ``p`` calls an elastic pull.
 
@@ -96,6 +104,12 @@ def elastic_average(
   gradients over the workers before the inner step (the center follows the
   params), and the syncs fall on calls ``K + p``, ``K + 2p``, ...
 
+  ``comm_dtype`` (``ordering="simultaneous"`` only) chooses the format of the
+  summed differences on the wire: ``jnp.bfloat16``/``jnp.float16``, or the
+  quantized ring of ``jnp.int8`` (or a float8 type), about a quarter of the
+  bytes of a float32 all-reduce, with optional ``error_feedback`` (see
+  :func:`optax_dist.diloco`).
+
   A sync whose summed difference is not finite (a worker's params hold an
   Inf or a NaN) moves neither the center nor any worker, and counts in
   :func:`optax_dist.skipped_syncs`.
@@ -123,6 +137,11 @@ def elastic_average(
     sync_warmup: ``K``, synchronous calls before the local steps start
       (static int >= 0; ``None``, the default, is 0 and keeps
       ``optax.inject_hyperparams`` from taking it for a hyperparameter).
+    comm_dtype: The format of the summed differences on the wire (static;
+      ``"simultaneous"`` only): ``None``, ``jnp.bfloat16``, ``jnp.float16``,
+      ``jnp.int8`` or a float8 type.
+    error_feedback: With an 8-bit ``comm_dtype``, carry what the rounding
+      dropped into the next sync (static bool).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is an
@@ -130,7 +149,9 @@ def elastic_average(
 
   Raises:
     ValueError: for a period < 1, a moving rate outside (0, 1], a negative
-      ``rho``, an unknown ordering, or ``params=None`` at update time.
+      ``rho``, an unknown ordering, an unsupported ``comm_dtype`` (or one
+      with ``"round_robin"``), ``error_feedback`` without an 8-bit
+      ``comm_dtype``, or ``params=None`` at update time.
     NameError: at update time, if ``axis_name`` is not bound.
 
   Examples:
@@ -161,6 +182,13 @@ def elastic_average(
   if isinstance(rho, numbers.Real) and float(rho) < 0:
     raise ValueError(f"`rho` must be >= 0, got {rho}.")
   _periodic.check_ordering(ordering)
+  wire = _quantize.make_wire(comm_dtype, error_feedback)
+  if wire.dtype is not None and ordering != "simultaneous":
+    raise ValueError(
+      "`comm_dtype` applies to ordering='simultaneous' (one summed reduction); "
+      "ordering='round_robin' gathers every worker's params exactly, as the reference's "
+      "parameter server reads them."
+    )
   axes = _collectives.axis_tuple(axis_name)
   # A Python zero needs no rho term, hence no snapshot; a traced rho
   # (inject_hyperparams) may become non-zero and keeps one.
@@ -174,6 +202,7 @@ def elastic_average(
       inner_state=inner.init(params),
       center=center,
       snapshot=center if use_rho else optax.EmptyState(),
+      residual=wire.residual_like(center),
       **_periodic.engine_fields(params, period=period, warmup=warmup),
     )
 
@@ -182,9 +211,11 @@ def elastic_average(
     alpha = moving_rate
     if alpha is None:
       alpha = 0.9 / period / _collectives.num_workers(axes)
+    residual = carry["residual"]
     if ordering == "simultaneous":
       snapshot = center
-      total = _collectives.psum(jax.tree.map(lambda xi, c: xi - c, local.x, center), axes)
+      diff = jax.tree.map(lambda xi, c: xi - c, local.x, center)
+      total, residual = _quantize.psum(diff, axes, wire, residual)
       finite = _periodic.all_finite(total)
       new_center = jax.tree.map(lambda c, t: c + alpha * t, center, total)
     else:
@@ -197,17 +228,19 @@ def elastic_average(
         commit, center, local.x, axes, mine=lambda c: c, after=False
       )
     correction = jax.tree.map(lambda xi, s: -alpha * (xi - s), local.x, snapshot)
-    new = {"center": _periodic.keep_unless(finite, new_center, center)}
+    new = {
+      "center": _periodic.keep_unless(finite, new_center, center),
+      "residual": _periodic.keep_unless(finite, residual, carry["residual"]),
+    }
     if use_rho:
       new["snapshot"] = _periodic.keep_unless(finite, snapshot, carry["snapshot"])
     updates = _periodic.keep_unless(finite, local.corrected(correction), local.updates)
     return _periodic.Synced(updates, new, finite)
 
   def restart(x, carry):
-    del carry
-    return {"center": x, "snapshot": x} if use_rho else {"center": x}
+    return {**carry, "center": x, "snapshot": x} if use_rho else {**carry, "center": x}
 
-  fields = ("center", "snapshot") if use_rho else ("center",)
+  fields = ("center", "snapshot", "residual") if use_rho else ("center", "residual")
   spec = _periodic.Spec("elastic_average", fields, sync, restart)
 
   def update_fn(updates, state, params=None, *, sync=None, **extra_args):

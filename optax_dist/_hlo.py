@@ -1,8 +1,10 @@
-"""Reading collectives and copies out of compiled HLO text.
+"""Reading collectives out of compiled HLO text, for :func:`optax_dist.communication_report`.
 
-Used by the tests and benchmarks to check, from what XLA compiled, where the
-collectives sit (only in a sync loop's body?), how many bytes they move, and
-which buffers are copied.
+Every instruction is read with the computation it sits in, the bytes of its
+result, and for a collective the size of its replica groups (the workers it
+spans). Loops are found from the entry computation: each ``while`` there,
+with every computation it reaches, is one loop (a periodic transform's sync
+branch, one per fragment).
 """
 
 import re
@@ -12,6 +14,8 @@ _DTYPE_BYTES = {
   "pred": 1,
   "s8": 1,
   "u8": 1,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
   "bf16": 2,
   "f16": 2,
   "s16": 2,
@@ -23,21 +27,31 @@ _DTYPE_BYTES = {
   "s64": 8,
   "u64": 8,
 }
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (.+?) ([a-z-]+)\(")
-_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z-]+)\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]")
+_GROUPS = re.compile(r"replica_groups=\{(\{[\d,]*\})")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_PARTITIONS = re.compile(r"num_partitions=(\d+)")
+_CALLEE = re.compile(
+  r"(?:calls|body|condition|to_apply|branch_computations|\w+_computation)=\{?([^,}\s]+(?:, %[^,}\s]+)*)"
+)
 
 
 class Op(NamedTuple):
+  """One instruction: where it sits, what it is, the bytes of its result."""
+
   computation: str
   kind: str
   nbytes: int
   shape: str
+  name: str
+  group: int  # Devices in each replica group (collectives); 0 otherwise.
 
 
 def nbytes(shape: str) -> int:
-  """Bytes of an HLO result type, e.g. ``(f32[512]{0}, f32[2,3]{1,0})``."""
+  """Bytes of an HLO result type, e.g. ``(f32[512]{0}, bf16[2,3]{1,0})``."""
   total = 0
   for dtype, dims in _ARRAY.findall(shape):
     size = 1
@@ -47,8 +61,21 @@ def nbytes(shape: str) -> int:
   return total
 
 
+def _group(line: str, default: int) -> int:
+  listed = _GROUPS.search(line)
+  if listed:
+    members = listed.group(1).strip("{}")
+    return len(members.split(",")) if members else default
+  iota = _IOTA_GROUPS.search(line)
+  if iota:
+    return int(iota.group(2))
+  return default
+
+
 def ops(hlo: str) -> list[Op]:
   """Every instruction, with the computation it sits in."""
+  partitions = _PARTITIONS.search(hlo.split("\n", 1)[0])
+  default = int(partitions.group(1)) if partitions else 1
   out: list[Op] = []
   current = None
   for line in hlo.splitlines():
@@ -58,25 +85,14 @@ def ops(hlo: str) -> list[Op]:
       continue
     instr = _INSTR.match(line)
     if instr and current:
-      out.append(Op(current, instr.group(2), nbytes(instr.group(1)), instr.group(1)))
+      name, shape, kind = instr.groups()
+      group = _group(line, default) if kind in COLLECTIVES else 0
+      out.append(Op(current, kind, nbytes(shape), shape, name, group))
   return out
 
 
-def while_bodies(hlo: str) -> set[str]:
-  return set(re.findall(r"while\(.*?body=%([\w.\-]+)", hlo))
-
-
 def collectives(hlo: str) -> list[Op]:
-  return [op for op in ops(hlo) if op.kind in _COLLECTIVES]
-
-
-def copies_of_at_least(hlo: str, min_bytes: int) -> list[Op]:
-  return [op for op in ops(hlo) if op.kind == "copy" and op.nbytes >= min_bytes]
-
-
-_CALLEE = re.compile(
-  r"(?:calls|body|condition|to_apply|branch_computations|\w+_computation)=\{?([^,}\s]+(?:, %[^,}\s]+)*)"
-)
+  return [op for op in ops(hlo) if op.kind in COLLECTIVES]
 
 
 def _call_graph(hlo: str) -> dict[str, set[str]]:
@@ -96,16 +112,19 @@ def _call_graph(hlo: str) -> dict[str, set[str]]:
   return graph
 
 
-def loop_computations(hlo: str) -> set[str]:
-  """Computations that run inside a while loop (bodies, conditions, and what they call)."""
+def loops(hlo: str) -> dict[str, str]:
+  """Computation -> the loop it runs in (the name of the outermost ``while`` reaching it)."""
   graph = _call_graph(hlo)
-  pending = [
-    name for pair in re.findall(r"condition=%([\w.\-]+), body=%([\w.\-]+)", hlo) for name in pair
-  ]
-  seen: set[str] = set()
-  while pending:
-    name = pending.pop()
-    if name not in seen:
-      seen.add(name)
-      pending.extend(graph.get(name, ()))
-  return seen
+  entry = hlo[hlo.index("\nENTRY") :] if "\nENTRY" in hlo else ""
+  owner: dict[str, str] = {}
+  for line in entry.splitlines():
+    instr = _INSTR.match(line)
+    if not instr or instr.group(3) != "while":
+      continue
+    pending = [n.strip().lstrip("%") for group in _CALLEE.findall(line) for n in group.split(",")]
+    while pending:
+      name = pending.pop()
+      if name not in owner:
+        owner[name] = instr.group(1)
+        pending.extend(graph.get(name, ()))
+  return owner

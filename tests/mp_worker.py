@@ -49,6 +49,9 @@ def algorithms():
     ),
     "model_average": optax_dist.model_average(adam, axis_name=AXIS, interval_steps=3),
     "diloco": optax_dist.diloco(adam, axis_name=AXIS, sync_period=3),
+    "diloco_streaming_int8": optax_dist.diloco(
+      adam, axis_name=AXIS, sync_period=2, fragments=2, comm_dtype="int8", error_feedback=True
+    ),
   }
 
 

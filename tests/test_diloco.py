@@ -105,8 +105,8 @@ def test_bfloat16_params_keep_a_float32_center():
   [
     ({"sync_period": 0}, ValueError, "sync_period.*>= 1"),
     ({"sync_period": 2.0}, TypeError, "sync_period.*int"),
-    ({"comm_dtype": jnp.int8}, ValueError, "comm_dtype.*floating"),
-    ({"comm_dtype": "not-a-dtype"}, ValueError, "comm_dtype.*floating"),
+    ({"comm_dtype": jnp.int16}, ValueError, "only integer format is jnp.int8"),
+    ({"comm_dtype": "not-a-dtype"}, ValueError, "comm_dtype` must be a dtype"),
     ({"outer": 0.7}, TypeError, "outer.*GradientTransformation"),
   ],
 )

@@ -6,6 +6,7 @@ the gradients are averaged every step (the fast network); across hosts the
 params meet every p steps (the slow one).
 """
 
+import hlo
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -16,7 +17,6 @@ import optax
 import pytest
 
 import optax_dist
-from optax_dist import _hlo as hlo
 
 HOSTS, LOCAL = 2, 4
 BATCH, DIM = 3, 5
@@ -73,7 +73,7 @@ def mesh():
   return jax.make_mesh((HOSTS, LOCAL), ("hosts", "local"), axis_types=(AxisType.Auto,) * 2)
 
 
-def compiled_run(tx, layout):
+def compiled_run(tx, layout, **extra):
   """init and step, jitted under shard_map on the 2-D mesh.
 
   ``per_host``: params (HOSTS, DIM) sharded over "hosts", replicated on the
@@ -92,7 +92,7 @@ def compiled_run(tx, layout):
   def step(w, state, x, y):
     w, state = w[index], jax.tree.map(lambda a: a[index], state)
     grads = jax.grad(loss_fn)(w, x[0, 0], y[0, 0])
-    updates, state = tx.update(grads, state, w)
+    updates, state = tx.update(grads, state, w, **extra)
     return jax.tree.map(lambda a: a[grow], (optax.apply_updates(w, updates), state))
 
   m = mesh()
@@ -155,3 +155,32 @@ def test_hlo_every_step_inside_hosts_every_p_steps_across_them():
   assert found[False] == ("all-reduce", DIM * 4, [[0, 1, 2, 3], [4, 5, 6, 7]])
   # In the sync loop only (every p steps): the params, across the hosts.
   assert found[True] == ("all-reduce", DIM * 4, [[0, 4], [1, 5], [2, 6], [3, 7]])
+
+
+@pytest.mark.parametrize("layout", ["per_host", "per_device"])
+def test_int8_syncs_across_hosts_with_static_flags(layout):
+  # Quantized syncs across the hosts (the slow network), the gradients
+  # averaged exactly within each; the host's loop passes the static flags.
+  tx = optax_dist.model_average(
+    optax_dist.tower(optax.sgd(LR), axis_name="local"),
+    axis_name="hosts",
+    interval_steps=PERIOD,
+    comm_dtype=jnp.int8,
+    error_feedback=True,
+  )
+  x, y = data()
+  init, in_graph, w0 = compiled_run(tx, layout)
+  schedule = optax_dist.sync_schedule(init(w0))
+  static = {flag: compiled_run(tx, layout, sync=flag)[1] for flag in (False, True)}
+  runs = {"in_graph": (w0, init(w0)), "static": (w0, init(w0))}
+  for t in range(STEPS):
+    runs["in_graph"] = jax.block_until_ready(in_graph(*runs["in_graph"], x[t], y[t]))
+    runs["static"] = jax.block_until_ready(static[schedule(t)](*runs["static"], x[t], y[t]))
+  jax.tree.map(np.testing.assert_array_equal, runs["static"], runs["in_graph"])
+  _, state = runs["static"]
+  center = np.asarray(optax_dist.center_params(state))
+  # Every device holds the same center, within int8 rounding of float64's.
+  np.testing.assert_array_equal(center, np.broadcast_to(center.reshape(-1, DIM)[0], center.shape))
+  _, ref_c = numpy_reference("model_average", "sgd", x, y)
+  np.testing.assert_allclose(center.reshape(-1, DIM)[0], ref_c, atol=2e-2 * np.abs(ref_c).max())
+  np.testing.assert_array_equal(optax_dist.global_step(state), STEPS // PERIOD)

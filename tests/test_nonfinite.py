@@ -3,6 +3,7 @@
 from harness import AXIS
 from harness import run_transform
 from harness import stack
+import hlo
 import jax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -11,7 +12,6 @@ import optax
 import pytest
 
 import optax_dist
-from optax_dist import _hlo as hlo
 
 N = 4
 STEPS = 6

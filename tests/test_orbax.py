@@ -35,8 +35,14 @@ ALGORITHMS = {
     optax.adam(0.05), axis_name=AXIS, interval_steps=PERIOD
   ),
   "diloco": lambda: optax_dist.diloco(optax.adam(0.05), axis_name=AXIS, sync_period=PERIOD),
-  "diloco_streaming_warmup": lambda: optax_dist.diloco(
-    optax.adam(0.05), axis_name=AXIS, sync_period=2 * PERIOD, fragments=2, sync_warmup=1
+  "diloco_streaming_int8_warmup": lambda: optax_dist.diloco(
+    optax.adam(0.05),
+    axis_name=AXIS,
+    sync_period=2 * PERIOD,
+    fragments=2,
+    sync_warmup=1,
+    comm_dtype=jnp.int8,
+    error_feedback=True,
   ),
 }
 

@@ -10,6 +10,7 @@ round_robin all-gathers N copies.
 import re
 
 from harness import AXIS
+import hlo
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -19,7 +20,6 @@ import optax
 import pytest
 
 import optax_dist
-from optax_dist import _hlo as hlo
 
 N = 8
 PARAMS = {"b": np.zeros((N, 32), np.float32), "w": np.zeros((N, 64, 32), np.float32)}

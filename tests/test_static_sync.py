@@ -46,6 +46,9 @@ def make(name, inner=SGD):
     "diloco_fragments": lambda: optax_dist.diloco(
       inner, axis_name=AXIS, sync_period=4, fragments=2
     ),
+    "diloco_int8": lambda: optax_dist.diloco(
+      inner, axis_name=AXIS, sync_period=4, fragments=2, comm_dtype=jnp.int8, error_feedback=True
+    ),
   }[name]()
 
 
@@ -57,6 +60,7 @@ NAMES = (
   "model_average",
   "diloco",
   "diloco_fragments",
+  "diloco_int8",
 )
 
 

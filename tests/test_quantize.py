@@ -1,0 +1,208 @@
+"""Quantized syncs: the int8 ring, its error bound, error feedback, and what crosses the wire."""
+
+from harness import AXIS
+from harness import map_workers
+from harness import run_transform
+from harness import stack
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import optax_dist
+from optax_dist import _quantize
+
+BLOCK = _quantize.BLOCK
+
+
+def values(n, seed=0):
+  rng = np.random.default_rng(seed)
+  # Leaves of several sizes and scales, one not a multiple of the block.
+  return {
+    "a": (rng.normal(size=(n, 700)) * np.exp(rng.normal(size=(n, 1)))).astype(np.float32),
+    "b": rng.normal(size=(n, 5, 3)).astype(np.float32) * 1e-3,
+  }
+
+
+def flat_blocks(tree, n):
+  """Each worker's contribution as the ring cuts it: (n, blocks, BLOCK), zero-padded."""
+  flat = np.concatenate([np.asarray(x).reshape(n, -1) for x in jax.tree.leaves(tree)], axis=1)
+  chunk = -(-flat.shape[1] // n // BLOCK) * BLOCK
+  padded = np.zeros((n, n * chunk), np.float32)
+  padded[:, : flat.shape[1]] = flat
+  return flat, padded.reshape(n, -1, BLOCK)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("mode", ["vmap", "shard_map", "pmap"])
+def test_ring_sum_is_the_same_on_every_worker_and_within_the_bound(n, mode):
+  x = values(n)
+  total, dropped = map_workers(lambda t: _quantize.ring_sum(t, (AXIS,), jnp.int8), n, mode)(x)
+  flat_total = np.concatenate([np.asarray(v).reshape(n, -1) for v in jax.tree.leaves(total)], 1)
+  # Every worker holds the same bits.
+  np.testing.assert_array_equal(flat_total, np.broadcast_to(flat_total[0], flat_total.shape))
+  # Error bound, element by element: (sum_k a_k + A) / 254, a_k the absmax
+  # of worker k's block and A that of the summed block.
+  flat, blocks = flat_blocks(x, n)
+  exact = flat.sum(0)
+  a = np.abs(blocks).max(-1, keepdims=True).sum(0)  # (blocks, 1)
+  big_a = np.abs(blocks.sum(0)).max(-1, keepdims=True) * (1 + 1 / 127)
+  bound = np.broadcast_to((a + big_a) / 254, blocks.shape[1:]).reshape(-1)[: exact.size]
+  error = np.abs(flat_total[0] - exact)
+  assert np.all(error <= bound * (1 + 1e-5) + 1e-30), np.max(error / bound)
+  assert error.max() > 0  # It did quantize.
+  # What the roundings dropped, summed over the workers, is what the sum
+  # lacks: fed back, nothing is lost.
+  flat_dropped = np.concatenate([np.asarray(v).reshape(n, -1) for v in jax.tree.leaves(dropped)], 1)
+  np.testing.assert_allclose(flat_total[0] + flat_dropped.sum(0), exact, rtol=1e-5, atol=1e-6)
+
+
+def test_a_non_finite_contribution_makes_the_sum_non_finite():
+  x = values(4)
+  x["b"][2, 1, 1] = np.inf
+  total, _ = jax.vmap(lambda t: _quantize.ring_sum(t, (AXIS,), jnp.int8), axis_name=AXIS)(x)
+  assert not np.isfinite(np.asarray(total["b"])).all()
+
+
+ALGORITHMS = {
+  "diloco": lambda **kw: optax_dist.diloco(
+    optax.sgd(0.1), axis_name=AXIS, sync_period=2, outer=optax.sgd(0.7, momentum=0.5), **kw
+  ),
+  "model_average": lambda **kw: optax_dist.model_average(
+    optax.sgd(0.1), axis_name=AXIS, interval_steps=2, **kw
+  ),
+  "elastic_average": lambda **kw: optax_dist.elastic_average(
+    optax.sgd(0.1), axis_name=AXIS, communication_period=2, moving_rate=0.2, **kw
+  ),
+}
+
+
+def problem(n=4, steps=6, seed=1):
+  rng = np.random.default_rng(seed)
+  params = stack({"w": rng.normal(size=(40, 30)).astype(np.float32)}, n)
+  grads = [{"w": rng.normal(size=(n, 40, 30)).astype(np.float32)} for _ in range(steps)]
+  return params, grads
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_quantized_syncs_keep_the_center_identical_and_close_to_float32(name, dtype):
+  params, grads = problem()
+  exact = run_transform(ALGORITHMS[name](), params, grads, mode="shard_map")
+  quantized = run_transform(
+    ALGORITHMS[name](comm_dtype=jnp.dtype(dtype)), params, grads, mode="shard_map"
+  )
+  center = np.asarray(optax_dist.center_params(quantized.state)["w"])
+  np.testing.assert_array_equal(center, np.broadcast_to(center[0], center.shape))
+  # int8 keeps 7 bits of each block's scale, e4m3 three of the mantissa.
+  tolerance = {"int8": 2e-3, "float8_e4m3fn": 4e-2}[dtype]
+  reference = np.asarray(optax_dist.center_params(exact.state)["w"])
+  assert np.max(np.abs(center - reference)) < tolerance * np.max(np.abs(reference))
+  assert not np.array_equal(center, reference)
+
+
+def test_error_feedback_keeps_the_error_from_accumulating():
+  # Every worker moves by the same constant each period, so the rounding of
+  # the pseudo-gradient is the same every sync: without feedback it adds up
+  # sync after sync; with it, what was dropped is sent again and the center
+  # stays within a rounding or two of float32.
+  n, steps = 4, 40
+  rng = np.random.default_rng(3)
+  params = stack({"w": np.zeros(300, np.float32)}, n)
+  g = rng.normal(size=(n, 300)).astype(np.float32) * np.linspace(0.1, 1.0, 300, dtype=np.float32)
+  grads = [{"w": g}] * steps
+
+  def center_error(**kw):
+    tx = optax_dist.diloco(
+      optax.sgd(0.01), axis_name=AXIS, sync_period=1, outer=optax.sgd(1.0), **kw
+    )
+    got = run_transform(tx, params, grads, mode="vmap")
+    reference = run_transform(
+      optax_dist.diloco(optax.sgd(0.01), axis_name=AXIS, sync_period=1, outer=optax.sgd(1.0)),
+      params,
+      grads,
+      mode="vmap",
+    )
+    c = np.asarray(optax_dist.center_params(got.state)["w"][0])
+    r = np.asarray(optax_dist.center_params(reference.state)["w"][0])
+    return np.max(np.abs(c - r))
+
+  without = center_error(comm_dtype=jnp.int8)
+  with_feedback = center_error(comm_dtype=jnp.int8, error_feedback=True)
+  assert with_feedback < without / 5, (with_feedback, without)
+
+
+def lowered(tx, n, params):
+  mesh = jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+  def step(p, s, g):
+    p, s, g = jax.tree.map(lambda a: a[0], (p, s, g))
+    u, s = tx.update(g, s, p, sync=True)
+    return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, u), s))
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+  return fn, (params, jax.vmap(tx.init)(params), params)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_int8_sync_sends_under_a_third_of_the_float32_bytes(n):
+  # 4 leaves, 64 * 1024 + 3 * 256 numbers: enough that the padding to whole
+  # blocks per worker is small.
+  params = stack(
+    {
+      "w": np.zeros((64, 1024), np.float32),
+      "b": np.zeros(256, np.float32),
+      "c": np.zeros(256, np.float32),
+      "d": np.zeros(256, np.float32),
+    },
+    n,
+  )
+  f32 = optax_dist.communication_report(*_unpack(lowered(ALGORITHMS["diloco"](), n, params)))
+  q = optax_dist.communication_report(
+    *_unpack(lowered(ALGORITHMS["diloco"](comm_dtype=jnp.int8), n, params))
+  )
+  assert {c.kind for c in f32.collectives} == {"all-reduce"}
+  assert {(c.kind, c.shape.split("[")[0].strip("(")) for c in q.collectives} >= {
+    ("all-to-all", "s8"),
+    ("all-gather", "s8"),
+  }
+  assert "all-reduce" not in {c.kind for c in q.collectives}
+  assert all(c.workers == n for c in q.collectives)
+  ratio = q.every_step_wire_bytes / f32.every_step_wire_bytes
+  assert ratio <= 0.30, ratio
+  # The float32 ring: 2 (N - 1) / N of the params' bytes.
+  num = 64 * 1024 + 3 * 256
+  assert f32.every_step_wire_bytes == pytest.approx(2 * (n - 1) / n * 4 * num)
+
+
+def _unpack(pair):
+  fn, args = pair
+  return (fn, *args)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "error", "match"),
+  [
+    ({"comm_dtype": jnp.int16}, ValueError, "only integer format is jnp.int8"),
+    ({"comm_dtype": jnp.uint8}, ValueError, "only integer format is jnp.int8"),
+    ({"comm_dtype": "not-a-dtype"}, ValueError, "`comm_dtype` must be a dtype"),
+    ({"comm_dtype": jnp.complex64}, ValueError, "floating dtype"),
+    ({"error_feedback": True}, ValueError, "error_feedback=True` needs a quantized"),
+    ({"comm_dtype": jnp.bfloat16, "error_feedback": True}, ValueError, "needs a quantized"),
+    ({"comm_dtype": jnp.int8, "error_feedback": 1}, TypeError, "must be a Python bool"),
+  ],
+)
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_bad_communication_arguments(name, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    ALGORITHMS[name](**kwargs)
+
+
+def test_round_robin_takes_no_comm_dtype():
+  with pytest.raises(ValueError, match="ordering='simultaneous'"):
+    optax_dist.elastic_average(
+      optax.sgd(0.1), axis_name=AXIS, ordering="round_robin", comm_dtype=jnp.int8
+    )
