@@ -1,9 +1,12 @@
 """The documentation: its code runs, and the API reference covers the package."""
 
+import ast
 import importlib.util
+import inspect
 import pathlib
 import re
 import types
+import zlib
 
 import jax
 import numpy as np
@@ -28,6 +31,83 @@ def run_block(page, index):
   namespace: dict = {"__name__": f"docs_{page}"}
   exec(compile(blocks[index], str(DOCS / page), "exec"), namespace)
   return namespace
+
+
+def test_landing_page_example_trains(capsys):
+  ns = run_block("index.md", 0)
+  assert float(ns["loss"].mean()) < 1e-2, ns["loss"]
+  assert int(ns["syncs"]) == 20  # 100 steps, a sync every 5.
+  # The last step was a sync: every worker holds the averaged params.
+  w = np.asarray(ns["w"])
+  np.testing.assert_array_equal(w, np.broadcast_to(w[:1], w.shape))
+  np.testing.assert_allclose(w[0], [1.0, -2.0, 3.0], atol=0.05)
+  assert "after 20 syncs" in capsys.readouterr().out
+
+
+def shell_blocks(page):
+  """The lines of every ``bash`` block of a docs page."""
+  blocks = re.findall(r"^```(?:bash|sh|console)\n(.*?)^```", (DOCS / page).read_text(), re.S | re.M)
+  return [block.splitlines() for block in blocks]
+
+
+def readme_commands(marker):
+  """The commands of the README block after ``<!-- marker -->``, split at ``&&``."""
+  text = (ROOT / "README.md").read_text()
+  match = re.search(rf"<!-- {marker} -->\s*```(?:bash|sh)?\n(.+?)\n```", text, re.S)
+  assert match, f"README.md has no {marker} block"
+  return [command.strip() for command in match.group(1).split("&&")]
+
+
+@pytest.mark.parametrize("marker", ["demo-command", "test-command"])
+def test_getting_started_gives_the_readme_commands(marker):
+  lines = {line.strip() for block in shell_blocks("getting_started.md") for line in block}
+  missing = [command for command in readme_commands(marker) if command not in lines]
+  assert not missing, f"getting_started.md lacks the README's {missing}"
+
+
+@pytest.mark.parametrize("page", ["index.md", "getting_started.md"])
+def test_shell_commands_are_short_and_one_per_line(page):
+  blocks = shell_blocks(page)
+  assert blocks, f"{page} shows no commands"
+  for line in (line for block in blocks for line in block):
+    assert "&&" not in line and ";" not in line, f"{page}: one command per line: {line!r}"
+    assert len(line) <= 70, f"{page}: a command this long is cut off on narrow screens: {line!r}"
+
+
+def test_landing_page_installs_from_a_clone():
+  commands = [line.strip() for block in shell_blocks("index.md") for line in block]
+  assert commands[0].startswith("git clone ")
+  assert "pip install -e ." in commands
+  # The same install as the README's commands, without the extras.
+  assert any(c.startswith("pip install -e ") for c in readme_commands("test-command"))
+
+
+def test_landing_page_toctrees_are_hidden():
+  toctrees = re.findall(r"^```\{toctree\}\n(.*?)^```", (DOCS / "index.md").read_text(), re.S | re.M)
+  assert toctrees
+  assert all(":hidden:" in options for options in toctrees)
+
+
+def markdown_tables(page):
+  """``(header cells, text before, text after)`` for each table of a page."""
+  paragraphs = re.split(r"\n\s*\n", (DOCS / page).read_text())
+  tables = []
+  for index, paragraph in enumerate(paragraphs):
+    lines = paragraph.strip().splitlines()
+    if len(lines) >= 2 and lines[0].startswith("|") and re.match(r"^\|[\s|:-]+\|$", lines[1]):
+      header = [cell.strip().strip("`") for cell in lines[0].strip("|").split("|")]
+      before = paragraphs[index - 1] if index else ""
+      after = paragraphs[index + 1] if index + 1 < len(paragraphs) else ""
+      tables.append((header, before, after))
+  return tables
+
+
+@pytest.mark.parametrize("page", ["index.md", "getting_started.md"])
+def test_every_table_explains_its_columns(page):
+  for header, before, after in markdown_tables(page):
+    text = " ".join((before, after)).replace("\n", " ")
+    unexplained = [column for column in header if column.lower() not in text.lower()]
+    assert not unexplained, f"{page}: no sentence next to the table explains {unexplained}"
 
 
 def test_getting_started_tower_loop_trains(capsys):
@@ -220,3 +300,154 @@ def test_coverage_check_reports_stale_duplicate_and_undocumented_names():
   assert check.check_source("/nonexistent", "api.rst", "optax_dist") == [
     "the API reference /nonexistent/api.rst does not exist"
   ]
+
+
+def load_docs_module(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_api_types_reads_annotations_as_written():
+  api_types = load_docs_module(DOCS / "_ext" / "api_types.py")
+  fields = api_types.source_annotations(optax_dist.ElasticAverageState)
+  assert fields["inner_state"] == "optax.OptState"
+  assert fields["center"] == "optax.Params"
+  assert fields["step"] == "jax.Array"
+  signature = api_types.source_annotations(optax_dist.minimize)
+  assert signature["params"] == "optax.Params"
+  assert signature["*args"] == "Any"
+  assert signature["return"] == "tuple[optax.Params, optax.OptState, Any]"
+  public = api_types.public_annotation
+  module = optax_dist.ElasticAverageState.__module__
+  assert public(fields["schedule"], module, "optax_dist") == "~optax_dist.SyncSchedule"
+  assert public("optax.Params | None", module, "optax_dist") == "optax.Params | None"
+  # A private alias reads as its definition.
+  axis = api_types.source_annotations(optax_dist.tower)["axis_name"]
+  assert "_collectives" in axis
+  assert "_" not in public(axis, optax_dist.tower.__module__, "optax_dist").replace("_dist", "")
+
+
+def test_api_types_puts_each_type_next_to_its_field():
+  api_types = load_docs_module(DOCS / "_ext" / "api_types.py")
+  lines = [
+    "Summary.",
+    "",
+    ":param x: The input,",
+    "          on two lines.",
+    r":param \*args: More.",
+    ":returns: The output.",
+    "",
+    ".. rubric:: Examples",
+    "",
+    ">>> f(1)",
+  ]
+  annotations = {"x": "int", "y": "str", "*args": "Any", "return": "float"}
+  assert api_types.add_type_fields(lines, "function", annotations) == [
+    "Summary.",
+    "",
+    ":param x: The input,",
+    "          on two lines.",
+    ":type x: int",
+    r":param \*args: More.",
+    r":type \*args: Any",
+    ":param y:",
+    ":type y: str",
+    ":returns: The output.",
+    ":rtype: float",
+    "",
+    ".. rubric:: Examples",
+    "",
+    ">>> f(1)",
+  ]
+  fields = [":ivar a: First.", ":ivar b: Second.", "", "More text."]
+  assert api_types.add_type_fields(fields, "class", {"a": "int", "b": "str", "c": "bool"}) == [
+    ":ivar a: First.",
+    ":vartype a: int",
+    ":ivar b: Second.",
+    ":vartype b: str",
+    "",
+    "More text.",
+  ]
+
+
+def test_the_docs_build_uses_the_readable_types():
+  conf = (DOCS / "conf.py").read_text()
+  assert '"api_types"' in conf
+  assert 'autodoc_typehints = "none"' in conf
+  assert "napoleon_use_ivar = True" in conf
+  template = (DOCS / "_templates" / "autosummary" / "class.rst").read_text()
+  assert "inherited_members" in template  # tuple's count and index are left out.
+
+
+def read_inventory(path):
+  """``{name: (type, uri)}`` of a Sphinx inventory (version 2)."""
+  data = path.read_bytes()
+  header = data.split(b"\n", 4)
+  assert header[0] == b"# Sphinx inventory version 2", path
+  entries = {}
+  for line in zlib.decompress(header[4]).decode().splitlines():
+    name, objtype, _, uri, _ = re.match(r"(\S+)\s+(\S+)\s+(-?\d+)\s+(\S*)\s+(.*)", line).groups()
+    entries[name] = (objtype, uri.replace("$", name) if uri.endswith("$") else uri)
+  return entries
+
+
+def intersphinx_mapping():
+  conf = ast.parse((DOCS / "conf.py").read_text())
+  for node in conf.body:
+    if isinstance(node, ast.Assign) and node.targets[0].id == "intersphinx_mapping":
+      return ast.literal_eval(node.value)
+  raise AssertionError("conf.py sets no intersphinx_mapping")
+
+
+def test_intersphinx_uses_the_shipped_inventories():
+  mapping = intersphinx_mapping()
+  assert set(mapping) == {"jax", "optax", "flax", "orbax"}
+  for url, inventory in mapping.values():
+    assert url.startswith("https://") and url.endswith("/"), url
+    assert (DOCS / inventory).is_file(), f"{inventory} is missing: run write_inventories.py"
+  # The shipped files are what the script writes from its tables.
+  script = load_docs_module(DOCS / "_inventories" / "write_inventories.py")
+  for filename, (_, _, table) in script.INVENTORIES.items():
+    entries = read_inventory(DOCS / "_inventories" / filename)
+    expected = {
+      name: (f"py:{objtype}", f"{page}.html#{anchor or name}")
+      for name, (page, objtype, anchor) in table.items()
+    }
+    assert entries == expected, f"{filename} is stale: run docs/_inventories/write_inventories.py"
+
+
+EXTERNAL = ("jax.", "optax.", "flax.", "orbax.")
+
+
+def referenced_external_names():
+  """The jax, optax, flax and orbax names the docs link: roles and the API's annotations."""
+  role = re.compile(r"[{:](?:func|class|obj|data|meth|attr|mod)[}:]`~?([\w.]+)`")
+  texts = [path.read_text() for path in DOCS.rglob("*.md")]
+  texts += [path.read_text() for path in DOCS.glob("*.rst")]
+  texts += [path.read_text() for path in (ROOT / "optax_dist").glob("*.py")]
+  names = {name for text in texts for name in role.findall(text)}
+  api_types = load_docs_module(DOCS / "_ext" / "api_types.py")
+  objects = [getattr(optax_dist, name) for name in optax_dist.__all__]
+  objects += [
+    member
+    for obj in objects
+    if inspect.isclass(obj)
+    for name, member in vars(obj).items()
+    if inspect.isfunction(member) and (not name.startswith("_") or name == "__call__")
+  ]
+  for obj in objects:
+    for text in api_types.source_annotations(obj).values():
+      names.update(re.findall(r"[A-Za-z_][\w.]*", text))
+  return sorted(name for name in names if name.startswith(EXTERNAL))
+
+
+def test_every_external_name_the_docs_link_is_in_an_inventory():
+  known = {}
+  for _, inventory in intersphinx_mapping().values():
+    known.update(read_inventory(DOCS / inventory))
+  names = referenced_external_names()
+  assert "optax.Params" in names and "jax.Array" in names
+  missing = [name for name in names if name not in known]
+  assert not missing, f"add {missing} to docs/_inventories/write_inventories.py"
