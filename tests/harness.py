@@ -47,6 +47,7 @@ class Trajectory(NamedTuple):
   params: list[Any]  # Stacked params after each step, as NumPy arrays.
   updates: list[Any]  # Stacked updates of each step.
   state: Any  # Final stacked state.
+  states: list[Any]  # Stacked state after each step.
 
 
 def run_transform(
@@ -79,7 +80,7 @@ def run_transform(
 
   state = map_workers(tx.init, n, mode, axis_name)(params)
   programs: dict[Any, Callable] = {}
-  traj = Trajectory([], [], None)
+  traj = Trajectory([], [], None, [])
   for i, batch in enumerate(batches):
     extra = {} if flags is None else {"sync": flags[i]}
     key = repr(extra)
@@ -88,6 +89,7 @@ def run_transform(
     params, state, updates = jax.block_until_ready(programs[key](params, state, batch))
     traj.params.append(jax.tree.map(np.asarray, params))
     traj.updates.append(jax.tree.map(np.asarray, updates))
+    traj.states.append(state)
   return traj._replace(state=state)
 
 

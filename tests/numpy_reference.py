@@ -51,17 +51,17 @@ def agn(x0, grads, *, n, p, ordering, inner, center_reduction="sum"):
   return out
 
 
-def schedule_flag(t, *, p, warmup=0, fragments=1):
+def schedule_flag(t, *, period, warmup=0, fragments=1):
   """The flag of call t (1-based): DESIGN section 10.1 and 10.2."""
   if t <= warmup:
     return "warmup"
   r = t - warmup
-  width = p // fragments
+  width = period // fragments
   if r % width:
     return False
   if fragments == 1:
     return True
-  return ((r % p) // width - 1) % fragments
+  return ((r % period) // width - 1) % fragments
 
 
 def model_average(x0, grads, *, n, p, inner, **kwargs):
@@ -90,7 +90,7 @@ def diloco(
   m = np.zeros_like(c)
   out = []
   for t, g in enumerate(np.asarray(grads, np.float64), start=1):
-    flag = schedule_flag(t, p=p, warmup=warmup, fragments=num) if flags is None else flags[t - 1]
+    flag = schedule_flag(t, period=p, warmup=warmup, fragments=num) if flags is None else flags[t - 1]
     if flag == "warmup":
       mean = g.mean(0)
       x = x + np.stack([local[k](mean) for k in range(n)])

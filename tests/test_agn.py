@@ -140,32 +140,3 @@ def test_bfloat16_params_keep_a_float32_center_and_accumulator():
   assert state.center.dtype == state.accumulator.dtype == jnp.float32
   # The center moves by 2^-10, below bfloat16's resolution at 1 (2^-7).
   np.testing.assert_allclose(state.center[0], [1.0 - 2.0**-10] * 3, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize(
-  ("kwargs", "match"),
-  [
-    ({"communication_period": 0}, "communication_period.*>= 1"),
-    ({"communication_period": 2.5}, "communication_period.*int"),
-    ({"communication_period": True}, "communication_period.*int"),
-    ({"ordering": "sequential"}, "ordering.*'simultaneous', 'round_robin'"),
-    ({"center_reduction": "max"}, "center_reduction.*'sum', 'mean'"),
-  ],
-)
-def test_bad_arguments(kwargs, match):
-  with pytest.raises((ValueError, TypeError), match=match):
-    optax_dist.agn(optax.sgd(0.1), axis_name=AXIS, **kwargs)
-
-
-def test_params_are_required():
-  tx = optax_dist.agn(optax.sgd(0.1), axis_name=AXIS)
-  state = tx.init(jnp.zeros(2))
-  with pytest.raises(ValueError, match="agn needs the current params"):
-    jax.vmap(lambda g: tx.update(g, state), axis_name=AXIS)(jnp.ones((2, 2)))
-
-
-def test_unbound_axis_is_named():
-  tx = optax_dist.agn(optax.sgd(0.1), axis_name="hosts")
-  params = jnp.zeros(2)
-  with pytest.raises(NameError, match="'hosts'"):
-    tx.update(jnp.ones(2), tx.init(params), params)

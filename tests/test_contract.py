@@ -1,13 +1,19 @@
 """The contract every transform of the package honours.
 
 Each case is run through the same checks: it composes with optax's wrappers
-(chain, masked, inject_hyperparams, MultiSteps), compiles once, forwards extra
-arguments, keeps its state's shapes and dtypes, initializes from
-``jax.ShapeDtypeStruct`` params and keeps bfloat16 params in bfloat16. A new
-transform joins the suite by adding a ``Case`` to ``CASES``.
+(chain, masked, inject_hyperparams with a real injected value, MultiSteps),
+compiles once, forwards extra arguments, keeps its state's shapes and
+dtypes, initializes from ``jax.ShapeDtypeStruct`` params, keeps bfloat16
+params in bfloat16, rejects bad arguments with a clear error, asks for
+params where it needs them and names an unbound axis; a periodic case syncs
+on exactly the calls its schedule gives (DESIGN section 10.1, written out in
+tests/numpy_reference.py). A new transform joins the suite by adding a
+``Case`` to ``CASES``.
 """
 
 from collections.abc import Callable
+import inspect
+import itertools
 from typing import Any
 from typing import NamedTuple
 
@@ -19,6 +25,7 @@ from harness import stack
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import optax
 import pytest
 
@@ -30,39 +37,131 @@ class Case(NamedTuple):
   factory: Callable[..., optax.GradientTransformation]  # factory(inner, *, axis_name, **kwargs)
   kwargs: dict[str, Any]  # Static arguments (strings, periods).
   numeric: dict[str, Any]  # Numeric hyperparameters, injectable by optax.inject_hyperparams.
+  bad: tuple = ()  # (kwargs, error type, message pattern) rejected at construction.
+  schedule: dict[str, int] | None = None  # Periodic: period, warmup, fragments.
 
   def make(self, inner=None, **overrides):
     inner = optax.sgd(0.1, momentum=0.5) if inner is None else inner
     return self.factory(inner, axis_name=AXIS, **{**self.kwargs, **self.numeric, **overrides})
 
 
+def period_errors(name):
+  return (
+    ({name: 0}, ValueError, f"{name}.*>= 1"),
+    ({name: 2.5}, TypeError, f"{name}.*int"),
+    ({name: True}, TypeError, f"{name}.*int"),
+    ({"sync_warmup": -1}, ValueError, "sync_warmup.*>= 0"),
+    ({"sync_warmup": 1.5}, TypeError, "sync_warmup.*Python int"),
+  )
+
+
+ORDERING_ERROR = ({"ordering": "sequential"}, ValueError, "ordering.*'simultaneous', 'round_robin'")
+
 CASES = [
-  Case("tower_mean", optax_dist.tower, {"loss_reduction": "mean"}, {}),
+  Case(
+    "tower_mean",
+    optax_dist.tower,
+    {"loss_reduction": "mean"},
+    {},
+    bad=(({"loss_reduction": "max"}, ValueError, r"loss_reduction.*'sum', 'mean'.*'max'"),),
+  ),
   Case("tower_sum", optax_dist.tower, {"loss_reduction": "sum"}, {}),
   Case(
     "elastic_simultaneous",
     optax_dist.elastic_average,
     {"communication_period": 2, "ordering": "simultaneous"},
     {"moving_rate": 0.3, "rho": 0.05},
+    bad=(
+      *period_errors("communication_period"),
+      ({"moving_rate": 0.0}, ValueError, r"moving_rate.*\(0, 1\]"),
+      ({"moving_rate": 1.5}, ValueError, r"moving_rate.*\(0, 1\]"),
+      ({"rho": -0.1}, ValueError, "rho.*>= 0"),
+      ORDERING_ERROR,
+    ),
+    schedule={"period": 2},
+  ),
+  Case(
+    "elastic_default_rho",  # rho = 0: the state keeps no snapshot.
+    optax_dist.elastic_average,
+    {"communication_period": 3, "sync_warmup": 1},
+    {"moving_rate": 0.3},
+    schedule={"period": 3, "warmup": 1},
   ),
   Case(
     "elastic_round_robin",
     optax_dist.elastic_average,
     {"communication_period": 2, "ordering": "round_robin"},
     {"moving_rate": 0.3, "rho": 0.05},
+    schedule={"period": 2},
   ),
-  Case("agn_simultaneous", optax_dist.agn, {"communication_period": 2}, {}),
+  Case(
+    "agn_simultaneous",
+    optax_dist.agn,
+    {"communication_period": 2},
+    {},
+    bad=(
+      *period_errors("communication_period"),
+      ORDERING_ERROR,
+      ({"center_reduction": "max"}, ValueError, "center_reduction.*'sum', 'mean'"),
+    ),
+    schedule={"period": 2},
+  ),
   Case(
     "agn_round_robin_mean",
     optax_dist.agn,
     {"communication_period": 2, "ordering": "round_robin", "center_reduction": "mean"},
     {},
+    schedule={"period": 2},
   ),
-  Case("model_average", optax_dist.model_average, {"interval_steps": 2}, {}),
-  Case("diloco", optax_dist.diloco, {"sync_period": 2}, {}),
+  Case(
+    "model_average",
+    optax_dist.model_average,
+    {"interval_steps": 2},
+    {},
+    bad=(
+      *period_errors("interval_steps"),
+      ({"interval_steps": None}, TypeError, "interval_steps.*int"),
+    ),
+    schedule={"period": 2},
+  ),
+  Case(
+    "model_average_streaming_int8",
+    optax_dist.model_average,
+    {"interval_steps": 4, "fragments": 2, "comm_dtype": jnp.int8, "error_feedback": True},
+    {},
+    schedule={"period": 4, "fragments": 2},
+  ),
+  Case(
+    "diloco",
+    optax_dist.diloco,
+    {"sync_period": 2},
+    {},
+    bad=(
+      *period_errors("sync_period"),
+      ({"outer": 0.7}, TypeError, "outer.*GradientTransformation"),
+      ({"sync_period": 3, "fragments": 2}, ValueError, r"sync_period` \(3\) must be a multiple"),
+    ),
+    schedule={"period": 2},
+  ),
   Case("diloco_bf16_comm", optax_dist.diloco, {"sync_period": 2, "comm_dtype": jnp.bfloat16}, {}),
-  Case("apply_if_all_finite", optax_dist.apply_if_all_finite, {"max_consecutive_errors": 2}, {}),
+  Case(
+    "apply_if_all_finite",
+    optax_dist.apply_if_all_finite,
+    {"max_consecutive_errors": 2},
+    {},
+    bad=(
+      ({"max_consecutive_errors": -1}, ValueError, "max_consecutive_errors"),
+      ({"max_consecutive_errors": 1.5}, ValueError, "max_consecutive_errors"),
+    ),
+  ),
 ]
+PERIODIC = [case for case in CASES if case.schedule]
+NEEDS_PARAMS = {
+  "elastic_average": "elastic_average",
+  "agn": "agn",
+  "model_average": "model_average",
+  "diloco": "diloco",
+}
 
 N = 2  # Workers, simulated with vmap unless a check says otherwise.
 STEPS = 4
@@ -70,7 +169,7 @@ STEPS = 4
 
 def params_and_grads(dtype=jnp.float32, steps=STEPS, seed=0):
   rng = np.random.default_rng(seed)
-  params = {"b": rng.normal(size=(3,)), "w": rng.normal(size=(2, 3))}
+  params = {"b": rng.normal(size=(3,)), "v": rng.normal(size=(4,)), "w": rng.normal(size=(2, 3))}
   params = stack(jax.tree.map(lambda x: jnp.asarray(x, dtype), params), N)
   grads = [
     jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), dtype), params)
@@ -103,29 +202,55 @@ def test_in_masked(case):
   # Masked-out leaves pass through untouched; masked-in ones see the transform.
   params, grads = params_and_grads()
   masked = run_transform(
-    optax.masked(case.make(), {"b": False, "w": True}), params, grads, mode="vmap"
+    optax.masked(case.make(), {"b": False, "v": True, "w": True}), params, grads, mode="vmap"
   )
-  only_w = run_transform(
-    case.make(), {"w": params["w"]}, [{"w": g["w"]} for g in grads], mode="vmap"
-  )
+
+  def inside(tree):
+    return {k: tree[k] for k in ("v", "w")}
+
+  only = run_transform(case.make(), inside(params), [inside(g) for g in grads], mode="vmap")
   for step, g in enumerate(grads):
     np.testing.assert_array_equal(masked.updates[step]["b"], g["b"])
-    np.testing.assert_allclose(
-      masked.params[step]["w"], only_w.params[step]["w"], rtol=1e-6, atol=1e-6
+    chex.assert_trees_all_close(
+      inside(masked.params[step]), only.params[step], rtol=1e-6, atol=1e-6
     )
 
 
 def test_in_inject_hyperparams(case):
+  # The inner learning rate goes through the factory as an injected value,
+  # with the case's own numeric hyperparameters; changing the injected values
+  # in the state changes the training exactly as building the transform with
+  # them would.
   params, grads = params_and_grads()
-  static = tuple(k for k, v in case.kwargs.items() if not isinstance(v, str))
-  injected = optax.inject_hyperparams(case.factory, static_args=static)(
-    optax.sgd(0.1, momentum=0.5), axis_name=AXIS, **case.kwargs, **case.numeric
+  static = ("axis_name", *(k for k, v in case.kwargs.items() if not isinstance(v, str)))
+
+  def factory(learning_rate, **kwargs):
+    return case.factory(optax.sgd(learning_rate, momentum=0.5), **kwargs)
+
+  # The case's own signature, with the learning rate in place of `inner`.
+  signature = inspect.signature(case.factory)
+  factory.__signature__ = signature.replace(  # type: ignore[attr-defined]
+    parameters=[
+      inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+      *(p for name, p in signature.parameters.items() if name != "inner"),
+    ]
   )
-  state = injected.init(jax.tree.map(lambda x: x[0], params))
-  assert set(state.hyperparams) == set(case.numeric)
+
+  injected = optax.inject_hyperparams(factory, static_args=static)(
+    0.1, axis_name=AXIS, **case.kwargs, **case.numeric
+  )
+  init = injected.init
+  state = init(jax.tree.map(lambda x: x[0], params))
+  assert {"learning_rate", *case.numeric} <= set(state.hyperparams)
+  changed = {k: v * 0.5 for k, v in case.numeric.items()}
+
+  def init_changed(p):
+    values = {"learning_rate": 0.3, **changed}
+    return optax.tree.set(init(p), **{k: jnp.float32(v) for k, v in values.items()})
+
   assert_trajectories_close(
-    run_transform(injected, params, grads, mode="vmap"),
-    run_transform(case.make(), params, grads, mode="vmap"),
+    run_transform(injected._replace(init=init_changed), params, grads, mode="vmap"),
+    run_transform(case.make(optax.sgd(0.3, momentum=0.5), **changed), params, grads, mode="vmap"),
   )
 
 
@@ -217,3 +342,60 @@ def test_init_on_shape_dtype_structs(case):
   assert jax.tree.map(lambda a: (a.shape, a.dtype), abstract) == jax.tree.map(
     lambda a: (a.shape, a.dtype), real
   )
+
+
+def test_bad_arguments_are_clear_errors(case):
+  for kwargs, error, match in case.bad:
+    with pytest.raises(error, match=match):
+      case.make(**kwargs)
+
+
+def test_params_are_required_where_needed(case):
+  tx = case.make()
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: jnp.ones((2, *x.shape)), params)
+  name = case.factory.__name__
+  if name in NEEDS_PARAMS:
+    with pytest.raises(ValueError, match=f"{NEEDS_PARAMS[name]} needs the current params"):
+      jax.vmap(lambda g: tx.update(g, state), axis_name=AXIS)(grads)
+  else:  # tower and apply_if_all_finite pass params on to the inner optimizer.
+    jax.vmap(lambda g: tx.update(g, state), axis_name=AXIS)(grads)
+
+
+def test_an_unbound_axis_is_named(case):
+  tx = case.factory(optax.sgd(0.1), axis_name="hosts", **case.kwargs, **case.numeric)
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+  state = tx.init(params)  # init is local: no axis needed.
+  with pytest.raises(NameError, match=r"'hosts' is not bound.*axis_name='hosts'"):
+    jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
+
+
+@pytest.mark.parametrize("case", PERIODIC, ids=lambda c: c.name)
+@pytest.mark.parametrize("flags", [False, True], ids=["in_graph", "static"])
+def test_syncs_on_the_calls_of_the_schedule(case, flags):
+  # Which calls sync is read from what a sync does, the center moving (and
+  # following the params during a warm-up), and compared with the schedule
+  # of DESIGN section 10.1, written out in tests/numpy_reference.py.
+  steps = 9
+  params, grads = params_and_grads(steps=steps, seed=3)
+  tx = case.make()
+  schedule = optax_dist.sync_schedule(tx.init(jax.tree.map(lambda x: x[0], params)))
+  run = run_transform(
+    tx,
+    params,
+    grads,
+    mode="vmap",
+    flags=[schedule(t) for t in range(steps)] if flags else None,
+  )
+  expected = [numpy_reference.schedule_flag(t, **case.schedule) for t in range(1, steps + 1)]
+  assert [schedule(t - 1) for t in range(1, steps + 1)] == expected
+  init_state = map_workers(tx.init, N, "vmap")(params)
+  centers = [optax_dist.center_params(s) for s in [init_state, *run.states]]
+  moved = [
+    not all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(c0), jax.tree.leaves(c1), strict=True)
+    )
+    for c0, c1 in itertools.pairwise(centers)
+  ]
+  assert moved == [flag is not False for flag in expected], (moved, expected)

@@ -98,25 +98,3 @@ def test_bfloat16_params_keep_a_float32_center():
   center = jax.vmap(step, axis_name=AXIS)(x)
   assert center.dtype == jnp.float32
   np.testing.assert_array_equal(center, [[1.0 + 2.0**-9]] * 2)
-
-
-@pytest.mark.parametrize(
-  ("kwargs", "error", "match"),
-  [
-    ({"sync_period": 0}, ValueError, "sync_period.*>= 1"),
-    ({"sync_period": 2.0}, TypeError, "sync_period.*int"),
-    ({"comm_dtype": jnp.int16}, ValueError, "only integer format is jnp.int8"),
-    ({"comm_dtype": "not-a-dtype"}, ValueError, "comm_dtype` must be a dtype"),
-    ({"outer": 0.7}, TypeError, "outer.*GradientTransformation"),
-  ],
-)
-def test_bad_arguments(kwargs, error, match):
-  with pytest.raises(error, match=match):
-    optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS, **kwargs)
-
-
-def test_params_are_required():
-  tx = optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS)
-  state = tx.init(jnp.zeros(2))
-  with pytest.raises(ValueError, match="diloco needs the current params"):
-    jax.vmap(lambda g: tx.update(g, state), axis_name=AXIS)(jnp.ones((2, 2)))

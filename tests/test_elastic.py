@@ -188,29 +188,6 @@ def test_bfloat16_params_keep_small_elastic_moves_in_a_float32_center():
   assert float(state.center[0, 0]) != float(jnp.asarray(state.center[0, 0], jnp.bfloat16))
 
 
-@pytest.mark.parametrize(
-  ("kwargs", "match"),
-  [
-    ({"communication_period": 0}, "communication_period.*>= 1"),
-    ({"communication_period": 2.5}, "communication_period.*int"),
-    ({"moving_rate": 0.0}, r"moving_rate.*\(0, 1\]"),
-    ({"moving_rate": 1.5}, r"moving_rate.*\(0, 1\]"),
-    ({"rho": -0.1}, "rho.*>= 0"),
-    ({"ordering": "sequential"}, "ordering.*'simultaneous', 'round_robin'"),
-  ],
-)
-def test_bad_arguments(kwargs, match):
-  with pytest.raises((ValueError, TypeError), match=match):
-    optax_dist.elastic_average(optax.sgd(0.1), axis_name=AXIS, **kwargs)
-
-
-def test_params_are_required():
-  tx = optax_dist.elastic_average(optax.sgd(0.1), axis_name=AXIS)
-  state = tx.init(jnp.zeros(2))
-  with pytest.raises(ValueError, match="elastic_average needs the current params"):
-    jax.vmap(lambda g: tx.update(g, state), axis_name=AXIS)(jnp.ones((2, 2)))
-
-
 def test_center_params_in_chain_masked_and_errors():
   params = {"a": jnp.zeros(2), "b": jnp.full(2, 7.0)}
   easgd = optax_dist.elastic_average(

@@ -79,23 +79,3 @@ def test_bfloat16_params_are_averaged_in_float32():
   center = jax.vmap(step, axis_name=AXIS)(x)
   assert center.dtype == jnp.float32
   np.testing.assert_array_equal(center, [[1.0 + 2.0**-8]] * 2)
-
-
-@pytest.mark.parametrize(
-  ("kwargs", "match"),
-  [
-    ({"interval_steps": 0}, "interval_steps.*>= 1"),
-    ({"interval_steps": 1.0}, "interval_steps.*int"),
-    ({"interval_steps": None}, "interval_steps.*int"),
-  ],
-)
-def test_bad_arguments(kwargs, match):
-  with pytest.raises((ValueError, TypeError), match=match):
-    optax_dist.model_average(optax.sgd(0.1), axis_name=AXIS, **kwargs)
-
-
-def test_params_are_required():
-  tx = optax_dist.model_average(optax.sgd(0.1), axis_name=AXIS)
-  state = tx.init(jnp.zeros(2))
-  with pytest.raises(ValueError, match="model_average needs the current params"):
-    jax.vmap(lambda g: tx.update(g, state), axis_name=AXIS)(jnp.ones((2, 2)))
