@@ -19,7 +19,9 @@ from optax_dist._nonfinite import ApplyIfAllFiniteState
 from optax_dist._nonfinite import apply_if_all_finite
 from optax_dist._params import average_params
 from optax_dist._params import broadcast_params
+from optax_dist._placement import resize_workers
 from optax_dist._schedule import SyncSchedule
+from optax_dist._schedule import SyncState
 from optax_dist._state import call_count
 from optax_dist._state import center_params
 from optax_dist._state import get_slot
@@ -43,6 +45,7 @@ __all__ = (
   "ElasticAverageState",
   "ModelAverageState",
   "SyncSchedule",
+  "SyncState",
   "TowerState",
   "agn",
   "apply_if_all_finite",
@@ -63,6 +66,7 @@ __all__ = (
   "minimize",
   "model_average",
   "per_worker",
+  "resize_workers",
   "skipped_syncs",
   "sync_schedule",
   "tower",

@@ -6,10 +6,12 @@ import jax
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _docstrings
 from optax_dist import _periodic
 from optax_dist import _schedule
 
 
+@_docstrings.fill
 class AGNState(NamedTuple):
   """State of the `GradientTransformation` returned by :func:`agn`.
 
@@ -20,26 +22,17 @@ class AGNState(NamedTuple):
     center: This worker's copy of the center variables (identical on every
       worker), in float32 for low-precision params.
     accumulator: The gradients summed since the last sync, in center precision.
-    step: Number of calls since init (int32).
-    num_syncs: Number of completed syncs (int32), read by
-      :func:`optax_dist.global_step`.
-    num_skipped_syncs: Number of syncs whose accumulated gradients were not
-      finite and that left the center as it was (int32); read by
-      :func:`optax_dist.skipped_syncs`.
-    schedule: When the transform syncs (static, no arrays); read by
-      :func:`optax_dist.sync_schedule`.
+    {{sync_field}}
   """
 
   inner_state: optax.OptState
   center_state: optax.OptState
   center: optax.Params
   accumulator: optax.Params
-  step: jax.Array
-  num_syncs: jax.Array
-  num_skipped_syncs: jax.Array
-  schedule: _schedule.SyncSchedule
+  sync: _schedule.SyncState
 
 
+@_docstrings.fill
 def agn(
   inner: optax.GradientTransformation,
   *,
@@ -48,6 +41,7 @@ def agn(
   ordering: str = "simultaneous",
   center_reduction: str = "sum",
   sync_warmup: int | None = None,
+  host_offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Accumulated Gradient Normalization: local steps, then a normalized commit.
 
@@ -88,14 +82,9 @@ def agn(
   :math:`\frac1N \sum_k a_k` instead (in round_robin each commit is scaled by
   :math:`1/N`).
 
-  ``update`` takes the static extra argument ``sync``: ``None`` (the
-  default) decides inside the program from the call counter; ``False``
-  compiles the local step alone, ``True`` the sync alone (see
-  :func:`optax_dist.sync_schedule` for the flags of a hand-written loop;
-  :func:`optax_dist.data_parallel_step` passes them by itself).
-  ``sync_warmup=K`` is post-local SGD: the first ``K`` calls average the
-  gradients over the workers before the inner step (the center follows the
-  params), and the syncs fall on calls ``K + p``, ``K + 2p``, ...
+  {{sync_flag}}
+
+  {{sync_warmup}}
 
   A sync whose accumulated gradients are not finite leaves the center and
   its optimizer state as they were, moves every worker back onto the
@@ -117,13 +106,12 @@ def agn(
     ordering: ``"simultaneous"`` or ``"round_robin"`` (static).
     center_reduction: ``"sum"`` (the reference) or ``"mean"`` of the workers'
       normalized accumulated gradients (static).
-    sync_warmup: ``K``, synchronous calls before the local steps start
-      (static int >= 0; ``None``, the default, is 0 and keeps
-      ``optax.inject_hyperparams`` from taking it for a hyperparameter).
+    {{arg_sync_warmup}}
+    host_offload: Keep the fields a sync alone reads (the center and its optimizer's state; the accumulator, added to on every call, stays) in the host's
+      pinned memory between syncs; a sync brings them to the device and back
+      (static bool).
 
-  Returns:
-    A ``GradientTransformationExtraArgs`` whose state is an :class:`AGNState`.
-    Its ``update`` needs ``params``.
+  {{returns:AGNState}}
 
   Raises:
     ValueError: for a period < 1, an unknown ordering or center reduction, or
@@ -138,37 +126,40 @@ def agn(
     >>> import jax, jax.numpy as jnp, optax, optax_dist
     >>> tx = optax_dist.agn(
     ...     optax.adam(0.1, b1=0.0, b2=0.0), axis_name="w", communication_period=4)
-    >>> def train(params):
-    ...   state = tx.init(params)
-    ...   for _ in range(4):
-    ...     updates, state = tx.update(-jnp.ones(2), state, params)
-    ...     params = optax.apply_updates(params, updates)
-    ...   return params, optax_dist.center_params(state)
-    >>> params, center = jax.vmap(train, axis_name="w")(jnp.array([[0.0, 0.5]]))
-    >>> print(params.round(6), center)
+    >>> step = jax.vmap(lambda p, s: tx.update(-jnp.ones(2), s, p), axis_name="w")
+    >>> params = jnp.array([[0.0, 0.5]])  # One worker.
+    >>> state = jax.vmap(tx.init)(params)
+    >>> for _ in range(4):
+    ...   updates, state = step(params, state)
+    ...   params = optax.apply_updates(params, updates)
+    >>> print(params.round(6), optax_dist.center_params(state))
     [[0.1 0.6]] [[0.1 0.6]]
 
   References:
     Hermans, Spanakis, Möckel, `Accumulated Gradient Normalization
     <https://arxiv.org/abs/1710.02368>`_, ACML 2017.
   """
-  period = _periodic.check_period(communication_period, "communication_period")
-  warmup = _periodic.check_warmup(sync_warmup)
+  setup = _periodic.Setup.make(
+    "agn",
+    inner,
+    axis_name,
+    ("communication_period", communication_period),
+    sync_warmup,
+    host_offload=host_offload,
+  )
   _periodic.check_ordering(ordering)
   _collectives.check_reduction(center_reduction, "center_reduction")
-  axes = _collectives.axis_tuple(axis_name)
-  inner = optax.with_extra_args_support(inner)
+  inner, axes, period = setup.inner, setup.axes, setup.period
 
   def init_fn(params):
-    _periodic.check_floating(params, "agn")
-    center = _periodic.center_like(params)
-    return AGNState(
-      inner_state=inner.init(params),
+    center, fields = setup.start(params)
+    state = AGNState(
       center_state=inner.init(center),
       center=center,
       accumulator=_periodic.zeros_like(center),
-      **_periodic.engine_fields(params, period=period, warmup=warmup),
+      **fields,
     )
+    return setup.placed(spec, state)
 
   def sync(local, carry):
     center, center_state = carry["center"], carry["center_state"]
@@ -178,7 +169,7 @@ def agn(
     normalized = jax.tree.map(lambda a: a * scale, carry["accumulator"])
     if ordering == "simultaneous":
       total = _collectives.psum(normalized, axes)
-      finite = _periodic.all_finite(total)
+      finite = _periodic.reduced_finite(total, axes)
       center_updates, new_center_state = inner.update(total, center_state, center)
       new_center = optax.apply_updates(center, center_updates)
       target = new_center
@@ -204,19 +195,14 @@ def agn(
   def restart(x, carry):
     return {**carry, "center": x, "accumulator": _periodic.zeros_like(carry["accumulator"])}
 
-  spec = _periodic.Spec("agn", ("center", "center_state", "accumulator"), sync, restart)
+  # The accumulator, added to on every call, stays on the device.
+  spec = _periodic.Spec(
+    ("center", "center_state", "accumulator"), sync, restart, offload=("center", "center_state")
+  )
 
   def update_fn(updates, state, params=None, *, sync=None, **extra_args):
     accumulator = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.accumulator, updates)
-    return _periodic.periodic_update(
-      spec,
-      inner,
-      state._replace(accumulator=accumulator),
-      updates,
-      params,
-      extra_args,
-      axes=axes,
-      sync=sync,
-    )
+    state = state._replace(accumulator=accumulator)
+    return setup.update(spec, state, updates, params, extra_args, sync)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,10 +1,6 @@
 """Checking, before training, that every worker has the same settings and params."""
 
-from collections.abc import Mapping
-import functools
 import hashlib
-import numbers
-import types
 from typing import Any
 
 import jax
@@ -16,79 +12,13 @@ import numpy as np
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _settings
 
 _MAX_TEXT_BYTES = 8192  # Settings text gathered from each process (a digest covers the rest).
 _MAX_REPORTED = 8  # Differences listed in the error message.
-_MAX_DEPTH = 12
 
 
-def _value_text(value: Any) -> str | None:
-  """A stable text for a setting's value, or None for values that are not settings."""
-  if value is None or isinstance(value, (bool, str, bytes, numbers.Number)):
-    return repr(value)
-  if isinstance(value, (np.ndarray, jax.Array, np.generic)):
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
-      return f"array{value.shape}:{value.dtype}"
-    a = np.asarray(value)
-    if a.size <= 16:
-      return f"array({a.tolist()!r}, {a.dtype})"
-    digest = hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
-    return f"array{a.shape}:{a.dtype}:{digest}"
-  if isinstance(value, (jnp.dtype, np.dtype, type)):
-    return repr(value)
-  return None
-
-
-def settings_lines(settings: Any) -> list[str]:
-  """``key = value`` lines describing ``settings``.
-
-  A mapping or sequence is walked by key; a function (an optax transform's
-  ``update``, a schedule) by the names and values of the variables it closes
-  over, recursively, which is where optax and optax_dist transforms keep their
-  settings (periods, rates, orderings, inner transforms).
-  """
-  lines: list[str] = []
-  seen: set[int] = set()
-
-  def walk(prefix: str, value: Any, depth: int) -> None:
-    text = _value_text(value)
-    if text is not None:
-      lines.append(f"{prefix} = {text}")
-      return
-    if depth > _MAX_DEPTH or id(value) in seen:
-      return
-    seen.add(id(value))
-    if isinstance(value, optax.GradientTransformation):
-      walk(prefix, value.update, depth + 1)
-    elif isinstance(value, Mapping):
-      for key in sorted(value, key=repr):
-        walk(f"{prefix}[{key!r}]", value[key], depth + 1)
-    elif isinstance(value, tuple) and hasattr(value, "_fields"):
-      for field, item in zip(value._fields, value, strict=True):
-        walk(f"{prefix}.{field}", item, depth + 1)
-    elif isinstance(value, (tuple, list)):
-      for i, item in enumerate(value):
-        walk(f"{prefix}[{i}]", item, depth + 1)
-    elif isinstance(value, functools.partial):
-      walk(prefix, value.func, depth + 1)
-      walk(f"{prefix}.args", value.args, depth + 1)
-      walk(f"{prefix}.keywords", value.keywords, depth + 1)
-    elif isinstance(value, types.FunctionType):
-      name = value.__qualname__.replace(".<locals>", "")
-      lines.append(f"{prefix} = <function {value.__module__}.{name}>")
-      names = value.__code__.co_freevars
-      for var, cell in zip(names, value.__closure__ or (), strict=True):
-        try:
-          contents = cell.cell_contents
-        except ValueError:  # An empty cell.
-          continue
-        walk(f"{prefix}.{var}", contents, depth + 1)
-
-  walk("settings", settings, 0)
-  return lines
-
-
-def _params_lines(params: Any) -> list[str]:
+def params_lines(params: Any) -> list[str]:
   lines = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     lines.append(f"params{jax.tree_util.keystr(path)}: {jnp.shape(leaf)} {jnp.result_type(leaf)}")
@@ -97,7 +27,7 @@ def _params_lines(params: Any) -> list[str]:
   return lines
 
 
-def _encode(lines: list[str]) -> np.ndarray:
+def encode(lines: list[str]) -> np.ndarray:
   """Fixed-size int32 row: digest (8 words), length, then the UTF-8 text."""
   data = "\n".join(lines).encode()
   digest = np.frombuffer(hashlib.sha256(data).digest(), np.int32)
@@ -107,14 +37,14 @@ def _encode(lines: list[str]) -> np.ndarray:
   return np.concatenate([digest, np.array([len(data)], np.int32), text])
 
 
-def _decode(row: np.ndarray) -> tuple[bytes, list[str]]:
+def decode(row: np.ndarray) -> tuple[bytes, list[str]]:
   digest = row[:8].tobytes()
   length = min(int(row[8]), _MAX_TEXT_BYTES)
   text = row[9 : 9 + length].astype(np.uint8).tobytes().decode(errors="replace")
   return digest, text.split("\n")
 
 
-def _checksum(x: jax.Array) -> jax.Array:
+def checksum(x: jax.Array) -> jax.Array:
   """Two position-dependent 32-bit sums of the bits of ``x`` (uint32[2])."""
   x = jnp.asarray(x)
   if x.dtype == jnp.bool_:
@@ -141,7 +71,7 @@ def _spec(leaf: Any, mesh: jax.sharding.Mesh) -> P:
   return P()
 
 
-def _worker_processes(mesh: jax.sharding.Mesh, axes: tuple) -> list[list[int]]:
+def worker_processes(mesh: jax.sharding.Mesh, axes: tuple) -> list[list[int]]:
   """For each worker index along ``axes`` (row-major), the processes of its devices."""
   names = list(mesh.axis_names)
   order = [names.index(a) for a in axes] + [i for i in range(len(names)) if names[i] not in axes]
@@ -220,29 +150,50 @@ def check_agreement(
       raise ValueError(
         f"check_agreement: {a!r} is not an axis of the mesh (axes {mesh.axis_names})."
       )
-  problems: list[str] = []
+  workers_of = worker_processes(mesh, axes)
+  decoded = gather_lines(_settings.lines(settings) + params_lines(params))
+  problems = settings_differences(decoded, workers_of)
+  if all(params_of(lines) == params_of(decoded[0][1]) for _, lines in decoded):
+    problems += params_differences(params, mesh, axes, workers_of)
+  if problems:
+    raise ValueError(
+      f"check_agreement: the {len(workers_of)} workers on axis {axes} disagree, so training "
+      "would deadlock or silently diverge (every process raises this error):\n  "
+      + "\n  ".join(problems)
+      + "\nBuild the optimizer from the same settings on every process, and start "
+      "every worker from the same params (`optax_dist.broadcast_params` copies "
+      "worker 0's)."
+    )
 
-  # 1. Settings and the params' structure, one row per process.
-  row = _encode(settings_lines(settings) + _params_lines(params))
+
+def gather_lines(lines: list[str]) -> list[tuple[bytes, list[str]]]:
+  """Every process's lines (digest and text), in process order; one collective."""
+  row = encode(lines)
   rows = np.asarray(multihost_utils.process_allgather(row, tiled=False)).reshape(-1, row.size)
-  decoded = [_decode(r) for r in rows]
-  workers_of = _worker_processes(mesh, axes)
+  return [decode(r) for r in rows]
 
-  def workers_on(process: int) -> str:
-    ws = [str(w) for w, ps in enumerate(workers_of) if process in ps]
-    if not ws:
-      return "no worker of the mesh"
-    return f"workers {', '.join(ws)}" if len(ws) > 1 else f"worker {ws[0]}"
 
+def params_of(lines: list[str]) -> list[str]:
+  return [ln for ln in lines if ln.startswith("params")]
+
+
+def _workers_on(process: int, workers_of: list[list[int]]) -> str:
+  ws = [str(w) for w, ps in enumerate(workers_of) if process in ps]
+  if not ws:
+    return "no worker of the mesh"
+  return f"workers {', '.join(ws)}" if len(ws) > 1 else f"worker {ws[0]}"
+
+
+def settings_differences(
+  decoded: list[tuple[bytes, list[str]]], workers_of: list[list[int]]
+) -> list[str]:
+  """One message per process whose settings text differs from process 0's."""
   digest0, lines0 = decoded[0]
-  same_structure = True
+  ref = dict(_split(ln) for ln in lines0)
+  problems = []
   for process, (digest, lines) in enumerate(decoded[1:], start=1):
     if digest == digest0:
       continue
-    same_structure = same_structure and [ln for ln in lines if ln.startswith("params")] == [
-      ln for ln in lines0 if ln.startswith("params")
-    ]
-    ref = dict(_split(ln) for ln in lines0)
     own = dict(_split(ln) for ln in lines)
     diffs = [
       f"{key} = {own.get(key, '<absent>')} (process 0: {ref.get(key, '<absent>')})"
@@ -255,45 +206,41 @@ def check_agreement(
       [f"... and {len(diffs) - _MAX_REPORTED} more"] if len(diffs) > _MAX_REPORTED else []
     )
     problems.append(
-      f"process {process} ({workers_on(process)}) differs from process 0:\n    "
+      f"process {process} ({_workers_on(process, workers_of)}) differs from process 0:\n    "
       + "\n    ".join(shown)
     )
+  return problems
 
-  # 2. Params checksums per worker (only when every process has the same structure).
-  if same_structure:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-    if leaves:
-      paths = [jax.tree_util.keystr(path) for path, _ in leaves]
-      values = [leaf for _, leaf in leaves]
-      specs = tuple(_spec(v, mesh) for v in values)
 
-      def gather(*blocks):
-        sums = jnp.stack([_checksum(b) for b in blocks])  # (leaves, 2)
-        return _collectives.all_gather(sums, axes)  # (workers, leaves, 2)
+def params_differences(
+  params: Any, mesh: jax.sharding.Mesh, axes: tuple, workers_of: list[list[int]]
+) -> list[str]:
+  """One message per params leaf whose bits differ from worker 0's on some worker."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  if not leaves:
+    return []
+  paths = [jax.tree_util.keystr(path) for path, _ in leaves]
+  values = [leaf for _, leaf in leaves]
+  specs = tuple(_spec(v, mesh) for v in values)
 
-      gathered = jax.jit(
-        jax.shard_map(gather, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
-      )(*values)
-      table = np.asarray(gathered.addressable_data(0))
-      for i, path in enumerate(paths):
-        differ = [w for w in range(table.shape[0]) if not np.array_equal(table[w, i], table[0, i])]
-        if differ:
-          procs = sorted({p for w in differ for p in workers_of[w]})
-          problems.append(
-            f"params{path} on workers {', '.join(map(str, differ))} "
-            f"(process {', '.join(map(str, procs))}) differ from worker 0's"
-          )
+  def gather(*blocks):
+    sums = jnp.stack([checksum(b) for b in blocks])  # (leaves, 2)
+    return _collectives.all_gather(sums, axes)  # (workers, leaves, 2)
 
-  if problems:
-    n = len(workers_of)
-    raise ValueError(
-      f"check_agreement: the {n} workers on axis {axes} disagree, so training would "
-      "deadlock or silently diverge (every process raises this error):\n  "
-      + "\n  ".join(problems)
-      + "\nBuild the optimizer from the same settings on every process, and start "
-      "every worker from the same params (`optax_dist.broadcast_params` copies "
-      "worker 0's)."
-    )
+  gathered = jax.jit(
+    jax.shard_map(gather, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)
+  )(*values)
+  table = np.asarray(gathered.addressable_data(0))
+  problems = []
+  for i, path in enumerate(paths):
+    differ = [w for w in range(table.shape[0]) if not np.array_equal(table[w, i], table[0, i])]
+    if differ:
+      procs = sorted({p for w in differ for p in workers_of[w]})
+      problems.append(
+        f"params{path} on workers {', '.join(map(str, differ))} "
+        f"(process {', '.join(map(str, procs))}) differ from worker 0's"
+      )
+  return problems
 
 
 def _split(line: str) -> tuple[str, str]:

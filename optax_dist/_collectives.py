@@ -145,9 +145,21 @@ def pmean(tree: Any, axis_name: AxisName) -> Any:
 
 
 def all_gather(tree: Any, axis_name: AxisName) -> Any:
-  """Every worker's value, stacked along a new leading axis of size N."""
+  """Every worker's value, stacked along a new leading axis of size N.
+
+  The gathered axis is held whole on every worker (under ``jax.vmap`` with
+  ``spmd_axis_name`` on Explicit mesh axes, the partitioner would otherwise
+  leave it sharded, and it could not be indexed).
+  """
   num_workers(axis_name)
-  return lax.all_gather(tree, axis_tuple(axis_name))
+  return jax.tree.map(_whole_leading_axis, lax.all_gather(tree, axis_tuple(axis_name)))
+
+
+def _whole_leading_axis(x: jax.Array) -> jax.Array:
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is None or not len(spec) or spec[0] is None:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(None, *spec[1:]))
 
 
 def all_to_all(tree: Any, axis_name: AxisName) -> Any:
@@ -158,6 +170,21 @@ def all_to_all(tree: Any, axis_name: AxisName) -> Any:
   num_workers(axis_name)
   axes = axis_tuple(axis_name)
   return jax.tree.map(lambda x: lax.all_to_all(x, axes, 0, 0), tree)
+
+
+def agree(flag: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``flag`` true where it is true on every device it varies over, beside ``axis_name``.
+
+  A value reduced over the workers' axis is the same on every worker; when
+  each worker is itself several devices (params sharded over another mesh
+  axis, FSDP), each device checked its own shard, and the devices of a worker
+  agree with one scalar all-reduce over those other axes. On a mesh of the
+  workers' axis alone, and under pmap and vmap, this adds nothing.
+  """
+  others = tuple(sorted(varying_axes(flag) - set(axis_tuple(axis_name)), key=str))
+  if not others:
+    return flag
+  return lax.pmin(flag.astype(jnp.int32), others).astype(jnp.bool_)
 
 
 def reduce_gradients(grads: Any, axis_name: AxisName, reduction: str) -> Any:

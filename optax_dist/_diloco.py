@@ -7,12 +7,14 @@ import jax
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _docstrings
 from optax_dist import _fragments
 from optax_dist import _periodic
 from optax_dist import _quantize
 from optax_dist import _schedule
 
 
+@_docstrings.fill
 class DiLoCoState(NamedTuple):
   """State of the `GradientTransformation` returned by :func:`diloco`.
 
@@ -22,29 +24,18 @@ class DiLoCoState(NamedTuple):
       ``F > 1`` fragments, a tuple of ``F`` states, one per fragment.
     center: This worker's copy of the center (the global model, identical on
       every worker), in float32 for low-precision params.
-    residual: With ``error_feedback=True``, what quantization dropped from
-      this worker's last pseudo-gradient, added to its next one;
-      ``optax.EmptyState()`` otherwise.
-    step: Number of calls since init (int32).
-    num_syncs: Number of outer steps taken (int32), one per fragment synced;
-      read by :func:`optax_dist.global_step`.
-    num_skipped_syncs: Number of syncs whose averaged pseudo-gradient was not
-      finite and that left the center as it was (int32); read by
-      :func:`optax_dist.skipped_syncs`.
-    schedule: When the transform syncs (static, no arrays); read by
-      :func:`optax_dist.sync_schedule`.
+    {{residual_field}}
+    {{sync_field}}
   """
 
   inner_state: optax.OptState
   outer_state: optax.OptState
   center: optax.Params
   residual: optax.Params | optax.EmptyState
-  step: jax.Array
-  num_syncs: jax.Array
-  num_skipped_syncs: jax.Array
-  schedule: _schedule.SyncSchedule
+  sync: _schedule.SyncState
 
 
+@_docstrings.fill
 def diloco(
   inner: optax.GradientTransformation,
   *,
@@ -55,6 +46,7 @@ def diloco(
   error_feedback: bool = False,
   sync_warmup: int | None = None,
   fragments: Any = None,
+  host_offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: local inner steps, and every ``H`` calls an outer optimizer step.
 
@@ -96,19 +88,10 @@ def diloco(
   Non-sync steps run no collective. Each worker holds the center and the
   outer optimizer's state beside its own.
 
-  ``update`` takes the static extra argument ``sync``: ``None`` (the
-  default) decides inside the program from the call counter; ``False``
-  compiles the local step alone, ``True`` the sync alone, an int ``f`` the
-  sync of fragment ``f`` (see :func:`optax_dist.sync_schedule` for the flags
-  of a hand-written loop; :func:`optax_dist.data_parallel_step` passes them
-  by itself).
+  {{sync_flag}}
 
-  ``sync_warmup=K`` is post-local SGD (Lin et al., 2018): the first ``K``
-  calls are synchronous data parallelism (the gradients are averaged over the
-  workers before the inner step, and the center follows the params), so the
-  workers leave the warm-up identical, with their inner optimizer's moments;
-  the outer optimizer starts fresh at call ``K`` and the outer steps fall on
-  calls ``K + H``, ``K + 2H``, ...
+  {{sync_warmup}}
+  The outer optimizer starts fresh at call ``K``.
 
   ``fragments`` is Streaming DiLoCo (Douillard et al., 2025): the params are
   cut into ``F`` fragments, each with its own outer optimizer state, and
@@ -129,22 +112,12 @@ def diloco(
     outer: The optax transformation applied to the center with the averaged
       pseudo-gradient as its gradient; ``None`` for Nesterov SGD (0.7, 0.9).
     sync_period: ``H``, calls between outer steps (static int >= 1).
-    comm_dtype: The pseudo-gradient's format on the wire: ``None`` (the
-      center's dtype), ``jnp.bfloat16``/``jnp.float16``, ``jnp.int8`` or
-      ``jnp.float8_e4m3fn``/``jnp.float8_e5m2`` (static).
-    error_feedback: With an 8-bit ``comm_dtype``, carry what the rounding
-      dropped into the next sync (static bool).
-    sync_warmup: ``K``, synchronous calls before the local steps start
-      (static int >= 0; ``None``, the default, is 0 and keeps
-      ``optax.inject_hyperparams`` from taking it for a hyperparameter).
-    fragments: ``None`` (the whole model), an int ``F`` (the leaves in
-      flatten order, cut into ``F`` contiguous groups of nearly equal bytes),
-      a pytree of int labels in ``[0, F)`` that is a prefix of the params, or
-      a callable ``params -> labels`` (static).
+    {{arg_comm}} {{arg_sync_warmup}} {{arg_fragments}}
+    host_offload: Keep the fields a sync alone reads (the center, the outer state, the residual) in the host's
+      pinned memory between syncs; a sync brings them to the device and back
+      (static bool).
 
-  Returns:
-    A ``GradientTransformationExtraArgs`` whose state is a
-    :class:`DiLoCoState`. Its ``update`` needs ``params``.
+  {{returns:DiLoCoState}}
 
   Raises:
     ValueError: for ``sync_period < 1``, ``sync_warmup < 0``, a period that
@@ -182,9 +155,17 @@ def diloco(
     Lin et al., `Don't Use Large Mini-Batches, Use Local SGD
     <https://arxiv.org/abs/1808.07217>`_, ICLR 2020 (post-local SGD).
   """
-  period = _periodic.check_period(sync_period, "sync_period")
-  warmup = _periodic.check_warmup(sync_warmup)
-  _periodic.check_schedule(period, warmup, fragments, "sync_period")
+  setup = _periodic.Setup.make(
+    "diloco",
+    inner,
+    axis_name,
+    ("sync_period", sync_period),
+    sync_warmup,
+    fragments=fragments,
+    comm_dtype=comm_dtype,
+    error_feedback=error_feedback,
+    host_offload=host_offload,
+  )
   if outer is None:
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
   if not (callable(getattr(outer, "init", None)) and callable(getattr(outer, "update", None))):
@@ -192,33 +173,26 @@ def diloco(
       f"`outer` must be an optax GradientTransformation (e.g. optax.sgd(0.7, momentum=0.9, "
       f"nesterov=True)), got {outer!r}."
     )
-  wire = _quantize.make_wire(comm_dtype, error_feedback)
-  axes = _collectives.axis_tuple(axis_name)
-  inner = optax.with_extra_args_support(inner)
   outer = optax.with_extra_args_support(outer)
+  axes, wire = setup.axes, setup.wire
 
   def init_fn(params):
-    _periodic.check_floating(params, "diloco")
-    center = _periodic.center_like(params)
-    engine = _periodic.engine_fields(params, period=period, warmup=warmup, fragments=fragments)
-    masks = _fragments.masks(*_fragments.labels(fragments, params))
+    center, fields = setup.start(params)
+    masks = setup.masks(params)
     if masks is None:
       outer_state = outer.init(center)
-    else:
+    else:  # One outer state per fragment, over its own leaves.
       outer_state = tuple(outer.init(_fragments.view(center, m)) for m in masks)
-    return DiLoCoState(
-      inner_state=inner.init(params),
-      outer_state=outer_state,
-      center=center,
-      residual=wire.residual_like(center),
-      **engine,
+    state = DiLoCoState(
+      outer_state=outer_state, center=center, residual=wire.residual_like(center), **fields
     )
+    return setup.placed(spec, state)
 
   def sync(local, carry):
     center = carry["center"]
     pseudo_gradient = jax.tree.map(lambda c, xi: c - xi, center, local.x)
     delta, residual = _quantize.pmean(pseudo_gradient, axes, wire, carry["residual"])
-    finite = _periodic.all_finite(delta)
+    finite = _periodic.reduced_finite(delta, axes)
     outer_updates, outer_state = outer.update(delta, carry["outer_state"], center)
     new_center = optax.apply_updates(center, outer_updates)
     center = _periodic.keep_unless(finite, new_center, center)
@@ -233,12 +207,14 @@ def diloco(
     return {**carry, "center": x}
 
   spec = _periodic.Spec(
-    "diloco", ("center", "outer_state", "residual"), sync, restart, per_fragment=("outer_state",)
+    ("center", "outer_state", "residual"),
+    sync,
+    restart,
+    per_fragment=("outer_state",),
+    offload=("center", "outer_state", "residual"),
   )
 
   def update_fn(updates, state, params=None, *, sync=None, **extra_args):
-    return _periodic.periodic_update(
-      spec, inner, state, updates, params, extra_args, axes=axes, sync=sync, fragments=fragments
-    )
+    return setup.update(spec, state, updates, params, extra_args, sync)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

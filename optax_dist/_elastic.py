@@ -8,11 +8,13 @@ import jax
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _docstrings
 from optax_dist import _periodic
 from optax_dist import _quantize
 from optax_dist import _schedule
 
 
+@_docstrings.fill
 class ElasticAverageState(NamedTuple):
   """State of the `GradientTransformation` returned by :func:`elastic_average`.
 
@@ -23,29 +25,18 @@ class ElasticAverageState(NamedTuple):
     snapshot: The center as this worker read it at its last sync (its stale
       copy), read by the ``rho`` term only: ``optax.EmptyState()`` when
       ``rho`` is a Python zero (the default), which needs no snapshot.
-    residual: With ``error_feedback=True``, what quantization dropped from
-      this worker's last difference to the center, added to its next one;
-      ``optax.EmptyState()`` otherwise.
-    step: Number of calls since init (int32).
-    num_syncs: Number of completed syncs (int32), read by
-      :func:`optax_dist.global_step`.
-    num_skipped_syncs: Number of syncs whose summed difference was not finite
-      and that left the center (and every worker) as it was (int32); read by
-      :func:`optax_dist.skipped_syncs`.
-    schedule: When the transform syncs (static, no arrays); read by
-      :func:`optax_dist.sync_schedule`.
+    {{residual_field}}
+    {{sync_field}}
   """
 
   inner_state: optax.OptState
   center: optax.Params
   snapshot: optax.Params | optax.EmptyState
   residual: optax.Params | optax.EmptyState
-  step: jax.Array
-  num_syncs: jax.Array
-  num_skipped_syncs: jax.Array
-  schedule: _schedule.SyncSchedule
+  sync: _schedule.SyncState
 
 
+@_docstrings.fill
 def elastic_average(
   inner: optax.GradientTransformation,
   *,
@@ -57,6 +48,7 @@ def elastic_average(
   sync_warmup: int | None = None,
   comm_dtype: Any = None,
   error_feedback: bool = False,
+  host_offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Elastic Averaging SGD: local steps, and every ``p`` calls an elastic pull.
 
@@ -95,14 +87,9 @@ def elastic_average(
   an elastic move below the params' resolution still reaches the center;
   updates come back in the params' dtype.
 
-  ``update`` takes the static extra argument ``sync``: ``None`` (the
-  default) decides inside the program from the call counter; ``False``
-  compiles the local step alone, ``True`` the sync alone (see
-  :func:`optax_dist.sync_schedule` for the flags of a hand-written loop;
-  :func:`optax_dist.data_parallel_step` passes them by itself).
-  ``sync_warmup=K`` is post-local SGD: the first ``K`` calls average the
-  gradients over the workers before the inner step (the center follows the
-  params), and the syncs fall on calls ``K + p``, ``K + 2p``, ...
+  {{sync_flag}}
+
+  {{sync_warmup}}
 
   ``comm_dtype`` (``ordering="simultaneous"`` only) chooses the format of the
   summed differences on the wire: ``jnp.bfloat16``/``jnp.float16``, or the
@@ -134,18 +121,12 @@ def elastic_average(
       ``optax.inject_hyperparams``).
     rho: The elastic term's strength in the gradient, >= 0. May be traced.
     ordering: ``"simultaneous"`` or ``"round_robin"`` (static).
-    sync_warmup: ``K``, synchronous calls before the local steps start
-      (static int >= 0; ``None``, the default, is 0 and keeps
-      ``optax.inject_hyperparams`` from taking it for a hyperparameter).
-    comm_dtype: The format of the summed differences on the wire (static;
-      ``"simultaneous"`` only): ``None``, ``jnp.bfloat16``, ``jnp.float16``,
-      ``jnp.int8`` or a float8 type.
-    error_feedback: With an 8-bit ``comm_dtype``, carry what the rounding
-      dropped into the next sync (static bool).
+    {{arg_sync_warmup}} {{arg_comm}}
+    host_offload: Keep the fields a sync alone reads (the center, the residual; the snapshot, read on every call, stays) in the host's
+      pinned memory between syncs; a sync brings them to the device and back
+      (static bool).
 
-  Returns:
-    A ``GradientTransformationExtraArgs`` whose state is an
-    :class:`ElasticAverageState`. Its ``update`` needs ``params``.
+  {{returns:ElasticAverageState}}
 
   Raises:
     ValueError: for a period < 1, a moving rate outside (0, 1], a negative
@@ -175,36 +156,41 @@ def elastic_average(
     Zhang, Choromanska, LeCun, `Deep learning with Elastic Averaging SGD
     <https://arxiv.org/abs/1412.6651>`_, NeurIPS 2015.
   """
-  period = _periodic.check_period(communication_period, "communication_period")
-  warmup = _periodic.check_warmup(sync_warmup)
+  setup = _periodic.Setup.make(
+    "elastic_average",
+    inner,
+    axis_name,
+    ("communication_period", communication_period),
+    sync_warmup,
+    comm_dtype=comm_dtype,
+    error_feedback=error_feedback,
+    host_offload=host_offload,
+  )
   if moving_rate is not None:
     _periodic.check_rate(moving_rate, "moving_rate")
   if isinstance(rho, numbers.Real) and float(rho) < 0:
     raise ValueError(f"`rho` must be >= 0, got {rho}.")
   _periodic.check_ordering(ordering)
-  wire = _quantize.make_wire(comm_dtype, error_feedback)
+  axes, wire, period = setup.axes, setup.wire, setup.period
   if wire.dtype is not None and ordering != "simultaneous":
     raise ValueError(
       "`comm_dtype` applies to ordering='simultaneous' (one summed reduction); "
       "ordering='round_robin' gathers every worker's params exactly, as the reference's "
       "parameter server reads them."
     )
-  axes = _collectives.axis_tuple(axis_name)
   # A Python zero needs no rho term, hence no snapshot; a traced rho
   # (inject_hyperparams) may become non-zero and keeps one.
   use_rho = not (isinstance(rho, numbers.Real) and rho == 0)
-  inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    _periodic.check_floating(params, "elastic_average")
-    center = _periodic.center_like(params)
-    return ElasticAverageState(
-      inner_state=inner.init(params),
+    center, fields = setup.start(params)
+    state = ElasticAverageState(
       center=center,
       snapshot=center if use_rho else optax.EmptyState(),
       residual=wire.residual_like(center),
-      **_periodic.engine_fields(params, period=period, warmup=warmup),
+      **fields,
     )
+    return setup.placed(spec, state)
 
   def sync(local, carry):
     center = carry["center"]
@@ -216,7 +202,7 @@ def elastic_average(
       snapshot = center
       diff = jax.tree.map(lambda xi, c: xi - c, local.x, center)
       total, residual = _quantize.psum(diff, axes, wire, residual)
-      finite = _periodic.all_finite(total)
+      finite = _periodic.reduced_finite(total, axes)
       new_center = jax.tree.map(lambda c, t: c + alpha * t, center, total)
     else:
       # Worker k reads the center as workers 0..k-1 left it (its snapshot)
@@ -241,7 +227,8 @@ def elastic_average(
     return {**carry, "center": x, "snapshot": x} if use_rho else {**carry, "center": x}
 
   fields = ("center", "snapshot", "residual") if use_rho else ("center", "residual")
-  spec = _periodic.Spec("elastic_average", fields, sync, restart)
+  # The snapshot, which the rho term reads on every call, stays on the device.
+  spec = _periodic.Spec(fields, sync, restart, offload=("center", "residual"))
 
   def update_fn(updates, state, params=None, *, sync=None, **extra_args):
     _periodic.require_params(params, "elastic_average")
@@ -253,8 +240,6 @@ def elastic_average(
         params,
         state.snapshot,
       )
-    return _periodic.periodic_update(
-      spec, inner, state, updates, params, extra_args, axes=axes, sync=sync
-    )
+    return setup.update(spec, state, updates, params, extra_args, sync)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

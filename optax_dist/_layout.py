@@ -131,9 +131,12 @@ def per_worker(tree: Any, *, mesh: jax.sharding.Mesh, axis_name: _collectives.Ax
     ((4, 3), 4)
   """
   axes, n = mesh_workers(mesh, axis_name)
-  sharding = NamedSharding(mesh, P(axes[0] if len(axes) == 1 else axes))
+  spec = P(axes[0] if len(axes) == 1 else axes)
 
   def lay_out(x: Any) -> jax.Array:
+    # A leaf kept in host memory (host_offload) stays there.
+    kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+    sharding = NamedSharding(mesh, spec, memory_kind=kind)
     x = jnp.asarray(x)
     return jax.device_put(jnp.broadcast_to(x[None], (n, *x.shape)), sharding)
 

@@ -7,11 +7,13 @@ import jax
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _docstrings
 from optax_dist import _periodic
 from optax_dist import _quantize
 from optax_dist import _schedule
 
 
+@_docstrings.fill
 class ModelAverageState(NamedTuple):
   """State of the `GradientTransformation` returned by :func:`model_average`.
 
@@ -19,28 +21,17 @@ class ModelAverageState(NamedTuple):
     inner_state: State of the local (worker) optimizer.
     center: The workers' mean params at the last sync (the params at init
       before the first), in float32 for low-precision params.
-    residual: With ``error_feedback=True``, what quantization dropped from
-      this worker's last difference to the center, added to its next one;
-      ``optax.EmptyState()`` otherwise.
-    step: Number of calls since init (int32).
-    num_syncs: Number of syncs that moved the center (int32), one per
-      fragment synced; read by :func:`optax_dist.global_step`.
-    num_skipped_syncs: Number of syncs whose average was not finite and that
-      left the center as it was (int32); read by
-      :func:`optax_dist.skipped_syncs`.
-    schedule: When the transform syncs (static, no arrays); read by
-      :func:`optax_dist.sync_schedule`.
+    {{residual_field}}
+    {{sync_field}}
   """
 
   inner_state: optax.OptState
   center: optax.Params
   residual: optax.Params | optax.EmptyState
-  step: jax.Array
-  num_syncs: jax.Array
-  num_skipped_syncs: jax.Array
-  schedule: _schedule.SyncSchedule
+  sync: _schedule.SyncState
 
 
+@_docstrings.fill
 def model_average(
   inner: optax.GradientTransformation,
   *,
@@ -50,6 +41,7 @@ def model_average(
   fragments: Any = None,
   comm_dtype: Any = None,
   error_feedback: bool = False,
+  host_offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Periodic model averaging (local SGD): average the params every few steps.
 
@@ -71,15 +63,9 @@ def model_average(
   :func:`optax_dist.global_step` counts the syncs. Start all workers from the
   same params (:func:`optax_dist.broadcast_params`).
 
-  ``update`` takes the static extra argument ``sync``: ``None`` (the
-  default) decides inside the program from the call counter; ``False``
-  compiles the local step alone, ``True`` the sync alone (see
-  :func:`optax_dist.sync_schedule` for the flags of a hand-written loop).
+  {{sync_flag}}
 
-  ``sync_warmup=K`` is post-local SGD (Lin et al., 2018): the first ``K``
-  calls average the gradients over the workers before the inner step
-  (synchronous data parallelism; the center follows the params), and the
-  averages fall on calls ``K + H``, ``K + 2H``, ...
+  {{sync_warmup}}
 
   ``fragments`` streams the sync (Streaming DiLoCo): with ``F`` fragments,
   fragment ``f`` is averaged on the calls ``s`` with
@@ -102,21 +88,12 @@ def model_average(
     inner: The local optimizer (e.g. ``optax.sgd(0.1)``).
     axis_name: The mapped axis (or tuple of axes) of the workers.
     interval_steps: ``H``, calls between averages (static int >= 1).
-    sync_warmup: ``K``, synchronous calls before the local steps start
-      (static int >= 0; ``None``, the default, is 0 and keeps
-      ``optax.inject_hyperparams`` from taking it for a hyperparameter).
-    fragments: ``None`` (the whole model), an int ``F`` (the leaves in
-      flatten order, cut into ``F`` contiguous groups of nearly equal bytes),
-      a pytree of int labels in ``[0, F)`` that is a prefix of the params, or
-      a callable ``params -> labels`` (static).
-    comm_dtype: The format on the wire: ``None``, ``jnp.bfloat16``,
-      ``jnp.float16``, ``jnp.int8`` or a float8 type (static).
-    error_feedback: With an 8-bit ``comm_dtype``, carry what the rounding
-      dropped into the next sync (static bool).
+    {{arg_sync_warmup}} {{arg_fragments}} {{arg_comm}}
+    host_offload: Keep the fields a sync alone reads (the center, the residual) in the host's
+      pinned memory between syncs; a sync brings them to the device and back
+      (static bool).
 
-  Returns:
-    A ``GradientTransformationExtraArgs`` whose state is a
-    :class:`ModelAverageState`. Its ``update`` needs ``params``.
+  {{returns:ModelAverageState}}
 
   Raises:
     ValueError: for ``interval_steps < 1``, ``sync_warmup < 0``, a period
@@ -154,22 +131,23 @@ def model_average(
     Douillard et al., `Streaming DiLoCo with overlapping communication
     <https://arxiv.org/abs/2501.18512>`_, 2025 (fragments).
   """
-  period = _periodic.check_period(interval_steps, "interval_steps")
-  warmup = _periodic.check_warmup(sync_warmup)
-  _periodic.check_schedule(period, warmup, fragments, "interval_steps")
-  wire = _quantize.make_wire(comm_dtype, error_feedback)
-  axes = _collectives.axis_tuple(axis_name)
-  inner = optax.with_extra_args_support(inner)
+  setup = _periodic.Setup.make(
+    "model_average",
+    inner,
+    axis_name,
+    ("interval_steps", interval_steps),
+    sync_warmup,
+    fragments=fragments,
+    comm_dtype=comm_dtype,
+    error_feedback=error_feedback,
+    host_offload=host_offload,
+  )
+  axes, wire = setup.axes, setup.wire
 
   def init_fn(params):
-    _periodic.check_floating(params, "model_average")
-    center = _periodic.center_like(params)
-    return ModelAverageState(
-      inner_state=inner.init(params),
-      center=center,
-      residual=wire.residual_like(center),
-      **_periodic.engine_fields(params, period=period, warmup=warmup, fragments=fragments),
-    )
+    center, fields = setup.start(params)
+    state = ModelAverageState(center=center, residual=wire.residual_like(center), **fields)
+    return setup.placed(spec, state)
 
   def sync(local, carry):
     center, residual = carry["center"], carry["residual"]
@@ -181,7 +159,7 @@ def model_average(
       diff = jax.tree.map(lambda xi, c: xi - c, local.x, center)
       moved, residual = _quantize.pmean(diff, axes, wire, residual)
       mean = jax.tree.map(lambda c, m: c + m, center, moved)
-    finite = _periodic.all_finite(mean)
+    finite = _periodic.reduced_finite(mean, axes)
     new = {
       "center": _periodic.keep_unless(finite, mean, center),
       "residual": _periodic.keep_unless(finite, residual, carry["residual"]),
@@ -191,11 +169,9 @@ def model_average(
   def restart(x, carry):
     return {**carry, "center": x}
 
-  spec = _periodic.Spec("model_average", ("center", "residual"), sync, restart)
+  spec = _periodic.Spec(("center", "residual"), sync, restart, offload=("center", "residual"))
 
   def update_fn(updates, state, params=None, *, sync=None, **extra_args):
-    return _periodic.periodic_update(
-      spec, inner, state, updates, params, extra_args, axes=axes, sync=sync, fragments=fragments
-    )
+    return setup.update(spec, state, updates, params, extra_args, sync)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

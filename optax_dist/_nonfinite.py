@@ -34,7 +34,8 @@ class ApplyIfAllFiniteState(NamedTuple):
   inner_state: optax.OptState
 
 
-def _all_finite(tree: Any) -> jax.Array:
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating element of ``tree`` is finite (a local reduction, no collective)."""
   leaves = [
     jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
   ]
@@ -108,7 +109,7 @@ def apply_if_all_finite(
     ...   for g in grads:
     ...     updates, state = tx.update(g, state, params)
     ...     params = optax.apply_updates(params, updates)
-    ...   return params, state.total_notfinite, state.inner_state.step
+    ...   return params, state.total_notfinite, state.inner_state.sync.step
     >>> grads = jnp.array([[1.0, -1.0, -1.0], [jnp.nan, -2.0, -2.0]])
     >>> params, skipped, step = jax.vmap(train, axis_name="w")(jnp.zeros(2), grads)
     >>> skipped, step
@@ -135,13 +136,13 @@ def apply_if_all_finite(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    bad = jnp.logical_not(_all_finite(updates)).astype(jnp.int32)
+    bad = jnp.logical_not(all_finite(updates)).astype(jnp.int32)
     # The one collective: how many workers saw a non-finite gradient.
-    all_finite = _collectives.psum(bad, axes) == 0
+    finite_everywhere = _collectives.psum(bad, axes) == 0
     notfinite_count = jnp.where(
-      all_finite, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count)
+      finite_everywhere, jnp.zeros([], jnp.int32), optax.safe_increment(state.notfinite_count)
     )
-    apply = all_finite
+    apply = finite_everywhere
     if max_consecutive_errors is not None:
       apply = jnp.logical_or(apply, notfinite_count > max_consecutive_errors)
     new_updates, new_inner_state = inner.update(updates, state.inner_state, params, **extra_args)
@@ -151,9 +152,11 @@ def apply_if_all_finite(
       lambda new, old: jnp.where(apply, new, old), new_inner_state, state.inner_state
     )
     total = jnp.where(
-      all_finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)
+      finite_everywhere, state.total_notfinite, optax.safe_increment(state.total_notfinite)
     )
     skipped = state.total_skipped + jnp.logical_not(apply).astype(jnp.int32)
-    return updates, ApplyIfAllFiniteState(notfinite_count, all_finite, total, skipped, inner_state)
+    return updates, ApplyIfAllFiniteState(
+      notfinite_count, finite_everywhere, total, skipped, inner_state
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -38,6 +38,9 @@ import optax
 
 from optax_dist import _collectives
 from optax_dist import _fragments
+from optax_dist import _nonfinite
+from optax_dist import _placement
+from optax_dist import _quantize
 from optax_dist import _schedule
 
 T = TypeVar("T")
@@ -136,10 +139,14 @@ def zeros_like(tree: Any) -> Any:
   return jax.tree.map(zeros, tree)
 
 
-def all_finite(tree: Any) -> jax.Array:
-  """Whether every element of ``tree`` is finite (a local reduction, no collective)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def reduced_finite(tree: Any, axes: tuple) -> jax.Array:
+  """Whether a reduced value is finite, as every device of every worker sees it.
+
+  The value is the same on every worker (it was reduced over them), so no
+  collective is needed there; when a worker's params are sharded over other
+  mesh axes (FSDP), its devices agree with one scalar all-reduce over those.
+  """
+  return _collectives.agree(_nonfinite.all_finite(tree), axes)
 
 
 def keep_unless(ok: jax.Array, new: Any, old: Any) -> Any:
@@ -212,7 +219,6 @@ class Spec(NamedTuple):
   """What an algorithm supplies to the engine.
 
   Attributes:
-    name: The transform's name, for error messages.
     carry: The state fields its sync reads and writes.
     sync: ``sync(local, carry) -> Synced``, given the worker after this
       call's inner step.
@@ -221,60 +227,128 @@ class Spec(NamedTuple):
     per_fragment: The carry fields that hold one entry per fragment (a tuple
       of ``F`` values when there are several fragments); the others are
       shaped like the params.
+    offload: The carry fields read only at a sync, which ``host_offload``
+      keeps in the host's memory between syncs.
   """
 
-  name: str
   carry: tuple[str, ...]
   sync: Callable[[Local, dict[str, Any]], Synced]
   restart: Callable[[Any, dict[str, Any]], dict[str, Any]]
   per_fragment: tuple[str, ...] = ()
+  offload: tuple[str, ...] = ()
 
 
-def engine_fields(
-  params: Any, *, period: int, warmup: int = 0, fragments: Any = None
-) -> dict[str, Any]:
-  """The fields the engine owns in a fresh state: counters at zero and the schedule."""
-  _, num_fragments = _fragments.labels(fragments, params)
-  zero = jnp.zeros([], jnp.int32)
-  return {
-    "step": zero,
-    "num_syncs": zero,
-    "num_skipped_syncs": zero,
-    "schedule": _schedule.SyncSchedule(period, warmup, num_fragments),
-  }
+class Setup(NamedTuple):
+  """The static settings every periodic transform shares, validated once.
+
+  Attributes:
+    name: The transform's name, for error messages.
+    inner: The inner optimizer, taking extra arguments.
+    axes: The workers' axes.
+    period: Calls between two syncs of the same fragment.
+    warmup: Synchronous calls before the local steps.
+    fragments: The ``fragments`` argument (labels are computed per trace).
+    wire: How a sync's reduction travels (``comm_dtype``, error feedback).
+    host_offload: Whether the fields read only at a sync live in the host's
+      pinned memory between syncs.
+  """
+
+  name: str
+  inner: optax.GradientTransformationExtraArgs
+  axes: tuple
+  period: int
+  warmup: int
+  fragments: Any
+  wire: _quantize.Wire
+  host_offload: bool = False
+
+  @classmethod
+  def make(
+    cls,
+    name: str,
+    inner: optax.GradientTransformation,
+    axis_name: Any,
+    period: tuple[str, Any],
+    sync_warmup: Any,
+    *,
+    fragments: Any = None,
+    comm_dtype: Any = None,
+    error_feedback: Any = False,
+    host_offload: Any = False,
+  ) -> "Setup":
+    """Validates the settings; ``period`` is ``(argument name, value)``."""
+    if not isinstance(host_offload, bool):
+      raise TypeError(f"`host_offload` must be a Python bool, got {host_offload!r}.")
+    if host_offload:
+      _placement.check_host_memory()
+    period_name, value = period
+    value = check_period(value, period_name)
+    warmup = check_warmup(sync_warmup)
+    check_schedule(value, warmup, fragments, period_name)
+    wire = _quantize.make_wire(comm_dtype, error_feedback)
+    axes = _collectives.axis_tuple(axis_name)
+    inner = optax.with_extra_args_support(inner)
+    return cls(name, inner, axes, value, warmup, fragments, wire, host_offload)
+
+  def start(self, params: Any) -> tuple[Any, dict[str, Any]]:
+    """The center of a fresh state, and the fields the engine owns in it.
+
+    Those are the inner state and the ``sync`` state: counters at zero and
+    the schedule.
+    """
+    check_floating(params, self.name)
+    _, num_fragments = _fragments.labels(self.fragments, params)
+    zero = jnp.zeros([], jnp.int32)
+    schedule = _schedule.SyncSchedule(self.period, self.warmup, num_fragments)
+    fields = {
+      "inner_state": self.inner.init(params),
+      "sync": _schedule.SyncState(zero, zero, zero, schedule),
+    }
+    return center_like(params), fields
+
+  def placed(self, spec: "Spec", state: Any) -> Any:
+    """A fresh ``state`` with the fields read only at a sync in host memory, if offloaded."""
+    if not self.host_offload:
+      return state
+    return state._replace(**{f: _placement.to_host(getattr(state, f)) for f in spec.offload})
+
+  def masks(self, params: Any) -> list[Any] | None:
+    """One boolean mask tree per fragment, or None for one fragment."""
+    return _fragments.masks(*_fragments.labels(self.fragments, params))
+
+  def update(
+    self, spec: "Spec", state: Any, grads: Any, params: Any, extra_args: dict, sync: Any
+  ) -> tuple[Any, Any]:
+    """One call: see :func:`periodic_update`."""
+    return periodic_update(self, spec, state, grads, params, extra_args, sync)
 
 
 def periodic_update(
+  setup: Setup,
   spec: Spec,
-  inner: optax.GradientTransformationExtraArgs,
   state: Any,
   grads: Any,
   params: Any,
   extra_args: dict[str, Any],
-  *,
-  axes: tuple,
   sync: Any = None,
-  fragments: Any = None,
 ) -> tuple[Any, Any]:
   """One call of a periodic transform: ``(updates, new_state)``.
 
   ``state`` is the algorithm's state ``NamedTuple``: its fields
-  ``inner_state``, ``step``, ``num_syncs``, ``num_skipped_syncs`` and
-  ``schedule`` are handled here, the fields named by ``spec.carry`` by the
-  algorithm's sync. ``fragments`` is the transform's ``fragments`` argument.
+  ``inner_state`` and ``sync`` are handled here, the fields named by
+  ``spec.carry`` by the algorithm's sync.
   """
-  require_params(params, spec.name)
-  schedule: _schedule.SyncSchedule = state.schedule
+  require_params(params, setup.name)
+  inner, axes = setup.inner, setup.axes
+  counters: _schedule.SyncState = state.sync
+  schedule = counters.schedule
   flag = _schedule.check_flag(sync, schedule.fragments)
   carry = {name: getattr(state, name) for name in spec.carry}
-  step = optax.safe_increment(state.step)
-  masks = None
-  if schedule.fragments > 1:
-    masks = _fragments.masks(*_fragments.labels(fragments, params))
-  views = _Views(spec, masks)
+  step = optax.safe_increment(counters.step)
+  views = _Views(spec, setup.masks(params) if schedule.fragments > 1 else None)
 
   def fence(tree: Any) -> Any:
-    return rounding_fence(tree, state.step)
+    return rounding_fence(tree, counters.step)
 
   synced = jnp.zeros([], jnp.int32)
   skipped = jnp.zeros([], jnp.int32)
@@ -285,12 +359,22 @@ def periodic_update(
     updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
     return fence(updates), inner_state
 
+  # With host offload, the fields read only at a sync come to the device for
+  # it and go back to the host after.
+  offloaded = spec.offload if setup.host_offload else ()
+
+  def moved(carry: dict[str, Any], move: Callable[[Any], Any]) -> dict[str, Any]:
+    return {k: move(v) if k in offloaded else v for k, v in carry.items()}
+
   def warm(params: Any, updates: Any, carry: dict[str, Any]) -> dict[str, Any]:
-    return fence(spec.restart(local_view(params, updates).x, fence(carry)))
+    carry = fence(moved(carry, _placement.to_device))
+    return moved(fence(spec.restart(local_view(params, updates).x, carry)), _placement.to_host)
 
   def sync_fragment(params_f: Any, updates_f: Any, carry_f: dict[str, Any]) -> tuple:
-    out = spec.sync(local_view(params_f, updates_f), fence(carry_f))
-    return fence(out.updates), fence(out.carry), out.finite.astype(jnp.int32)
+    carry_f = fence(moved(carry_f, _placement.to_device))
+    out = spec.sync(local_view(params_f, updates_f), carry_f)
+    new = moved(fence(out.carry), _placement.to_host)
+    return fence(out.updates), new, out.finite.astype(jnp.int32)
 
   if flag is None:  # Decided in the program, from the counter.
     is_warm, is_sync = schedule.in_graph(step)
@@ -334,9 +418,11 @@ def periodic_update(
 
   new_state = state._replace(
     inner_state=inner_state,
-    step=step,
-    num_syncs=state.num_syncs + synced,
-    num_skipped_syncs=state.num_skipped_syncs + skipped,
+    sync=counters._replace(
+      step=step,
+      num_syncs=counters.num_syncs + synced,
+      num_skipped_syncs=counters.num_skipped_syncs + skipped,
+    ),
     **carry,
   )
   return updates, new_state
@@ -503,18 +589,15 @@ def replay_commits(
   """
   me = _collectives.worker_index(axes)
   gathered = _collectives.all_gather(contribution, axes)
-
-  def step(loop_carry, contribution_k):
-    c, k, kept = loop_carry
+  # A Python loop over the N (static, few) commits: straight-line code, so a
+  # static sync step holds no loop.
+  c = _collectives.to_varying(carry, axes)
+  kept = mine(c)
+  for k in range(_collectives.num_workers(axes)):
     if not after:
-      kept = jax.tree.map(lambda m, v: jnp.where(k == me, v, m), kept, mine(c))
-    c = commit(c, contribution_k)
+      kept = jax.tree.map(lambda m, v, k=k: jnp.where(k == me, v, m), kept, mine(c))
+    c = commit(c, jax.tree.map(lambda g, k=k: g[k], gathered))
     if after:
-      kept = jax.tree.map(lambda m, v: jnp.where(k == me, v, m), kept, mine(c))
-    return (c, k + 1, kept), None
-
-  init = (carry, jnp.zeros([], jnp.int32), mine(carry))
-  # Unrolled: N is static and small, and a sync compiles to straight-line
-  # code (no loop inside the static sync step).
-  (final, _, kept), _ = lax.scan(step, _collectives.to_varying(init, axes), gathered, unroll=True)
-  return kept, final, all_finite(gathered)
+      kept = jax.tree.map(lambda m, v, k=k: jnp.where(k == me, v, m), kept, mine(c))
+  final = c
+  return kept, final, reduced_finite(gathered, axes)

@@ -22,6 +22,7 @@ import dataclasses
 import numbers
 import operator
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +152,26 @@ class SyncSchedule:
       for f in range(self.fragments)
     ]
     return is_warm, syncs
+
+
+class SyncState(NamedTuple):
+  """The periodic engine's part of a periodic transform's state.
+
+  Every periodic transform's state holds one in its ``sync`` field; it is the
+  same on every worker.
+
+  Attributes:
+    step: Number of calls since init (int32).
+    num_syncs: Number of syncs that moved the center, one per fragment synced
+      (int32); read by :func:`optax_dist.global_step`.
+    num_skipped_syncs: Number of syncs that left the center as it was because
+      what they reduced was not finite (int32); read by
+      :func:`optax_dist.skipped_syncs`.
+    schedule: When the transform syncs (static, no arrays); read by
+      :func:`optax_dist.sync_schedule`.
+  """
+
+  step: jax.Array
+  num_syncs: jax.Array
+  num_skipped_syncs: jax.Array
+  schedule: SyncSchedule

@@ -8,9 +8,9 @@ tree in a fixed order: depth first, fields in declaration order, containers in
 in it.
 
 The states of optax_dist are recognized by their type (:class:`TowerState`)
-or their shape: a periodic transform's state holds its
-:class:`~optax_dist.SyncSchedule` in a ``schedule`` field, beside its
-``center``, ``step``, ``num_syncs`` and ``num_skipped_syncs``.
+or their shape: a periodic transform's state holds a
+:class:`~optax_dist.SyncState` (counters and schedule) in a ``sync`` field,
+beside its ``center``.
 """
 
 from collections.abc import Iterator
@@ -45,8 +45,8 @@ _CALL_SKIPPING = {
 
 
 def is_periodic(state: Any) -> bool:
-  """Whether ``state`` is the state of a periodic transform (it carries a schedule)."""
-  return isinstance(getattr(state, "schedule", None), _schedule.SyncSchedule)
+  """Whether ``state`` is the state of a periodic transform (it holds a ``SyncState``)."""
+  return isinstance(getattr(state, "sync", None), _schedule.SyncState)
 
 
 def holds_periodic(opt_state: Any) -> bool:
@@ -56,7 +56,7 @@ def holds_periodic(opt_state: Any) -> bool:
 
 def periodic_counter(opt_state: Any) -> Any:
   """The call counter (``step``) of the first periodic state in ``opt_state``, or None."""
-  return next((s.step for s in iter_states(opt_state) if is_periodic(s)), None)
+  return next((s.sync.step for s in iter_states(opt_state) if is_periodic(s)), None)
 
 
 def communicates(opt_state: Any) -> bool:
@@ -200,7 +200,7 @@ def global_step(opt_state: optax.OptState) -> jax.Array:
   """
   for state in iter_states(opt_state):
     if is_periodic(state):
-      return state.num_syncs
+      return state.sync.num_syncs
     if isinstance(state, _tower.TowerState):
       return state.num_updates
   raise ValueError(
@@ -311,7 +311,7 @@ def skipped_syncs(opt_state: optax.OptState) -> jax.Array:
     (Array([[0., 0., 0.],
            [0., 0., 0.]], dtype=float32), Array([1, 1], dtype=int32))
   """
-  return _periodic_states(opt_state, "skipped syncs")[0][0].num_skipped_syncs
+  return _periodic_states(opt_state, "skipped syncs")[0][0].sync.num_skipped_syncs
 
 
 def sync_schedule(opt_state: optax.OptState) -> _schedule.SyncSchedule:
@@ -374,13 +374,13 @@ def sync_schedule(opt_state: optax.OptState) -> _schedule.SyncSchedule:
           f"transform sits inside {type(ancestor).__name__}, and {reason}. Pass `sync=None` "
           "and let the program decide from the transform's own counter."
         )
-  schedules = {state.schedule for state, _ in found}
+  schedules = {state.sync.schedule for state, _ in found}
   if len(schedules) > 1:
     raise ValueError(
       f"This optimizer holds periodic transforms with different schedules {sorted(map(str, schedules))}; "
       "one `sync` flag cannot serve them all. Give them one schedule, or pass `sync=None`."
     )
-  return found[0][0].schedule
+  return found[0][0].sync.schedule
 
 
 def call_count(opt_state: optax.OptState) -> int:
@@ -409,7 +409,7 @@ def call_count(opt_state: optax.OptState) -> int:
   """
   sync_schedule(opt_state)  # The same errors where a count cannot be known.
   state, ancestors = _periodic_states(opt_state, "call count")[0]
-  count = _read_scalar(state.step)
+  count = _read_scalar(state.sync.step)
   for ancestor in ancestors:
     if isinstance(ancestor, _nonfinite.ApplyIfAllFiniteState):
       count += _read_scalar(ancestor.total_skipped)

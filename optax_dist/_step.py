@@ -315,16 +315,14 @@ def data_parallel_eval_step(
     Two workers of elastic averaging have drifted apart; the evaluation uses
     their center (zeros here), and the accuracy pools both workers' counts:
 
-    >>> import jax, jax.numpy as jnp, optax, optax_dist
-    >>> from jax.sharding import AxisType
-    >>> mesh = jax.make_mesh((2,), ("batch",), axis_types=(AxisType.Auto,),
-    ...                      devices=jax.devices()[:2])
+    >>> import jax, jax.numpy as jnp, numpy as np, optax, optax_dist
     >>> def loss_fn(w, batch):
     ...   x, y = batch
     ...   pred = x @ w
     ...   correct = jnp.sum((pred > 0) == y)
     ...   return jnp.mean(pred**2), {"metrics": {"accuracy": (correct, y.shape[0])},
     ...                              "predictions": pred}
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("batch",))
     >>> tx = optax_dist.elastic_average(optax.sgd(0.1), axis_name="batch")
     >>> w = jnp.zeros(2)
     >>> state = optax_dist.per_worker(tx.init(w), mesh=mesh, axis_name="batch")

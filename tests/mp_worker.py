@@ -151,6 +151,80 @@ def run_algorithm(tx, m, x, y, static=False):
   return fetch(params), fetch(state)
 
 
+def fsdp_mesh():
+  """2 replicas x 2 FSDP devices: on 2 processes, each replica is one process's devices."""
+  import jax
+  from jax.sharding import AxisType
+
+  return jax.make_mesh(
+    (2, 2), ("replica", "fsdp"), axis_types=(AxisType.Auto,) * 2, devices=jax.devices()[:4]
+  )
+
+
+def fsdp_run(m):
+  """DiLoCo over the replicas, params and state sharded over "fsdp" inside each."""
+  import jax
+  from jax import lax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  import optax
+
+  import optax_dist
+
+  tx = optax_dist.diloco(optax.adam(0.05), axis_name="replica", sync_period=2)
+
+  def specs(tree):
+    return jax.tree.map(lambda a: P("replica", "fsdp") if a.ndim >= 2 else P("replica"), tree)
+
+  def place(tree, spec_tree):
+    def one(a, spec):
+      a = np.asarray(a)
+      sharding = NamedSharding(m, spec)
+      return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(one, tree, spec_tree)
+
+  params = {"w": np.full((2, DIM, 3), 0.1, np.float32)}
+  params_spec = specs(params)
+  state_spec = specs(jax.eval_shape(jax.vmap(tx.init), params))
+
+  def loss(local, x, y):
+    w = lax.all_gather(local["w"], "fsdp", axis=0, tiled=True)
+    return jnp.mean((x @ w - y[..., None]) ** 2) / 2
+
+  def body(p, s, x, y):
+    p, s = jax.tree.map(lambda a: a[0], (p, s))
+    u, s = tx.update(jax.grad(loss)(p, x[0], y[0]), s, p)
+    return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, u), s))
+
+  batch_spec = P("replica", "fsdp")
+  step = jax.jit(
+    jax.shard_map(
+      body,
+      mesh=m,
+      in_specs=(params_spec, state_spec, batch_spec, batch_spec),
+      out_specs=(params_spec, state_spec),
+    )
+  )
+  init = jax.jit(
+    jax.shard_map(
+      lambda p: jax.tree.map(lambda a: a[None], tx.init(jax.tree.map(lambda a: a[0], p))),
+      mesh=m,
+      in_specs=(params_spec,),
+      out_specs=state_spec,
+    )
+  )
+  p = place(params, params_spec)
+  s = init(p)
+  x, y = data(STEPS)  # (steps, 4, BATCH, DIM): 2 replicas x 2 FSDP devices' rows.
+  for t in range(STEPS):
+    xt = x[t].reshape(2, 2 * BATCH, DIM)
+    yt = y[t].reshape(2, 2 * BATCH)
+    p, s = jax.block_until_ready(step(p, s, place(xt, batch_spec), place(yt, batch_spec)))
+  return fetch(p), fetch(s)
+
+
 def flat(name, params, state):
   """``{name/params/i: leaf, name/state/i: leaf}`` for np.savez."""
   import jax
@@ -195,6 +269,14 @@ def agreement_messages(m):
     optax_dist.check_agreement(train_transform(period=3 + pid), params, mesh=m, axis_name=AXIS)
   except ValueError as e:
     messages["agree/period"] = np.array(str(e))
+  # Only inside optax.MultiSteps (a bound method's object): every_k_schedule.
+  import optax
+
+  multi = optax.MultiSteps(train_transform(), every_k_schedule=2 + pid).gradient_transformation()
+  try:
+    optax_dist.check_agreement(multi, params, mesh=m, axis_name=AXIS)
+  except ValueError as e:
+    messages["agree/multisteps"] = np.array(str(e))
   shifted = put(jax.tree.map(lambda a: a + 0.5 * pid, initial_params()), m)
   try:
     optax_dist.check_agreement(train_transform(), shifted, mesh=m, axis_name=AXIS)
@@ -215,6 +297,7 @@ def all_scenarios(out_dir, ckpt_dir):
     if name != "tower":
       results.update(flat(f"static/{name}", *run_algorithm(tx, m, x, y, static=True)))
   results.update(flat("nonfinite", *run_algorithm(nonfinite_transform(), m, *nonfinite_data())))
+  results.update(flat("fsdp", *fsdp_run(fsdp_mesh())))
   results.update(agreement_messages(m))
   np.savez(out_dir / f"all_{jax.process_index()}.npz", **results)
   train(out_dir, ckpt_dir)
@@ -282,8 +365,8 @@ def train(out_dir, ckpt_dir, kill_at=None):
     out_dir / f"train_{jax.process_index()}.npz",
     start=start,
     restart=restart,
-    step=state.step,
-    num_syncs=state.num_syncs,
+    step=state.sync.step,
+    num_syncs=state.sync.num_syncs,
     **flat("train", params, state),
   )
 

@@ -90,7 +90,9 @@ def diloco(
   m = np.zeros_like(c)
   out = []
   for t, g in enumerate(np.asarray(grads, np.float64), start=1):
-    flag = schedule_flag(t, period=p, warmup=warmup, fragments=num) if flags is None else flags[t - 1]
+    flag = (
+      schedule_flag(t, period=p, warmup=warmup, fragments=num) if flags is None else flags[t - 1]
+    )
     if flag == "warmup":
       mean = g.mean(0)
       x = x + np.stack([local[k](mean) for k in range(n)])

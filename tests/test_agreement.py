@@ -11,6 +11,7 @@ import pytest
 
 import optax_dist
 from optax_dist import _agreement
+from optax_dist import _settings
 
 N = 4
 
@@ -81,20 +82,24 @@ def test_one_ulp_is_a_difference(mesh):
 )
 def test_settings_that_differ_between_processes_are_named(mesh, monkeypatch, other, expected):
   # Stand in for a second process: the gathered settings rows of two processes.
-  rows = np.stack([_agreement._encode(_agreement.settings_lines(s)) for s in (elastic(), other)])
+  rows = np.stack([_agreement.encode(_settings.lines(s)) for s in (elastic(), other)])
   monkeypatch.setattr(_agreement.multihost_utils, "process_allgather", lambda row, tiled: rows)
-  monkeypatch.setattr(_agreement, "_params_lines", lambda params: [])
+  monkeypatch.setattr(_agreement, "params_lines", lambda params: [])
   with pytest.raises(ValueError) as info:
     optax_dist.check_agreement(elastic(), stacked(mesh), mesh=mesh, axis_name="w")
   message = str(info.value)
   assert "process 1 (" in message and expected in message
-  assert message.count(" = ") == 1  # Only the one setting that differs.
+  # Only the one setting that differs (seen where update and init keep it).
+  name = expected.split(" = ")[0].rsplit(".", 1)[-1]
+  listed = [line for line in message.splitlines() if " = " in line]
+  assert listed and all(f".{name} = " in line for line in listed), listed
 
 
 def test_settings_text_sees_every_static_setting():
-  lines = "\n".join(_agreement.settings_lines(elastic(rho=0.25, ordering="round_robin")))
+  lines = "\n".join(_settings.lines(elastic(rho=0.25, ordering="round_robin", sync_warmup=3)))
   for text in ("period = 4", "ordering = 'round_robin'", "rho = 0.25", "b1 = 0.9", "'w'"):
     assert text in lines
+  assert "warmup = 3" in lines  # Kept only by init.
   assert "0x" not in lines  # No memory addresses: the text is the same in every process.
 
 

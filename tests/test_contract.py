@@ -399,3 +399,13 @@ def test_syncs_on_the_calls_of_the_schedule(case, flags):
     for c0, c1 in itertools.pairwise(centers)
   ]
   assert moved == [flag is not False for flag in expected], (moved, expected)
+
+
+@pytest.mark.parametrize("case", PERIODIC, ids=lambda c: c.name)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_integer_params_are_a_clear_error(case, dtype):
+  # A periodic transform averages and moves params: it names the leaf that
+  # cannot be, at init.
+  params = {"w": jnp.zeros(3), "count": jnp.zeros(2, dtype), "v": jnp.zeros(2)}
+  with pytest.raises(TypeError, match=rf"leaf at \['count'\] has dtype {jnp.dtype(dtype)}"):
+    case.make().init(params)

@@ -165,6 +165,15 @@ def test_static_flags_give_the_in_graph_results_on_two_processes(all_run, name):
     np.testing.assert_array_equal(result[f"static/{key}"], result[key], err_msg=key)
 
 
+def test_fsdp_replicas_across_processes_match_one_process(all_run):
+  # The replicas' axis across the 2 processes, "fsdp" inside each: the same
+  # as the same mesh on 4 devices of one process.
+  (result, _), _ = all_run
+  params, state = mp_worker.fsdp_run(mp_worker.fsdp_mesh())
+  _assert_leaves(result, "fsdp", params, state, rtol=1e-6, atol=1e-6)
+  assert int(optax_dist.global_step(state)[0]) == mp_worker.STEPS // 2
+
+
 def test_nan_on_one_worker_of_one_process_skips_the_step_everywhere(all_run, mesh):
   (result, _), _ = all_run
   tx = mp_worker.nonfinite_transform()
@@ -172,8 +181,8 @@ def test_nan_on_one_worker_of_one_process_skips_the_step_everywhere(all_run, mes
   _assert_leaves(result, "nonfinite", params, state, rtol=1e-6, atol=1e-6)
   # Every worker skipped step 3 (a sync step): 6 steps applied, 3 syncs, same counters.
   np.testing.assert_array_equal(state.total_notfinite, [1] * mp_worker.N)
-  np.testing.assert_array_equal(state.inner_state.step, [mp_worker.STEPS - 1] * mp_worker.N)
-  np.testing.assert_array_equal(state.inner_state.num_syncs, [3] * mp_worker.N)
+  np.testing.assert_array_equal(state.inner_state.sync.step, [mp_worker.STEPS - 1] * mp_worker.N)
+  np.testing.assert_array_equal(state.inner_state.sync.num_syncs, [3] * mp_worker.N)
   assert np.isfinite(params["w"]).all() and np.isfinite(state.inner_state.center["w"]).all()
   # Exactly the run without that step.
   x, y = mp_worker.data(mp_worker.STEPS)
@@ -186,8 +195,10 @@ def test_nan_on_one_worker_of_one_process_skips_the_step_everywhere(all_run, mes
 
 def test_disagreement_raises_the_same_error_on_every_process(all_run):
   (first, second), _ = all_run
-  for key in ("agree/period", "agree/params"):
+  for key in ("agree/period", "agree/multisteps", "agree/params"):
     assert str(first[key]) == str(second[key])
+  multisteps = str(first["agree/multisteps"])
+  assert "every_k_schedule = 3 (process 0: 2)" in multisteps, multisteps
   period = str(first["agree/period"])
   assert "process 1 (workers 2, 3) differs from process 0" in period
   assert "settings.spec.sync.period = 4 (process 0: 3)" in period

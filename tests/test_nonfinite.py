@@ -46,8 +46,8 @@ def test_nan_on_one_worker_skips_the_step_on_every_worker(mode):
   np.testing.assert_array_equal(state.total_notfinite, [1] * N)
   np.testing.assert_array_equal(state.notfinite_count, [0] * N)
   np.testing.assert_array_equal(state.last_finite, [True] * N)
-  np.testing.assert_array_equal(state.inner_state.step, [STEPS - 1] * N)
-  np.testing.assert_array_equal(state.inner_state.num_syncs, [2] * N)
+  np.testing.assert_array_equal(state.inner_state.sync.step, [STEPS - 1] * N)
+  np.testing.assert_array_equal(state.inner_state.sync.num_syncs, [2] * N)
   center = np.asarray(optax_dist.center_params(state)["w"])
   assert np.isfinite(center).all() and np.isfinite(traj.params[-1]["w"]).all()
   np.testing.assert_array_equal(center, np.broadcast_to(center[0], center.shape))
@@ -66,10 +66,10 @@ def test_plain_apply_if_finite_desynchronizes_the_workers():
   # several processes the others would wait for it at the next sync.
   tx = optax.apply_if_finite(elastic(), max_consecutive_errors=10)
   state = run_transform(tx, PARAMS, gradients(), mode="vmap").state
-  steps = np.asarray(state.inner_state.step)
+  steps = np.asarray(state.inner_state.sync.step)
   np.testing.assert_array_equal(steps, [STEPS, STEPS, STEPS - 1, STEPS])
   # Worker 2 attempted one sync fewer than the others (synced or skipped).
-  attempts = np.asarray(state.inner_state.num_syncs + state.inner_state.num_skipped_syncs)
+  attempts = np.asarray(state.inner_state.sync.num_syncs + state.inner_state.sync.num_skipped_syncs)
   np.testing.assert_array_equal(attempts, [3, 3, 2, 3])
 
 
@@ -123,3 +123,78 @@ def test_adds_exactly_one_scalar_all_reduce_per_step():
   assert [(op.kind, op.nbytes) for op in extra] == [("all-reduce", 4)], extra
   # The sync's own collectives are unchanged.
   assert in_loops(wrapped) == in_loops(plain) == [("all-reduce", 64 * 32 * 4)]
+
+
+SYNC_GUARD_CASES = {
+  "elastic_simultaneous": lambda: optax_dist.elastic_average(
+    optax.sgd(0.1), axis_name=AXIS, communication_period=2, moving_rate=0.25, rho=0.1
+  ),
+  "elastic_round_robin": lambda: optax_dist.elastic_average(
+    optax.sgd(0.1), axis_name=AXIS, communication_period=2, ordering="round_robin"
+  ),
+  "agn_simultaneous": lambda: optax_dist.agn(
+    optax.sgd(0.1), axis_name=AXIS, communication_period=2
+  ),
+  "agn_round_robin": lambda: optax_dist.agn(
+    optax.sgd(0.1), axis_name=AXIS, communication_period=2, ordering="round_robin"
+  ),
+  "model_average": lambda: optax_dist.model_average(
+    optax.sgd(0.1), axis_name=AXIS, interval_steps=2
+  ),
+  "model_average_int8": lambda: optax_dist.model_average(
+    optax.sgd(0.1), axis_name=AXIS, interval_steps=2, comm_dtype="int8", error_feedback=True
+  ),
+  "diloco": lambda: optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS, sync_period=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_GUARD_CASES))
+@pytest.mark.parametrize("mode", ["vmap", "shard_map"])
+def test_a_non_finite_sync_never_reaches_the_center(name, mode):
+  # Worker 2's params become infinite at call 4 (a sync; plain SGD inside,
+  # so no inner state keeps the Inf afterwards). Every worker sees it in
+  # the reduced value: the center keeps its value from the sync at call 2,
+  # the sync counts as skipped, and where the algorithm moves workers onto
+  # the center they restart from that finite one. The next sync (call 6)
+  # leaves the NaN worker behind only for EASGD, which never moves workers
+  # onto the center.
+  tx = SYNC_GUARD_CASES[name]()
+  grads = gradients(with_nan=False)
+  grads[3]["w"][BAD_WORKER, 0] = np.inf
+  traj = run_transform(tx, PARAMS, grads, mode=mode)
+  states = traj.states
+  center = [np.asarray(optax_dist.center_params(s)["w"]) for s in states]
+  np.testing.assert_array_equal(center[3], center[1])  # Call 4 kept call 2's center.
+  assert np.isfinite(center[3]).all()
+  np.testing.assert_array_equal(optax_dist.skipped_syncs(states[3]), [1] * N)
+  np.testing.assert_array_equal(optax_dist.global_step(states[3]), [1] * N)
+  params_after = np.asarray(traj.params[3]["w"])
+  if name.startswith("elastic"):
+    # Nobody moved: the good workers took their local step only.
+    before = np.asarray(traj.params[2]["w"])
+    np.testing.assert_allclose(params_after - before, np.asarray(traj.updates[3]["w"]), atol=1e-6)
+    assert not np.isfinite(params_after[BAD_WORKER]).all()
+  else:
+    np.testing.assert_allclose(params_after, np.broadcast_to(center[1][0], params_after.shape))
+    # The training goes on, finite, and the next sync moves the center again.
+    assert all(np.isfinite(p["w"]).all() for p in traj.params[3:])
+    assert not np.array_equal(center[5], center[3])
+    np.testing.assert_array_equal(optax_dist.global_step(states[5]), [2] * N)
+
+
+@pytest.mark.parametrize("name", ["elastic_simultaneous", "agn_simultaneous", "diloco"])
+def test_the_guard_adds_no_collective(name):
+  # The finiteness of the reduced value is checked locally on every worker:
+  # a sync compiles to the one all-reduce it needs, nothing more.
+  mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:N])
+  tx = SYNC_GUARD_CASES[name]()
+  params = {"w": np.zeros((N, 64, 32), np.float32)}
+
+  def step(p, s, g):
+    p, s, g = jax.tree.map(lambda a: a[0], (p, s, g))
+    u, s = tx.update(g, s, p, sync=True)
+    return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, u), s))
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+  found = hlo.collectives(fn.lower(params, jax.vmap(tx.init)(params), params).compile().as_text())
+  assert [op.kind for op in found] == ["all-reduce"] and found[0].nbytes == 64 * 32 * 4

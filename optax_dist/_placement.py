@@ -1,0 +1,192 @@
+"""Where a periodic transform's state lives, and how many workers hold it.
+
+* Host offload: the fields a periodic transform reads only at a sync (its
+  center, and the outer optimizer's state, snapshot or residual) can live in
+  the host's pinned memory between syncs; the sync brings them to the device
+  and puts the new values back. A local step passes them through untouched.
+* Resizing: a checkpoint of N per-worker copies becomes one of M copies, every
+  worker restarting from the center (:func:`resize_workers`).
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_dist import _schedule
+from optax_dist import _state
+
+HOST_MEMORY = "pinned_host"
+
+
+def check_host_memory() -> None:
+  """A clear error where the backend has no pinned host memory to offload to."""
+  device = jax.devices()[0]
+  kinds = sorted(m.kind for m in device.addressable_memories())
+  if HOST_MEMORY not in kinds:
+    raise ValueError(
+      f"`host_offload=True` keeps state in {HOST_MEMORY!r} memory, which this backend "
+      f"({device.platform}) does not offer (its memories: {kinds}). Pass host_offload=False."
+    )
+
+
+def _put(tree: Any, space: Any) -> Any:
+  def put(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    return jax.device_put(x, space)
+
+  return jax.tree.map(put, tree)
+
+
+def to_host(tree: Any) -> Any:
+  """``tree`` in the host's pinned memory (inside or outside a jitted function)."""
+  return _put(tree, jax.memory.Space.Host)
+
+
+def to_device(tree: Any) -> Any:
+  """``tree`` in device memory."""
+  return _put(tree, jax.memory.Space.Device)
+
+
+# How each field of a periodic state restarts when every worker stands on the
+# center (a sync, or a resize): kept as it is (the same on every worker), set
+# to the center, or set to zeros. Inner states are averaged over the workers.
+_KEPT = ("center", "outer_state", "center_state", "sync")
+_TO_CENTER = ("snapshot",)
+_TO_ZEROS = ("accumulator", "residual")
+
+
+def resize_workers(
+  params: optax.Params, opt_state: optax.OptState, num_workers: int
+) -> tuple[optax.Params, optax.OptState]:
+  """Per-worker params and state for a different number of workers.
+
+  The way to resume a checkpoint on a different number of replicas (the JAX
+  answer to elastic membership): the trees of a run with N workers, each leaf
+  with a leading worker axis of N, become trees with a leading axis of M =
+  ``num_workers``, as if every worker had just synced:
+
+  * every worker's params are the center (in the params' dtype);
+  * the center, the outer (DiLoCo) or center (AGN) optimizer's state and the
+    counters are kept, so :func:`optax_dist.global_step` and the sync
+    schedule go on where they were;
+  * the inner optimizer's floating leaves (Adam's moments, ...) are averaged
+    over the old workers, its integer leaves (step counts) taken from worker
+    0, and so are the leaves of any other state in ``opt_state`` (a chain's
+    other transformations);
+  * accumulators (AGN) and error-feedback residuals restart at zero, snapshots
+    (EASGD) at the center.
+
+  Lay the result out on the new mesh with :func:`optax_dist.per_worker`'s
+  sharding (``jax.device_put`` with a ``NamedSharding`` over the workers'
+  axis), or use it under ``jax.vmap``.
+
+  Args:
+    params: Per-worker params, a leading worker axis of N on every leaf.
+    opt_state: The matching per-worker optimizer state; it must hold one
+      periodic transform (the center to restart from).
+    num_workers: M, the new number of workers (>= 1).
+
+  Returns:
+    ``(params, opt_state)`` with a leading worker axis of M.
+
+  Raises:
+    ValueError: for ``num_workers < 1``, a state without a periodic
+      transform, or leaves without the same leading worker axis.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax_dist.model_average(optax.sgd(0.1), axis_name="w", interval_steps=4)
+    >>> params = jnp.array([[1.0, 2.0], [3.0, 4.0]])  # Two workers, drifted apart.
+    >>> state = jax.vmap(tx.init)(jnp.zeros((2, 2)))  # Their center is at zero.
+    >>> params, state = optax_dist.resize_workers(params, state, 3)
+    >>> params
+    Array([[0., 0.],
+           [0., 0.],
+           [0., 0.]], dtype=float32)
+    >>> state.sync.step.shape
+    (3,)
+  """
+  if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+    raise ValueError(f"`num_workers` must be an int >= 1, got {num_workers!r}.")
+  periodic = [s for s in _state.iter_states(opt_state) if _state.is_periodic(s)]
+  if len(periodic) != 1:
+    raise ValueError(
+      "resize_workers needs a state that holds exactly one periodic optax_dist transform "
+      f"(elastic_average, agn, model_average or diloco), whose center every worker "
+      f"restarts from; this one holds {len(periodic)}."
+    )
+  leaves = jax.tree.leaves((params, opt_state))
+  old = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+  if len(old) != 1 or None in old:
+    raise ValueError(
+      "resize_workers takes per-worker trees: every leaf of params and opt_state needs the "
+      f"same leading worker axis; their leading sizes are {sorted(map(str, old))}."
+    )
+
+  def spread(tree: Any) -> Any:
+    """Worker 0's value, for every new worker."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x[:1], (num_workers, *x.shape[1:])), tree)
+
+  def pooled(tree: Any) -> Any:
+    """Floating leaves averaged over the old workers, the others from worker 0."""
+
+    def pool(x: Any) -> Any:
+      if jnp.issubdtype(x.dtype, jnp.floating):
+        x = jnp.mean(x, axis=0, keepdims=True, dtype=jnp.float32).astype(x.dtype)
+      return jnp.broadcast_to(x[:1], (num_workers, *x.shape[1:]))
+
+    return jax.tree.map(pool, tree)
+
+  center = periodic[0].center
+
+  def restarted(state: Any) -> Any:
+    fields = {}
+    for name in state._fields:
+      value = getattr(state, name)
+      if name in _KEPT:
+        fields[name] = spread(value)
+      elif name in _TO_CENTER and jax.tree.leaves(value):
+        fields[name] = spread(center)
+      elif name in _TO_ZEROS:
+        fields[name] = jax.tree.map(jnp.zeros_like, spread(value))
+      else:
+        fields[name] = resize(value)
+    return type(state)(**fields)
+
+  def resize(tree: Any) -> Any:
+    def one(node: Any) -> Any:
+      if _state.is_periodic(node):
+        return restarted(node)
+      if isinstance(node, _schedule.SyncState):
+        return spread(node)
+      return pooled(node)
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: _state.is_periodic(x) or _is_array(x))
+
+  # The center where the periodic transform has one; elsewhere (leaves it
+  # does not see, e.g. under optax.masked) worker 0's params.
+  start = _state.center_params(opt_state, params)
+  new_params = jax.tree.map(
+    lambda p, c: jnp.broadcast_to(c[:1].astype(p.dtype), (num_workers, *p.shape[1:])),
+    params,
+    start,
+  )
+  return new_params, resize(opt_state)
+
+
+def _is_array(x: Any) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def host_bytes(state: Any) -> int:
+  """Bytes of the leaves of ``state`` that live in the host's pinned memory."""
+  total = 0
+  for x in jax.tree.leaves(state):
+    sharding = getattr(x, "sharding", None)
+    if getattr(sharding, "memory_kind", None) == HOST_MEMORY:
+      total += math.prod(x.shape) * x.dtype.itemsize
+  return total
