@@ -130,6 +130,50 @@ def test_getting_started_per_worker_loop_trains():
   np.testing.assert_array_equal(ns["center"]["w"], centers["w"][0])
 
 
+def test_getting_started_static_flags_compile_one_program_per_kind_of_call():
+  ns = run_block("getting_started.md", 2)
+  # 36 calls: 4 warm-up calls, then an outer step on calls 12, 20, 28, 36.
+  assert int(ns["syncs"]) == 4
+  assert ns["count"] == 36
+  assert ns["train_step"]._cache_size() == 3
+  assert float(ns["loss"]) < 0.05
+  schedule = ns["schedule"]
+  assert [schedule(i) for i in range(13)] == ["warmup"] * 4 + [False] * 7 + [True, False]
+
+
+def test_getting_started_nnx_optimizer_takes_the_flag():
+  ns = run_block("getting_started.md", 3)
+  _, optimizer = ns["nnx"].merge(ns["graphdef"], ns["state"])
+  opt_state = ns["nnx"].as_pure(optimizer.opt_state)
+  np.testing.assert_array_equal(optax_dist.global_step(opt_state), [3] * 8)
+  assert ns["train_step"]._cache_size() == 2  # A local step and a sync.
+
+
+def test_large_models_fsdp_step_syncs_the_local_shard():
+  ns = run_block("large_models.md", 0)
+  report = ns["report"]
+  # A sync all-reduces each device's 16 x 8 shard across the 2 replicas, and
+  # the 4 devices of a replica agree that it was finite (one int32).
+  across = [c for c in report.collectives if not c.every_step and c.workers == 2]
+  inside = [c for c in report.collectives if not c.every_step and c.workers == 4]
+  assert [(c.kind, c.nbytes) for c in across] == [("all-reduce", 16 * 8 * 4)]
+  assert [(c.kind, c.nbytes) for c in inside] == [("all-reduce", 4)]
+  center = ns["optax_dist"].center_params(ns["state"])["w"]
+  assert center.sharding.spec == ns["P"]("replica", "fsdp")
+  np.testing.assert_array_equal(center[0], center[1])  # The replicas share the center.
+
+
+def test_large_models_gspmd_path():
+  ns = run_block("large_models.md", 1)
+  report = ns["report"]
+  # Nothing on local steps; per sync the 16 params of each replica, and a
+  # flag the partitioner adds (one byte).
+  assert report.every_step_bytes == 0
+  assert [c.nbytes for c in report.collectives if c.nbytes > 4] == [16 * 4]
+  assert report.sync_bytes <= 16 * 4 + 4
+  assert ns["params"].sharding.spec == ns["P"]("replica")
+
+
 def test_migration_elastic_average_translation_trains(capsys):
   ns = run_block("migration.md", 0)
   losses = ns["losses"]
@@ -314,14 +358,14 @@ def test_api_types_reads_annotations_as_written():
   fields = api_types.source_annotations(optax_dist.ElasticAverageState)
   assert fields["inner_state"] == "optax.OptState"
   assert fields["center"] == "optax.Params"
-  assert fields["step"] == "jax.Array"
+  assert fields["sync"] == "_schedule.SyncState"
   signature = api_types.source_annotations(optax_dist.minimize)
   assert signature["params"] == "optax.Params"
   assert signature["*args"] == "Any"
   assert signature["return"] == "tuple[optax.Params, optax.OptState, Any]"
   public = api_types.public_annotation
   module = optax_dist.ElasticAverageState.__module__
-  assert public(fields["schedule"], module, "optax_dist") == "~optax_dist.SyncSchedule"
+  assert public(fields["sync"], module, "optax_dist") == "~optax_dist.SyncState"
   assert public("optax.Params | None", module, "optax_dist") == "optax.Params | None"
   # A private alias reads as its definition.
   axis = api_types.source_annotations(optax_dist.tower)["axis_name"]
