@@ -28,39 +28,86 @@ def train_digits():
   return load("train_digits")
 
 
-@pytest.mark.parametrize("algorithm", ["sync", "easgd", "agn", "model_average", "diloco"])
+# Bytes of the 64-32-32-10 MLP's params, the gradients' size, and of the
+# metrics all-reduced every step: the loss and the accuracy's total and count.
+PARAMS_BYTES = 4 * (64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10)
+METRICS_BYTES = 3 * 4
+SHORT = ["--steps", "30", "--period", "4", "--hidden", "32", "--eval-every", "10"]
+
+
+# sync and diloco, the default pair, are tested together below.
+@pytest.mark.parametrize("algorithm", ["easgd", "agn", "model_average"])
 def test_train_digits_demo_learns(train_digits, algorithm, tmp_path, capsys):
   plot = tmp_path / "digits.png"
-  argv = ["--algorithm", algorithm, "--steps", "30", "--period", "4", "--hidden", "32"]
-  result = train_digits.main([*argv, "--eval-every", "10", "--plot", str(plot)])
+  runs = train_digits.main([*SHORT, "--algorithm", algorithm, "--plot", str(plot)])
+  assert list(runs) == [algorithm]
+  result = runs[algorithm]
   accuracy = result["history"]["test_accuracy"]
   # Ten classes: chance is 0.1. Thirty steps take every algorithm well past it.
   assert accuracy[-1] > 0.3 and accuracy[-1] > accuracy[0], accuracy
-  # Bytes read from the compiled step: sync all-reduces the gradients every
-  # step; the others the params (or their differences) once per sync. Both
-  # add the metrics: the loss and the accuracy's total and count (3 x 4 B).
-  params_bytes = 4 * (64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10)
-  if algorithm == "sync":
-    assert (result["every_step_bytes"], result["per_sync_bytes"]) == (params_bytes + 12, 0)
-    assert result["bytes"] == 30 * (params_bytes + 12)
-  else:
-    assert (result["every_step_bytes"], result["per_sync_bytes"]) == (12, params_bytes)
-    assert result["syncs"] == 30 // 4
-    assert result["bytes"] == 30 * 12 + 7 * params_bytes
+  # Bytes read from the compiled step: the params (or their differences)
+  # once per sync, and the metrics on every step.
+  assert (result["every_step_bytes"], result["per_sync_bytes"]) == (METRICS_BYTES, PARAMS_BYTES)
+  assert result["syncs"] == 30 // 4
+  assert result["bytes"] == 30 * METRICS_BYTES + 7 * PARAMS_BYTES
   assert plot.stat().st_size > 0
   out = capsys.readouterr().out
   assert f"{algorithm}: 8 workers, 30 steps" in out and "test accuracy" in out
+  assert "summary" not in out  # One algorithm: nothing to compare.
+
+
+def test_train_digits_demo_compares_sync_and_diloco_by_default(train_digits, tmp_path, capsys):
+  plot = tmp_path / "digits.png"
+  runs = train_digits.main([*SHORT, "--plot", str(plot)])
+  assert list(runs) == ["sync", "diloco"]
+  for run in runs.values():
+    accuracy = run["history"]["test_accuracy"]
+    assert accuracy[-1] > 0.3 and accuracy[-1] > accuracy[0], accuracy
+  # Bytes read from the compiled step: sync all-reduces the gradients every
+  # step, diloco the pseudo-gradient once per sync; both add the metrics.
+  sync, diloco = runs["sync"], runs["diloco"]
+  assert (sync["every_step_bytes"], sync["per_sync_bytes"]) == (PARAMS_BYTES + METRICS_BYTES, 0)
+  assert (diloco["every_step_bytes"], diloco["per_sync_bytes"]) == (METRICS_BYTES, PARAMS_BYTES)
+  assert (sync["syncs"], diloco["syncs"]) == (30, 30 // 4)
+  # The bytes each worker had sent by each evaluation (steps 10, 20, 30):
+  # sync the gradients on every step, diloco the params on steps 4, 8, ...
+  assert sync["history"]["bytes"] == [t * (PARAMS_BYTES + METRICS_BYTES) for t in (10, 20, 30)]
+  assert diloco["history"]["bytes"] == [
+    t * METRICS_BYTES + (t // 4) * PARAMS_BYTES for t in (10, 20, 30)
+  ]
+  assert (sync["bytes"], diloco["bytes"]) == (
+    sync["history"]["bytes"][-1],
+    diloco["history"]["bytes"][-1],
+  )
+  ratio = sync["bytes"] / diloco["bytes"]
+  out = capsys.readouterr().out
+  assert "sync: 8 workers, 30 steps" in out and "diloco: 8 workers, 30 steps" in out
+  # One summary line per algorithm: its test accuracy and its megabytes.
+  sync_line = f"  sync           {sync['test_accuracy']:.4f}"
+  diloco_line = f"  diloco         {diloco['test_accuracy']:.4f}"
+  assert sync_line in out and diloco_line in out
+  assert f"MB, {ratio:.1f}x fewer" in out
+  assert plot.stat().st_size > 0
 
 
 def test_train_digits_demo_hierarchical(train_digits, tmp_path, capsys):
-  argv = ["--algorithm", "easgd", "--steps", "30", "--period", "4", "--hidden", "32"]
-  argv += ["--hierarchical", "--eval-every", "10", "--plot", str(tmp_path / "h.png")]
-  result = train_digits.main(argv)
-  accuracy = result["history"]["test_accuracy"]
-  assert accuracy[-1] > 0.3 and accuracy[-1] > accuracy[0], accuracy
-  # Every step the gradients within each host (and the metrics); per sync the
-  # params across the hosts.
-  params_bytes = 4 * (64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10)
-  assert (result["every_step_bytes"], result["per_sync_bytes"]) == (params_bytes + 12, params_bytes)
-  assert result["syncs"] == 30 // 4
-  assert "8 workers (2 hosts x 4 devices), 30 steps" in capsys.readouterr().out
+  argv = [*SHORT, "--algorithm", "sync", "easgd", "--hierarchical"]
+  runs = train_digits.main([*argv, "--plot", str(tmp_path / "h.png")])
+  for run in runs.values():
+    accuracy = run["history"]["test_accuracy"]
+    assert accuracy[-1] > 0.3 and accuracy[-1] > accuracy[0], accuracy
+  # easgd: every step the gradients within each host (and the metrics); per
+  # sync the params across the hosts. sync: the gradients over all devices.
+  easgd = runs["easgd"]
+  assert (easgd["every_step_bytes"], easgd["per_sync_bytes"]) == (
+    PARAMS_BYTES + METRICS_BYTES,
+    PARAMS_BYTES,
+  )
+  assert easgd["syncs"] == 30 // 4
+  assert (runs["sync"]["every_step_bytes"], runs["sync"]["per_sync_bytes"]) == (
+    PARAMS_BYTES + METRICS_BYTES,
+    0,
+  )
+  out = capsys.readouterr().out
+  assert "easgd: 8 workers (2 hosts x 4 devices), 30 steps" in out
+  assert "sync: 8 workers (2 hosts x 4 devices), 30 steps" in out

@@ -1,0 +1,157 @@
+"""The language-model example: its corpus split, its bytes accounting, and short runs that learn."""
+
+import importlib.util
+import pathlib
+import re
+import sysconfig
+
+import numpy as np
+import pytest
+
+import optax_dist
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+RING = 2 * 7 / 8  # What a ring all-reduce over 8 workers sends, per byte reduced.
+# A tiny model: width 16, one block, 2 heads, 16 bytes of context.
+TINY = ["--width", "16", "--depth", "1", "--heads", "2", "--context", "16"]
+TINY += ["--batch-size", "16", "--eval-windows", "16", "--steps", "8", "--eval-every", "4"]
+TINY += ["--no-progress"]
+WIDTH, CONTEXT = 16, 16
+# Its params: byte embeddings (tied to the output), positions, one block (two
+# layer norms, the query-key-value and output projections without biases, an
+# MLP of width 4 x 16) and the final layer norm.
+BLOCK = 2 * 2 * WIDTH + 4 * WIDTH * WIDTH + (WIDTH * 4 * WIDTH + 4 * WIDTH)
+BLOCK += 4 * WIDTH * WIDTH + WIDTH
+NUM_PARAMS = 256 * WIDTH + CONTEXT * WIDTH + BLOCK + 2 * WIDTH
+PARAMS_BYTES = 4 * NUM_PARAMS
+LOSS_BYTES = 4  # The loss, all-reduced on every step.
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def train_lm():
+  return load("train_lm")
+
+
+@pytest.fixture
+def traces(train_lm, monkeypatch):
+  """Counts the traces of the example's loss: one per compiled program that calls it."""
+  count = []
+  loss_fn = train_lm.loss_fn
+
+  def counted(params, batch, *, model):
+    count.append(1)
+    return loss_fn(params, batch, model=model)
+
+  monkeypatch.setattr(train_lm, "loss_fn", counted)
+  return count
+
+
+def test_corpus_split_is_deterministic_and_disjoint(train_lm):
+  train, val = train_lm.corpus_files()
+  assert (train, val) == train_lm.corpus_files()
+  assert train and val and len(val) < len(train)
+  assert not set(train) & set(val)
+  assert train == sorted(train) and val == sorted(val)
+  # Every top-level source file of the standard library, each in one part.
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  assert set(train) | set(val) == {p for p in stdlib.glob("*.py") if p.is_file()}
+  assert all("site-packages" not in p.parts for p in train + val)
+  # Another seed, another split of the same files.
+  train_1, val_1 = train_lm.corpus_files(seed=1)
+  assert val_1 != val and set(train_1) | set(val_1) == set(train) | set(val)
+  data = train_lm.load_bytes(val)
+  assert data.dtype == np.uint8
+  assert len(data) == sum(p.stat().st_size for p in val) + len(val) - 1
+
+
+def test_corpus_split_depends_on_names_only(train_lm, tmp_path):
+  for i in range(40):
+    (tmp_path / f"module_{i}.py").write_text(f"x = {i}\n")
+  (tmp_path / "notes.txt").write_text("not source")
+  (tmp_path / "package").mkdir()
+  (tmp_path / "package" / "inner.py").write_text("y = 1\n")
+  train, val = train_lm.corpus_files(root=tmp_path, val_fraction=0.25)
+  names = sorted(p.name for p in train + val)
+  assert names == sorted(f"module_{i}.py" for i in range(40))
+  # sha256 of "0/<name>": a fixed split, whatever the machine.
+  assert 0 < len(val) < 20
+  assert (train, val) == train_lm.corpus_files(root=tmp_path, val_fraction=0.25)
+  with pytest.raises(ValueError, match="both must be non-empty"):
+    train_lm.corpus_files(root=tmp_path, val_fraction=0.0)
+
+
+def test_bytes_per_call_follows_the_schedule(train_lm):
+  schedule = optax_dist.SyncSchedule(period=4, warmup=2, fragments=2)
+  flags = [schedule(count) for count in range(8)]
+  assert flags == ["warmup", "warmup", False, 0, False, 1, False, 0]
+  sent = train_lm.bytes_per_call(
+    flags, every_step_bytes=4, sync_bytes=1000, warmup_bytes=300, fragments=2
+  )
+  np.testing.assert_array_equal(sent, [304, 304, 4, 504, 4, 504, 4, 504])
+  sync = train_lm.bytes_per_call([False] * 3, every_step_bytes=10, sync_bytes=0)
+  np.testing.assert_array_equal(sync, [10, 10, 10])
+  whole = train_lm.bytes_per_call([False, True, False, True], every_step_bytes=0, sync_bytes=8)
+  np.testing.assert_array_equal(whole, [0, 8, 0, 8])
+
+
+def check_learns_and_prints(result, out):
+  losses = result["train_loss"]
+  assert len(losses) == 8
+  # Chance is ln 256 = 5.545 nats per byte; eight steps already fall below it.
+  assert abs(losses[0] - np.log(256)) < 0.1, losses
+  assert np.mean(losses[-2:]) < losses[0] - 0.1, losses
+  assert result["eval_steps"] == [0, 4, 8]
+  val = result["val_loss"]
+  assert val[-1] < val[0] - 0.1 and val[-1] == result["final_val_loss"], val
+  last = out.rstrip("\n").splitlines()[-1]
+  assert re.fullmatch(r"validation loss: \d+\.\d{4}", last), last
+  assert last == f"validation loss: {result['final_val_loss']:.4f}"
+
+
+def test_sync_learns(train_lm, traces, tmp_path, capsys):
+  plot = tmp_path / "lm.png"
+  result = train_lm.main([*TINY, "--algorithm", "sync", "--plot", str(plot)])
+  check_learns_and_prints(result, capsys.readouterr().out)
+  assert plot.stat().st_size > 0
+  assert result["num_params"] == NUM_PARAMS
+  # The gradients all-reduced on every step, with the loss: a ring all-reduce
+  # over 8 workers sends 2 * 7 / 8 of its bytes.
+  assert (result["every_step_bytes"], result["sync_bytes"]) == (
+    pytest.approx(RING * (PARAMS_BYTES + LOSS_BYTES)),
+    0,
+  )
+  assert result["bytes"] == pytest.approx(
+    [t * RING * (PARAMS_BYTES + LOSS_BYTES) for t in (0, 4, 8)]
+  )
+  assert result["syncs"] == 8
+  # At most one trace each for the steps, the communication report (the same
+  # program) and the evaluations: not one per step.
+  assert len(traces) <= 3, len(traces)
+
+
+def test_diloco_streams_fragments_after_a_warmup(train_lm, traces, tmp_path, capsys):
+  argv = ["--algorithm", "diloco", "--period", "2", "--fragments", "2", "--warmup", "2"]
+  result = train_lm.main([*TINY, *argv, "--plot", str(tmp_path / "lm.png")])
+  check_learns_and_prints(result, capsys.readouterr().out)
+  # Every step all-reduces the loss; a warm-up step also the gradients; each
+  # later step one of the two fragments of the pseudo-gradient, half the
+  # params' bytes (the fragments are cut to nearly equal bytes).
+  assert result["every_step_bytes"] == pytest.approx(RING * LOSS_BYTES)
+  assert (result["sync_bytes"], result["warmup_bytes"]) == pytest.approx(
+    (RING * PARAMS_BYTES, RING * PARAMS_BYTES)
+  )
+  per_call = [LOSS_BYTES + PARAMS_BYTES] * 2 + [LOSS_BYTES + PARAMS_BYTES / 2] * 6
+  expected = [0, RING * sum(per_call[:4]), RING * sum(per_call)]
+  assert result["bytes"] == pytest.approx(expected)
+  assert result["syncs"] == 6  # One per fragment synced.
+  # One program per kind of call (warm-up, each fragment's sync), one that
+  # decides inside (for the communication report), one for the evaluations.
+  assert len(traces) <= 5, len(traces)
