@@ -26,13 +26,18 @@ report the chosen trial. Periodic algorithms are evaluated on their center,
 the model a checkpoint exports (``optax_dist.center_params``); every
 evaluation step is a multiple of 64, so every period has just synced.
 
+DiLoCo also runs streamed (``fragments=4``: one fragment syncs every
+``period / 4`` steps) and quantized (``comm_dtype=jnp.int8`` with error
+feedback) at periods 16 and 64, with DiLoCo's tuning grid.
+
 Bytes. Each worker's bytes are the collectives of the compiled step under
 ``jax.shard_map`` on 8 devices, read with ``optax_dist.communication_report``:
-the gradients (tower) on every step, the params-sized sync once per period.
-:func:`bytes_communicated` computes the same from the params' bytes and the
-period; the run checks that both agree for every algorithm.
+the gradients (tower) on every step, the params-sized sync once per period;
+the table gives what a worker sends on the wire (ring convention).
+:func:`bytes_communicated` computes the buffer bytes of the float32 syncs from
+the params' bytes and the period; the run checks that both agree.
 
-    python benchmarks/convergence.py            # about 8 minutes on 2 cores
+    python benchmarks/convergence.py            # about 11 minutes on 2 cores
     python benchmarks/convergence.py --quick    # a smoke run: 1 seed, 128 steps
 """
 
@@ -65,9 +70,16 @@ import optax_dist  # noqa: E402
 
 AXIS = demo.AXIS
 N = NUM_DEVICES
-ALGORITHMS = ("sync", "easgd", "agn", "model_average", "diloco")
+BASE = ("sync", "easgd", "agn", "model_average", "diloco")
+# DiLoCo's streaming and quantized syncs, at the long periods they are for.
+VARIANTS = {
+  "diloco_streaming": {"fragments": 4},
+  "diloco_int8": {"comm_dtype": jnp.int8, "error_feedback": True},
+}
+ALGORITHMS = BASE + tuple(VARIANTS)
 PERIODIC = ALGORITHMS[1:]
 PERIODS = (1, 4, 16, 64)
+VARIANT_PERIODS = (16, 64)
 BATCH = 128  # Global, 16 images per worker; the demo's default.
 HIDDEN = 128  # The demo's default.
 TEST_SIZE = 45 * N  # The demo's test split: 360 images.
@@ -84,7 +96,7 @@ def trials(algorithm, period):
   if algorithm == "easgd":
     rates = (0.9 / period / N, 0.3 / N, 0.9 / N)
     return [{"learning_rate": lr, "moving_rate": a} for lr in NARROW_LRS for a in rates]
-  if algorithm == "diloco":
+  if algorithm.startswith("diloco"):
     return [{"learning_rate": lr, "outer_learning_rate": o} for lr in NARROW_LRS for o in OUTER_LRS]
   return [{"learning_rate": lr} for lr in WIDE_LRS]
 
@@ -102,9 +114,11 @@ def make_optimizer(algorithm, period, hp):
     return optax_dist.agn(inner, axis_name=AXIS, communication_period=period)
   if algorithm == "model_average":
     return optax_dist.model_average(inner, axis_name=AXIS, interval_steps=period)
-  if algorithm == "diloco":
+  if algorithm.startswith("diloco"):
     outer = optax.sgd(hp["outer_learning_rate"], momentum=0.9, nesterov=True)
-    return optax_dist.diloco(inner, axis_name=AXIS, outer=outer, sync_period=period)
+    return optax_dist.diloco(
+      inner, axis_name=AXIS, outer=outer, sync_period=period, **VARIANTS.get(algorithm, {})
+    )
   raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
 
 
@@ -139,9 +153,22 @@ def bytes_communicated(algorithm, period, steps, nbytes):
   """
   if algorithm == "sync":
     return nbytes * steps
-  if algorithm in PERIODIC:
+  if algorithm in BASE:
     return nbytes * (steps // period)
   raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
+
+
+def periods_of(algorithm, periods):
+  if algorithm == "sync":
+    return [1]
+  if algorithm in VARIANTS:
+    return [p for p in periods if p in VARIANT_PERIODS]
+  return list(periods)
+
+
+def wire_bytes(report, period, steps):
+  """Bytes one worker sends on the wire in ``steps`` steps (ring convention), from a report."""
+  return report["every_step_wire_bytes"] * steps + report["sync_wire_bytes"] * (steps // period)
 
 
 def shard_map_report(algorithm, period, params):
@@ -259,35 +286,57 @@ def summarize(results, args):
   sync_mean = sync["test_mean"][-1]
   lines = [
     f"Final test accuracy after {args.steps} steps (mean ± sample standard deviation over {len(args.seeds)} seeds, "
-    f"{TEST_SIZE} test images), 8 workers, global batch {BATCH}; bytes sent per worker over the "
-    f"run; Δ is the difference to sync in accuracy points.",
+    f"{TEST_SIZE} test images), 8 workers, global batch {BATCH}. *Δ vs sync* is the "
+    "difference to sync in accuracy points; *MB sent per worker* is what one worker sends "
+    "on the wire over the run (a ring all-reduce of B bytes sends 2 (N - 1) / N B, an "
+    "all-to-all or all-gather that delivers B bytes (N - 1) / N B; read from the compiled "
+    "step), and *bytes vs sync* its ratio to sync's. *Chosen hyperparameters* is the trial "
+    "with the best validation accuracy. `diloco_streaming` syncs one of 4 fragments every "
+    "period / 4 steps; `diloco_int8` sends its pseudo-gradient through the int8 ring, with "
+    "error feedback.",
     "",
-    "| algorithm | period | test accuracy (%) | Δ vs sync | val accuracy (%) | MB per worker "
-    "| bytes vs sync | chosen hyperparameters |",
+    "| algorithm | period | test accuracy (%) | Δ vs sync | val accuracy (%) "
+    "| MB sent per worker | bytes vs sync | chosen hyperparameters |",
     "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
   ]
   for algorithm in ALGORITHMS:
-    for period in [1] if algorithm == "sync" else periods:
+    for period in periods_of(algorithm, periods):
       r = results["runs"][algorithm][str(period)]
       mean, std = r["test_mean"][-1], r["test_std"][-1]
       delta = 100 * (mean - sync_mean)
-      ratio = sync["bytes"][-1] / r["bytes"][-1]
+      ratio = sync["wire_bytes"][-1] / r["wire_bytes"][-1]
       chosen = ", ".join(f"{k}={v:.3g}" for k, v in r["chosen_hyperparameters"].items())
       lines.append(
         f"| {algorithm} | {'every step' if algorithm == 'sync' else period} "
         f"| {100 * mean:.2f} ± {100 * std:.2f} | {delta:+.2f} | {100 * r['val_mean'][-1]:.2f} "
-        f"| {r['bytes'][-1] / 1e6:.2f} | 1/{ratio:.0f} | {chosen} |"
+        f"| {r['wire_bytes'][-1] / 1e6:.2f} | 1/{ratio:.0f} | {chosen} |"
       )
   lines += ["", "Target at p = 16: within 1 accuracy point of sync with 16x fewer bytes.", ""]
   lines += ["| algorithm (p = 16) | Δ vs sync (points) | bytes vs sync | target met |"]
   lines += ["| --- | ---: | ---: | --- |"]
-  for algorithm in PERIODIC if 16 in periods else ():
+  for algorithm in BASE[1:] if 16 in periods else ():
     r = results["runs"][algorithm]["16"]
     delta = 100 * (r["test_mean"][-1] - sync_mean)
-    ratio = sync["bytes"][-1] / r["bytes"][-1]
+    ratio = sync["wire_bytes"][-1] / r["wire_bytes"][-1]
     met = delta >= -1.0 and ratio >= 16
     target = "(not a target)" if algorithm == "agn" else ("yes" if met else "no")
     lines.append(f"| {algorithm} | {delta:+.2f} | 1/{ratio:.0f} | {target} |")
+  lines += [
+    "",
+    "Streaming and int8 against DiLoCo in float32 at the same period (target: within 0.5 "
+    "accuracy point).",
+    "",
+    "| variant | period | Δ vs diloco (points) | bytes vs diloco | target met |",
+    "| --- | ---: | ---: | ---: | --- |",
+  ]
+  for algorithm in VARIANTS:
+    for period in periods_of(algorithm, periods):
+      r = results["runs"][algorithm][str(period)]
+      base = results["runs"]["diloco"][str(period)]
+      delta = 100 * (r["test_mean"][-1] - base["test_mean"][-1])
+      ratio = r["wire_bytes"][-1] / base["wire_bytes"][-1]
+      met = "yes" if delta >= -0.5 else "no"
+      lines.append(f"| {algorithm} | {period} | {delta:+.2f} | {ratio:.3f} | {met} |")
   return "\n".join(lines) + "\n"
 
 
@@ -303,20 +352,22 @@ def plot(results, path):
     "agn": "tab:orange",
     "model_average": "tab:green",
     "diloco": "tab:red",
+    "diloco_streaming": "tab:purple",
+    "diloco_int8": "tab:brown",
   }
   styles = {1: ":", 4: "-.", 16: "-", 64: "--"}
   periods = results["config"]["periods"]
   fig, (ax_steps, ax_bytes, ax_period) = plt.subplots(1, 3, figsize=(16, 4.6))
   sync = results["runs"]["sync"]["1"]
   for algorithm in ALGORITHMS:
-    for period in [1] if algorithm == "sync" else periods:
+    for period in periods_of(algorithm, periods):
       r = results["runs"][algorithm][str(period)]
       mean = 100 * np.asarray(r["test_mean"])
       label = "sync" if algorithm == "sync" else f"{algorithm} p={period}"
       style = dict(color=colors[algorithm], ls="-" if algorithm == "sync" else styles[period])
       if algorithm == "sync" or period == 16:
         ax_steps.plot(r["steps"], mean, label=label, **style)
-      ax_bytes.plot(np.asarray(r["bytes"]) / 1e6, mean, label=label, lw=1, **style)
+      ax_bytes.plot(np.asarray(r["wire_bytes"]) / 1e6, mean, label=label, lw=1, **style)
   # Down to a little below the worst final accuracy; early evaluations may be cut off.
   low = min(100 * r["test_mean"][-1] for runs in results["runs"].values() for r in runs.values())
   ylim = (max(0.0, np.floor(low) - 3), 100)
@@ -333,9 +384,10 @@ def plot(results, path):
   ax_period.axhline(s_mean, color="black", label="sync")
   ax_period.axhline(s_mean - 1, color="black", ls=":", lw=0.8, label="sync - 1 point")
   for algorithm in PERIODIC:
-    rs = [results["runs"][algorithm][str(p)] for p in periods]
+    shown = periods_of(algorithm, periods)
+    rs = [results["runs"][algorithm][str(p)] for p in shown]
     ax_period.errorbar(
-      periods,
+      shown,
       [100 * r["test_mean"][-1] for r in rs],
       yerr=[100 * r["test_std"][-1] for r in rs],
       color=colors[algorithm],
@@ -405,8 +457,11 @@ def main(argv=None):
   for algorithm in args.algorithms:
     period = 1 if algorithm == "sync" else 16
     r = shard_map_report(algorithm, period, params)
-    expected = bytes_communicated(algorithm, period, period, nbytes)
     measured = r.every_step_bytes * period + r.sync_bytes
+    # The formula covers the float32 syncs; the variants are read from the report.
+    expected = (
+      bytes_communicated(algorithm, period, period, nbytes) if algorithm in BASE else measured
+    )
     status = "agrees" if measured == expected else "DISAGREES"
     print(
       f"  bytes {algorithm:>13}: every step {r.every_step_bytes} B, per sync {r.sync_bytes} B "
@@ -419,6 +474,9 @@ def main(argv=None):
     reports[algorithm] = {
       "every_step_bytes": r.every_step_bytes,
       "sync_bytes": r.sync_bytes,
+      "every_step_wire_bytes": r.every_step_wire_bytes,
+      "sync_wire_bytes": r.sync_wire_bytes,
+      "peak_sync_wire_bytes": r.peak_sync_wire_bytes,
       "collectives": [f"{c.kind} {c.shape}" for c in r.collectives],
     }
 
@@ -442,7 +500,7 @@ def main(argv=None):
   start_all = time.perf_counter()
   for algorithm in args.algorithms:
     results["runs"][algorithm] = {}
-    for period in [1] if algorithm == "sync" else periods:
+    for period in periods_of(algorithm, periods):
       start = time.perf_counter()
       val, test = run(algorithm, period, args.seeds, args.steps, args.eval_every, data)
       hps = trials(algorithm, period)
@@ -453,7 +511,12 @@ def main(argv=None):
         "chosen": best,
         "chosen_hyperparameters": hps[best],
         "steps": evals,
-        "bytes": [bytes_communicated(algorithm, period, t, nbytes) for t in evals],
+        "bytes": [
+          reports[algorithm]["every_step_bytes"] * t
+          + reports[algorithm]["sync_bytes"] * (t // period)
+          for t in evals
+        ],
+        "wire_bytes": [wire_bytes(reports[algorithm], period, t) for t in evals],
         "val_mean": val[:, best].mean(-1).tolist(),
         "test_mean": test[:, best].mean(-1).tolist(),
         "test_std": test[:, best].std(-1, ddof=1 if len(args.seeds) > 1 else 0).tolist(),

@@ -6,21 +6,30 @@ veth pair whose both ends are rate-limited with ``tc`` (a token bucket,
 ``tbf``), so every byte of every collective crosses a link of known bandwidth,
 and nothing leaves the namespaces. They train an MLP of about 4.2M parameters
 (16.8 MB in float32) with Adam, and time per step (median over repetitions
-of a window of steps):
+of a window of whole periods):
 
 * ``compute``: a plain local Adam step (no collective), the compute alone;
 * ``sync``: ``tower(adam)``, the gradients all-reduced (pmean) on every step;
-* each periodic algorithm (``elastic_average``, ``agn``, ``model_average``,
-  ``diloco``) at each period ``p``: one params-sized all-reduce per ``p`` steps.
+* each periodic algorithm (``easgd``, ``agn``, ``model_average``, ``diloco``)
+  at each period ``p`` with static dispatch (one program per kind of call,
+  picked on the host from the transform's schedule, as
+  ``optax_dist.data_parallel_step`` does), and at ``p = 16`` also with the
+  in-graph decision (one program, ``sync=None``);
+* ``diloco_int8``: DiLoCo's pseudo-gradient through the int8 ring (with error
+  feedback); at ``p = 1`` every step is a sync step;
+* ``diloco_f4``: streaming DiLoCo, one of 4 fragments every 4 steps at
+  ``p = 16``: the same bytes per period, a quarter in the heaviest step.
 
 Next to each measured time is the model
 
-    t(p) = t_compute + 2 (N - 1) / N * B / (p * bandwidth)
+    t(p) = t_compute + W / (p * bandwidth)
 
-with N = 2 workers, B the bytes of the all-reduced buffer read from the
-compiled step (``optax_dist.communication_report``) and 2 (N - 1) / N * B the
-bytes a worker sends in a ring all-reduce. Before the processes start, a TCP
-transfer between the namespaces measures what the link really delivers.
+with W the bytes a worker sends on the wire per period, read from the
+compiled programs (``optax_dist.communication_report``, ring convention: an
+all-reduce of B bytes sends 2 (N - 1) / N * B, an all-to-all or all-gather
+that delivers B bytes (N - 1) / N * B), N = 2 workers. Before the processes
+start, a TCP transfer between the namespaces measures what the link really
+delivers.
 
 Needs root, ``ip`` (iproute2, with network namespaces and veth), ``tc`` and
 ``unshare``; not run in CI. The namespaces and the veth pair are removed on
@@ -245,6 +254,7 @@ def worker(out_path, windows, repeats):
   import optax_dist
 
   optax_dist.initialize_from_env()
+  import jax.numpy as jnp
   from jax.sharding import AxisType
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -291,30 +301,70 @@ def worker(out_path, windows, repeats):
       return optax_dist.agn(adam, axis_name=AXIS, communication_period=period)
     if name == "model_average":
       return optax_dist.model_average(adam, axis_name=AXIS, interval_steps=period)
-    return optax_dist.diloco(adam, axis_name=AXIS, sync_period=period)
+    variant = {
+      "diloco": {},
+      "diloco_int8": {"comm_dtype": jnp.int8, "error_feedback": True},
+      "diloco_f4": {"fragments": 4},
+    }[name]
+    return optax_dist.diloco(adam, axis_name=AXIS, sync_period=period, **variant)
 
-  def build(tx):
+  def build(tx, **extra):
     def body(p, s, x, y):
       p, s, x, y = jax.tree.map(lambda a: a[0], (p, s, x, y))
       grads = jax.grad(loss_fn)(p, x, y)
-      updates, s = tx.update(grads, s, p)
+      updates, s = tx.update(grads, s, p, **extra)
       return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, updates), s))
 
     mapped = jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))
     return jax.jit(mapped, donate_argnums=(0, 1))
 
-  variants = [("compute", 1), ("sync", 1)]
-  variants += [(a, p) for a in ALGORITHMS for p in PERIODS]
+  # (name, period, dispatch): static dispatch compiles one program per kind of
+  # call and picks it on the host from the schedule (data_parallel_step's
+  # default); "in_graph" is one program that decides inside (sync=None).
+  variants = [("compute", 1, "-"), ("sync", 1, "-")]
+  variants += [(a, p, "static") for a in ALGORITHMS for p in PERIODS]
+  variants += [(a, 16, "in_graph") for a in ALGORITHMS]
+  variants += [("diloco_int8", p, "static") for p in PERIODS]
+  variants += [("diloco_f4", 16, "static")]
   results = []
   x, y = stacked(batch)
-  for name, period in variants:
+  for name, period, dispatch in variants:
     tx = make_tx(name, period)
-    step = build(tx)
     p, s = stacked(params), stacked(tx.init(params))
-    report = optax_dist.communication_report(step, p, s, x, y)
-    # Warm-up: compile, then one more step so that the first timed one is not special.
-    for _ in range(2):
-      p, s = jax.block_until_ready(step(p, s, x, y))
+    if dispatch == "static":
+      schedule = optax_dist.sync_schedule(s)
+      programs = {repr(schedule(i)): build(tx, sync=schedule(i)) for i in range(period)}
+      wire = {
+        key: optax_dist.communication_report(f, p, s, x, y).every_step_wire_bytes
+        for key, f in programs.items()
+      }
+      report = {
+        "every_step_wire_bytes": min(wire.values()),
+        "peak_wire_bytes": max(wire.values()),
+        "period_wire_bytes": sum(wire[repr(schedule(i))] for i in range(period)),
+      }
+
+      def step(p, s, x, y, count, programs=programs, schedule=schedule):
+        return programs[repr(schedule(count))](p, s, x, y)
+
+    else:
+      program = build(tx)
+      r = optax_dist.communication_report(program, p, s, x, y)
+      report = {
+        "every_step_wire_bytes": r.every_step_wire_bytes,
+        "peak_wire_bytes": r.every_step_wire_bytes + r.peak_sync_wire_bytes,
+        "period_wire_bytes": r.every_step_wire_bytes * period + r.sync_wire_bytes,
+      }
+
+      def step(p, s, x, y, count, program=program):
+        return program(p, s, x, y)
+
+    # Warm-up: compile every program, then one more period so that the
+    # first timed step is not special.
+    count = 0
+    for _ in range(2 * period):
+      p, s = jax.block_until_ready(step(p, s, x, y, count))
+      count += 1
     # A window of steps is a multiple of the period, so it holds exactly
     # window / period syncs wherever it starts.
     length = period * max(1, -(-windows // period))
@@ -323,25 +373,26 @@ def worker(out_path, windows, repeats):
       start = time.perf_counter()
       for _ in range(length):
         t0 = time.perf_counter()
-        p, s = jax.block_until_ready(step(p, s, x, y))
+        p, s = jax.block_until_ready(step(p, s, x, y, count))
+        count += 1
         times.append(time.perf_counter() - t0)
       means.append((time.perf_counter() - start) / length)
     results.append(
       {
         "name": name,
         "period": period,
+        "dispatch": dispatch,
         "window": length,
         "step_s": statistics.median(means),
         "window_means_s": means,
         "median_single_step_s": statistics.median(times),
         "max_single_step_s": max(times),
-        "every_step_bytes": report.every_step_bytes,
-        "sync_bytes": report.sync_bytes,
+        **report,
       }
     )
     if jax.process_index() == 0:
       print(
-        f"  {name:>13} p={period:<3} {1e3 * results[-1]['step_s']:8.1f} ms/step "
+        f"  {name:>13} p={period:<3} {dispatch:>8} {1e3 * results[-1]['step_s']:8.1f} ms/step "
         f"(windows of {length} steps: {', '.join(f'{1e3 * m:.1f}' for m in means)} ms)",
         flush=True,
       )
@@ -389,14 +440,13 @@ def measure(rate, windows, repeats, timeout, children):
 
 
 def predict(result):
-  """Adds the model's prediction to every row."""
+  """Adds the model's prediction to every row: compute + wire bytes / bandwidth."""
   rows = result["results"]
   compute = next(r for r in rows if r["name"] == "compute")["step_s"]
   for r in rows:
-    payload = r["every_step_bytes"] * r["period"] + r["sync_bytes"]  # Per period.
-    wire = 2 * (N - 1) / N * payload
-    r["predicted_s"] = compute + wire / r["period"] / (result["rate_bits"] / 8)
-    r["predicted_goodput_s"] = compute + wire / r["period"] / (result["goodput_bits"] / 8)
+    wire = r["period_wire_bytes"] / r["period"]  # Per step, on average.
+    r["predicted_s"] = compute + wire / (result["rate_bits"] / 8)
+    r["predicted_goodput_s"] = compute + wire / (result["goodput_bits"] / 8)
   return result
 
 
@@ -407,18 +457,27 @@ def table(results):
     sync = next(r for r in rows if r["name"] == "sync")["step_s"]
     lines += [
       f"Link {result['rate']} (tbf); one TCP stream measured {result['goodput_bits'] / 1e6:.0f} "
-      f"Mbit/s. {result['num_params']:,} params, {N} processes x 1 CPU device.",
+      f"Mbit/s. {result['num_params']:,} params, {N} processes x 1 CPU device. *Dispatch*: "
+      "`static` compiles one program per kind of call and picks it on the host "
+      "(data_parallel_step's default), `in_graph` is one program that decides inside. "
+      "*Measured* is the median over windows of whole periods; the *model* is compute + "
+      "wire bytes per step / bandwidth, at the tc rate and at the measured TCP goodput; "
+      "*vs model* is measured / model (goodput); *median* and *max single step* are the "
+      "median and slowest single step (a sync step is the slowest); *peak KB* is what one "
+      "worker sends in its heaviest step.",
       "",
-      "| variant | period | measured (ms/step) | model, tc rate (ms/step) "
-      "| model, measured goodput (ms/step) | median single step (ms) | speedup vs sync |",
-      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+      "| variant | period | dispatch | measured (ms/step) | model, tc rate | model, goodput "
+      "| vs model | median single step (ms) | max single step (ms) | peak KB | speedup vs sync |",
+      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
       period = "-" if r["name"] in ("compute", "sync") else str(r["period"])
       lines.append(
-        f"| {r['name']} | {period} | {1e3 * r['step_s']:.1f} | {1e3 * r['predicted_s']:.1f} "
-        f"| {1e3 * r['predicted_goodput_s']:.1f} | {1e3 * r['median_single_step_s']:.1f} "
-        f"| {sync / r['step_s']:.2f}x |"
+        f"| {r['name']} | {period} | {r['dispatch']} | {1e3 * r['step_s']:.1f} "
+        f"| {1e3 * r['predicted_s']:.1f} | {1e3 * r['predicted_goodput_s']:.1f} "
+        f"| {r['step_s'] / r['predicted_goodput_s']:.3f} "
+        f"| {1e3 * r['median_single_step_s']:.1f} | {1e3 * r['max_single_step_s']:.1f} "
+        f"| {r['peak_wire_bytes'] / 1e3:,.0f} | {sync / r['step_s']:.2f}x |"
       )
     lines.append("")
   return "\n".join(lines)
@@ -429,7 +488,7 @@ def main(argv=None):
   parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"], help="tc rates")
   parser.add_argument("--window", type=int, default=4, help="steps per timed window (at least)")
   parser.add_argument("--repeats", type=int, default=5, help="timed windows per variant")
-  parser.add_argument("--timeout", type=int, default=420, help="seconds per rate")
+  parser.add_argument("--timeout", type=int, default=1500, help="seconds per rate")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--probe-server", help=argparse.SUPPRESS)
