@@ -139,14 +139,9 @@ def agn(
     Hermans, Spanakis, Möckel, `Accumulated Gradient Normalization
     <https://arxiv.org/abs/1710.02368>`_, ACML 2017.
   """
-  setup = _periodic.Setup.make(
-    "agn",
-    inner,
-    axis_name,
-    ("communication_period", communication_period),
-    sync_warmup,
-    host_offload=host_offload,
-  )
+  options = _periodic.Options(sync_warmup, host_offload=host_offload)
+  period_arg = ("communication_period", communication_period)
+  setup = _periodic.Setup.make("agn", inner, axis_name, period_arg, options)
   _periodic.check_ordering(ordering)
   _collectives.check_reduction(center_reduction, "center_reduction")
   inner, axes, period = setup.inner, setup.axes, setup.period

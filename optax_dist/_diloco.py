@@ -155,17 +155,8 @@ def diloco(
     Lin et al., `Don't Use Large Mini-Batches, Use Local SGD
     <https://arxiv.org/abs/1808.07217>`_, ICLR 2020 (post-local SGD).
   """
-  setup = _periodic.Setup.make(
-    "diloco",
-    inner,
-    axis_name,
-    ("sync_period", sync_period),
-    sync_warmup,
-    fragments=fragments,
-    comm_dtype=comm_dtype,
-    error_feedback=error_feedback,
-    host_offload=host_offload,
-  )
+  options = _periodic.Options(sync_warmup, fragments, comm_dtype, error_feedback, host_offload)
+  setup = _periodic.Setup.make("diloco", inner, axis_name, ("sync_period", sync_period), options)
   if outer is None:
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
   if not (callable(getattr(outer, "init", None)) and callable(getattr(outer, "update", None))):

@@ -156,16 +156,9 @@ def elastic_average(
     Zhang, Choromanska, LeCun, `Deep learning with Elastic Averaging SGD
     <https://arxiv.org/abs/1412.6651>`_, NeurIPS 2015.
   """
-  setup = _periodic.Setup.make(
-    "elastic_average",
-    inner,
-    axis_name,
-    ("communication_period", communication_period),
-    sync_warmup,
-    comm_dtype=comm_dtype,
-    error_feedback=error_feedback,
-    host_offload=host_offload,
-  )
+  options = _periodic.Options(sync_warmup, None, comm_dtype, error_feedback, host_offload)
+  period_arg = ("communication_period", communication_period)
+  setup = _periodic.Setup.make("elastic_average", inner, axis_name, period_arg, options)
   if moving_rate is not None:
     _periodic.check_rate(moving_rate, "moving_rate")
   if isinstance(rho, numbers.Real) and float(rho) < 0:

@@ -131,17 +131,9 @@ def model_average(
     Douillard et al., `Streaming DiLoCo with overlapping communication
     <https://arxiv.org/abs/2501.18512>`_, 2025 (fragments).
   """
-  setup = _periodic.Setup.make(
-    "model_average",
-    inner,
-    axis_name,
-    ("interval_steps", interval_steps),
-    sync_warmup,
-    fragments=fragments,
-    comm_dtype=comm_dtype,
-    error_feedback=error_feedback,
-    host_offload=host_offload,
-  )
+  options = _periodic.Options(sync_warmup, fragments, comm_dtype, error_feedback, host_offload)
+  period_arg = ("interval_steps", interval_steps)
+  setup = _periodic.Setup.make("model_average", inner, axis_name, period_arg, options)
   axes, wire = setup.axes, setup.wire
 
   def init_fn(params):

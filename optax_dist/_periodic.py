@@ -238,6 +238,16 @@ class Spec(NamedTuple):
   offload: tuple[str, ...] = ()
 
 
+class Options(NamedTuple):
+  """The arguments a periodic transform passes on to the engine, as given."""
+
+  sync_warmup: Any = None
+  fragments: Any = None
+  comm_dtype: Any = None
+  error_feedback: Any = False
+  host_offload: Any = False
+
+
 class Setup(NamedTuple):
   """The static settings every periodic transform shares, validated once.
 
@@ -269,14 +279,10 @@ class Setup(NamedTuple):
     inner: optax.GradientTransformation,
     axis_name: Any,
     period: tuple[str, Any],
-    sync_warmup: Any,
-    *,
-    fragments: Any = None,
-    comm_dtype: Any = None,
-    error_feedback: Any = False,
-    host_offload: Any = False,
+    options: "Options",
   ) -> "Setup":
     """Validates the settings; ``period`` is ``(argument name, value)``."""
+    sync_warmup, fragments, comm_dtype, error_feedback, host_offload = options
     if not isinstance(host_offload, bool):
       raise TypeError(f"`host_offload` must be a Python bool, got {host_offload!r}.")
     if host_offload:
