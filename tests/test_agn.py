@@ -36,6 +36,27 @@ def test_gold_one_worker_period_four(mode):
   np.testing.assert_array_equal(traj.state.accumulator, np.zeros((1, 2)))
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("center_reduction", ["sum", "mean"])
+def test_gold_sgd_sees_the_size_of_the_accumulated_gradient(mode, center_reduction):
+  # SGD(0.1), period 4, 2 workers with gradients -1, -2, -3, -4 (worker 0)
+  # and twice those (worker 1). Worker 0's accumulator after call 4 is -10,
+  # normalized by p: -2.5; worker 1's -5. "sum" feeds the center optimizer
+  # -7.5: the center moves by 0.75; "mean" feeds -3.75: 0.375. Both workers
+  # then stand on the center. (Adam with b1 = b2 = 0 would move it by 0.1
+  # whatever the size.)
+  tx = optax_dist.agn(
+    optax.sgd(0.1), axis_name=AXIS, communication_period=4, center_reduction=center_reduction
+  )
+  grads = [np.array([[-t], [-2.0 * t]], np.float32) for t in (1.0, 2.0, 3.0, 4.0)]
+  traj = run_transform(tx, stack(np.zeros(1, np.float32), 2), grads, mode=mode)
+  # Local steps: worker 0 at 0.1, 0.3, 0.6 after calls 1 to 3, worker 1 twice that.
+  np.testing.assert_allclose(traj.params[2], [[0.6], [1.2]], rtol=1e-6)
+  moved = {"sum": 0.75, "mean": 0.375}[center_reduction]
+  np.testing.assert_allclose(traj.params[3], [[moved], [moved]], rtol=1e-6)
+  np.testing.assert_allclose(optax_dist.center_params(traj.state), [[moved], [moved]], rtol=1e-6)
+
+
 def test_gold_one_worker_center_before_the_first_sync():
   tx = optax_dist.agn(SIGN_ADAM, axis_name=AXIS, communication_period=4)
   traj = run_transform(

@@ -59,6 +59,44 @@ def test_nan_on_one_worker_skips_the_step_on_every_worker(mode):
   jax.tree.map(np.testing.assert_array_equal, state.inner_state, ref.state)
 
 
+def streaming_int8():
+  return optax_dist.diloco(
+    optax.adam(0.05),
+    axis_name=AXIS,
+    sync_period=2,
+    fragments={"w": 0, "v": 1},
+    comm_dtype="int8",
+    error_feedback=True,
+  )
+
+
+@pytest.mark.parametrize("flags", [False, True], ids=["in_graph", "static"])
+def test_skipping_composes_with_fragments_int8_and_static_flags(flags):
+  # apply_if_all_finite around streaming DiLoCo with int8 syncs: the NaN step
+  # is skipped on every worker, and the rest is exactly the training without
+  # it (the static flags follow the count of calls, the skipped one included).
+  params = stack({"w": np.array([0.5, -1.0, 2.0], np.float32), "v": np.ones(2, np.float32)}, N)
+  rng = np.random.default_rng(5)
+  grads = [
+    jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(7)
+  ]
+  grads[2]["w"][1, 0] = np.nan
+  tx = optax_dist.apply_if_all_finite(streaming_int8(), axis_name=AXIS)
+  schedule = optax_dist.sync_schedule(jax.vmap(tx.init)(params))
+  static = [schedule(i) for i in range(7)] if flags else None
+  traj = run_transform(tx, params, grads, mode="shard_map", flags=static)
+  np.testing.assert_array_equal(traj.state.total_skipped, [1] * N)
+  assert optax_dist.call_count(traj.state) == 7
+  good = grads[:2] + grads[3:]
+  if flags:  # The loop's flags skip the skipped call's flag too.
+    kept = [schedule(i) for i in range(7) if i != 2]
+    ref = run_transform(streaming_int8(), params, good, mode="shard_map", flags=kept)
+  else:
+    ref = run_transform(streaming_int8(), params, good, mode="shard_map")
+  jax.tree.map(np.testing.assert_array_equal, traj.params[-1], ref.params[-1])
+  jax.tree.map(np.testing.assert_array_equal, traj.state.inner_state, ref.state)
+
+
 def test_plain_apply_if_finite_desynchronizes_the_workers():
   # What apply_if_all_finite prevents: optax.apply_if_finite decides per
   # worker. Under vmap nothing hangs, but worker 2's counter falls one step

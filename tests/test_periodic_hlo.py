@@ -159,4 +159,3 @@ def test_plain_inner_step_has_no_collective():
 def test_hlo_reader_sizes():
   assert hlo.nbytes("(f32[512]{0}, bf16[2,3]{1,0})") == 512 * 4 + 6 * 2
   assert hlo.nbytes("s32[]") == 4
-  assert jnp.dtype(jnp.float32).itemsize == 4

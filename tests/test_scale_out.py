@@ -314,9 +314,23 @@ def test_host_offload_in_the_compiled_sync():
     assert host_in == host_out == center_and_trace, (flag, host_in, host_out)
 
 
-def test_host_offload_errors():
+def test_host_offload_errors(monkeypatch):
   with pytest.raises(TypeError, match="`host_offload` must be a Python bool"):
     optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS, host_offload="yes")
+
+  # A backend whose devices have no pinned host memory.
+  class Memory:
+    kind = "device"
+
+  class Device:
+    platform = "accelerator"
+
+    def addressable_memories(self):
+      return [Memory()]
+
+  monkeypatch.setattr(jax, "devices", lambda *args: [Device()])
+  with pytest.raises(ValueError, match="'pinned_host' memory, which this backend"):
+    optax_dist.model_average(optax.sgd(0.1), axis_name=AXIS, host_offload=True)
 
 
 @pytest.mark.parametrize(("old", "new"), [(8, 4), (4, 8)])

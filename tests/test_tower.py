@@ -122,12 +122,26 @@ def numpy_tower(params, grads_per_step, *, inner, reduction, lr=0.1, b1=0.9, b2=
 # Adam with b2 = 0.99: with the default 0.999, float32's 1 - b2**t cancels
 # (one ulp of b2**t is 2e-5 of 1 - 0.999**3), which alone moves params by
 # about 1e-6 whatever the transform does.
-INNERS = {"sgd": optax.sgd(0.1), "adam": optax.adam(0.1, b2=0.99)}
+INNERS = {
+  "sgd": optax.sgd(0.1),
+  "adam": optax.adam(0.1, b2=0.99),
+  # A large eps makes Adam's step depend on the gradient's size (a sum of N
+  # gradients is N times a mean), which a small one hides.
+  "adam_eps": optax.adam(0.1, b2=0.99, eps=0.5),
+}
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("n", [1, 2, 4, 8])
-@pytest.mark.parametrize(("inner", "reduction"), [("sgd", "sum"), ("adam", "mean")])
+# Every mode and worker count with SGD summed and Adam averaged; Adam summed,
+# with an eps that lets the sum's size show, on 2 and 8 workers in every mode.
+NUMPY_GRID = [
+  (mode, n, inner, reduction)
+  for mode in MODES
+  for n in (1, 2, 4, 8)
+  for inner, reduction in (("sgd", "sum"), ("adam", "mean"))
+] + [(mode, n, "adam_eps", "sum") for mode in MODES for n in (2, 8)]
+
+
+@pytest.mark.parametrize(("mode", "n", "inner", "reduction"), NUMPY_GRID)
 def test_matches_numpy_reference(mode, n, inner, reduction):
   rng = np.random.default_rng(n)
   params = {
@@ -140,7 +154,8 @@ def test_matches_numpy_reference(mode, n, inner, reduction):
   ]
   tx = optax_dist.tower(INNERS[inner], axis_name=AXIS, loss_reduction=reduction)
   traj = run_transform(tx, stack(params, n), grads, mode=mode)
-  expected = numpy_tower(params, grads, inner=inner, reduction=reduction)
+  eps = 0.5 if inner == "adam_eps" else 1e-8
+  expected = numpy_tower(params, grads, inner=inner.split("_")[0], reduction=reduction, eps=eps)
   for got, want in zip(traj.params, expected, strict=True):
     for k in params:
       for worker in range(n):  # Every worker applies the same update.
