@@ -187,7 +187,9 @@ def train(algorithm, args, mesh, axes, data):
   # every step, and those of the sync branch (a loop of zero or one trip).
   example = (x_train[: args.batch_size], y_train[: args.batch_size])
   report = optax_dist.communication_report(step, params, opt_state, example)
-  every_step_bytes, per_sync_bytes = report.every_step_bytes, report.sync_bytes
+  # What one worker sends on the wire (ring convention: an all-reduce over N
+  # workers sends 2 (N - 1) / N of its bytes).
+  every_step_bytes, per_sync_bytes = report.every_step_wire_bytes, report.sync_wire_bytes
   sent = cumulative_bytes(flags, every_step_bytes, per_sync_bytes)
   history = {"step": [], "loss": [], "eval_step": [], "test_accuracy": [], "bytes": []}
   start = time.perf_counter()
@@ -242,15 +244,13 @@ def report_run(run, args, n, num_test):
     # the params across the 2 hosts, the only traffic on the slow network
     # besides the metrics.
     detail = (
-      f"{every_step_bytes} B per step within its host: gradients and metrics; "
-      f"{per_sync_bytes} B per sync across hosts x {syncs} syncs"
+      f"{every_step_bytes:.0f} B sent per step within its host: gradients and metrics; "
+      f"{per_sync_bytes:.0f} B per sync across hosts x {syncs} syncs"
     )
   elif per_sync_bytes:
-    detail = (
-      f"{per_sync_bytes} B per sync x {syncs} syncs, {every_step_bytes} B of metrics per step"
-    )
+    detail = f"{per_sync_bytes:.0f} B sent per sync x {syncs} syncs, {every_step_bytes:.0f} B of metrics per step"
   else:
-    detail = f"{every_step_bytes} B per step: gradients and metrics"
+    detail = f"{every_step_bytes:.0f} B sent per step: gradients and metrics"
   print(f"communicated per worker: {run['bytes'] / 1e6:.2f} MB ({detail})")
   if args.hierarchical and per_sync_bytes:
     saving = run["params_bytes"] * args.steps / (per_sync_bytes * max(syncs, 1))
