@@ -111,6 +111,37 @@ def summarize(results):
       f"| {name} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | {delta:+.2f}% "
       f"| {r['total_bytes'] / 1e6:.2f} | {ratio:.0f}x | {chosen} |"
     )
+  # Per byte: how many bytes sync needed to reach each configuration's final
+  # loss (interpolated on sync's validation curve, mean of seeds).
+  sync_curve = np.mean([s["val_loss"] for s in sync["seeds"]], axis=0)
+  sync_bytes = np.asarray(sync["seeds"][0]["bytes"])
+  lines += [
+    "",
+    "At equal bytes instead of equal steps: *sync's MB to the same loss* is what sync "
+    "had sent when its validation loss (mean of seeds) first reached the row's final "
+    "loss, and *bytes saved* its ratio to the row's MB.",
+    "",
+    "| configuration | final loss | sync's MB to the same loss | row's MB | bytes saved |",
+    "| --- | ---: | ---: | ---: | ---: |",
+  ]
+  for name, r in runs.items():
+    if name == "sync":
+      continue
+    reached = np.nonzero(sync_curve <= r["final_mean"])[0]
+    if not len(reached):
+      continue
+    i = reached[0]
+    # Linear in bytes between the two evaluations around the crossing.
+    if i > 0:
+      a, b = sync_curve[i - 1], sync_curve[i]
+      frac = (a - r["final_mean"]) / (a - b) if a != b else 1.0
+      needed = sync_bytes[i - 1] + frac * (sync_bytes[i] - sync_bytes[i - 1])
+    else:
+      needed = sync_bytes[0]
+    lines.append(
+      f"| {name} | {r['final_mean']:.4f} | {needed / 1e6:.1f} | {r['total_bytes'] / 1e6:.2f} "
+      f"| {needed / r['total_bytes']:.1f}x |"
+    )
   targets = [
     ("diloco H=32", 2.0, 32),
     ("diloco H=32 F=4 int8", 3.0, 100),
@@ -142,14 +173,20 @@ def plot(results, path):
 
   fig, (ax_steps, ax_bytes) = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
   colors = {"sync": "black", "diloco": "tab:red", "model_average": "tab:green", "easgd": "tab:blue"}
+  variants = {
+    "F=4": "tab:purple",
+    "int8": "tab:orange",
+    "F=4 int8": "tab:brown",
+    "warm-up": "tab:pink",
+  }
   styles = {"8": ":", "32": "-", "128": "--"}
   for name, r in results["runs"].items():
     algorithm = name.split()[0]
     period = name.split("H=")[1].split()[0] if "H=" in name else None
-    extra = " " in name.split("H=")[-1] if "H=" in name else False
+    variant = name.split(f"H={period} ", 1)[1] if period and f"H={period} " in name else None
     style = {"color": colors[algorithm], "ls": styles.get(period, "-")}
-    if extra:  # DiLoCo's variants: their own colors.
-      style = {"ls": "-", "marker": "o", "ms": 3}
+    if variant:  # DiLoCo's variants: their own colors, with markers.
+      style = {"color": variants[variant], "ls": "-", "marker": "o", "ms": 3}
     curve = np.mean([s["val_loss"] for s in r["seeds"]], axis=0)
     steps = r["seeds"][0]["eval_steps"]
     sent = np.asarray(r["seeds"][0]["bytes"]) / 1e6
