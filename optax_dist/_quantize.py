@@ -174,10 +174,9 @@ def ring_sum(tree: Any, axes: tuple, dtype: Any) -> tuple[Any, Any]:
   """
   leaves, treedef = jax.tree.flatten(tree)
   n = _collectives.num_workers(axes)
-  flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
-  size = flat.size
+  size = sum(math.prod(jnp.shape(x)) for x in leaves)
   chunk = math.ceil(size / n / BLOCK) * BLOCK
-  padded = jnp.pad(flat, (0, n * chunk - size)).reshape(n, chunk // BLOCK, BLOCK)
+  padded = _flatten(leaves, n * chunk).reshape(n, chunk // BLOCK, BLOCK)
   values, scale = quantize(padded, dtype)
   dropped = (padded - dequantize(values, scale)).reshape(-1)[:size]
   # Worker k receives chunk k of every worker and sums them, in worker order.
@@ -196,6 +195,21 @@ def ring_sum(tree: Any, axes: tuple, dtype: Any) -> tuple[Any, Any]:
   values, scale = _collectives.all_gather((values, scale), axes)
   total = dequantize(values, scale).reshape(-1)[:size]
   return _unflatten(total, leaves, treedef), _unflatten(dropped, leaves, treedef)
+
+
+def _flatten(leaves: list, length: int) -> jax.Array:
+  """The leaves as one float32 vector of ``length`` numbers, zero-padded at the end.
+
+  Written into a zero buffer leaf by leaf rather than concatenated and
+  padded: XLA's CPU backend fuses a concatenation into the blocks' absmax
+  reduction that follows it, which made the whole quantized sync several
+  times slower than the float32 all-reduce it replaces.
+  """
+  flat, start = jnp.zeros(length, jnp.float32), 0
+  for x in leaves:
+    flat = lax.dynamic_update_slice(flat, jnp.ravel(x).astype(jnp.float32), (start,))
+    start += math.prod(jnp.shape(x))
+  return flat
 
 
 def _unflatten(flat: jax.Array, leaves: list, treedef: Any) -> Any:
