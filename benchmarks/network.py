@@ -29,7 +29,10 @@ compiled programs (``optax_dist.communication_report``, ring convention: an
 all-reduce of B bytes sends 2 (N - 1) / N * B, an all-to-all or all-gather
 that delivers B bytes (N - 1) / N * B), N = 2 workers. Before the processes
 start, a TCP transfer between the namespaces measures what the link really
-delivers.
+delivers. TCP's slow start after idle is off in both namespaces, as on a
+training cluster's hosts (a sync follows a pause of H - 1 local steps, and
+would otherwise restart from TCP's initial congestion window);
+``--slow-start-after-idle`` keeps Linux's default.
 
 Needs root, ``ip`` (iproute2, with network namespaces and veth), ``tc`` and
 ``unshare``; not run in CI. The namespaces and the veth pair are removed on
@@ -81,7 +84,8 @@ def rate_bits(rate):
 class Link:
   """Two namespaces joined by a rate-limited veth pair; ``close`` removes everything."""
 
-  def __init__(self, rate):
+  def __init__(self, rate, slow_start_after_idle=False):
+    self.slow_start_after_idle = slow_start_after_idle
     tag = f"{os.getpid() % 100000}"
     self.namespaces = [f"odbench{tag}a", f"odbench{tag}b"]
     self.devices = [f"odv{tag}a", f"odv{tag}b"]
@@ -108,6 +112,11 @@ class Link:
       run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev])
       run(["ip", "-n", ns, "link", "set", dev, "up"])
       run(["ip", "-n", ns, "link", "set", "lo", "up"])
+      # A sync follows a pause of H - 1 local steps. With slow start after idle
+      # (Linux's default), TCP restarts every such sync from its initial
+      # congestion window; clusters turn it off for long-lived connections.
+      flag = f"net.ipv4.tcp_slow_start_after_idle={int(self.slow_start_after_idle)}"
+      run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", flag])
       tbf = ["tbf", "rate", self.rate, "burst", str(burst), "latency", "100ms"]
       run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *tbf])
 
@@ -245,10 +254,18 @@ def probe_client(ip, nbytes):
       sent += len(block)
 
 
+def sent_bytes():
+  """Bytes this network namespace has transmitted, headers included (all but lo)."""
+  root = pathlib.Path("/sys/class/net")
+  return sum(
+    int((dev / "statistics" / "tx_bytes").read_text()) for dev in root.iterdir() if dev.name != "lo"
+  )
+
+
 # --- one worker process --------------------------------------------------------------------
 
 
-def worker(out_path, windows, repeats):
+def worker(out_path, windows, repeats, only=()):
   import jax
 
   import optax_dist
@@ -326,6 +343,8 @@ def worker(out_path, windows, repeats):
   variants += [(a, 16, "in_graph") for a in ALGORITHMS]
   variants += [("diloco_int8", p, "static") for p in PERIODS]
   variants += [("diloco_f4", 16, "static")]
+  if only:  # The baselines stay: the model needs compute, the speedups sync.
+    variants = [v for v in variants if v[0] in ("compute", "sync", *only)]
   results = []
   x, y = stacked(batch)
   for name, period, dispatch in variants:
@@ -369,6 +388,7 @@ def worker(out_path, windows, repeats):
     # window / period syncs wherever it starts.
     length = period * max(1, -(-windows // period))
     times, means = [], []
+    sent = sent_bytes()
     for _ in range(repeats):
       start = time.perf_counter()
       for _ in range(length):
@@ -377,6 +397,7 @@ def worker(out_path, windows, repeats):
         count += 1
         times.append(time.perf_counter() - t0)
       means.append((time.perf_counter() - start) / length)
+    sent = sent_bytes() - sent
     results.append(
       {
         "name": name,
@@ -387,6 +408,7 @@ def worker(out_path, windows, repeats):
         "window_means_s": means,
         "median_single_step_s": statistics.median(times),
         "max_single_step_s": max(times),
+        "measured_sent_bytes_per_step": sent / (repeats * length),
         **report,
       }
     )
@@ -405,8 +427,8 @@ def worker(out_path, windows, repeats):
 # --- the driver ----------------------------------------------------------------------------
 
 
-def measure(rate, windows, repeats, timeout, children):
-  link = Link(rate)
+def measure(rate, windows, repeats, timeout, children, slow_start_after_idle=False, only=()):
+  link = Link(rate, slow_start_after_idle)
   try:
     print(f"link {rate}: {'; '.join(link.qdisc())}", flush=True)
     goodput = probe(link, children)
@@ -427,7 +449,7 @@ def measure(rate, windows, repeats, timeout, children):
       env.pop("XLA_FLAGS", None)
       for k in range(N):
         argv = [sys.executable, __file__, "--worker", str(out), "--window", str(windows)]
-        argv += ["--repeats", str(repeats)]
+        argv += ["--repeats", str(repeats), *(["--only", *only] if only else [])]
         children.start(link.command(k, argv), env={**env, "OPTAX_DIST_PROCESS_ID": str(k)})
       codes = children.wait(timeout)
       if any(codes):
@@ -436,7 +458,13 @@ def measure(rate, windows, repeats, timeout, children):
   finally:
     children.kill()
     link.close()
-  return {"rate": rate, "rate_bits": rate_bits(rate), "goodput_bits": goodput * 8, **measured}
+  return {
+    "rate": rate,
+    "rate_bits": rate_bits(rate),
+    "goodput_bits": goodput * 8,
+    "tcp_slow_start_after_idle": int(slow_start_after_idle),
+    **measured,
+  }
 
 
 def predict(result):
@@ -457,18 +485,24 @@ def table(results):
     sync = next(r for r in rows if r["name"] == "sync")["step_s"]
     lines += [
       f"Link {result['rate']} (tbf); one TCP stream measured {result['goodput_bits'] / 1e6:.0f} "
-      f"Mbit/s. {result['num_params']:,} params, {N} processes x 1 CPU device. *Dispatch*: "
+      f"Mbit/s; TCP slow start after idle "
+      f"{'on' if result.get('tcp_slow_start_after_idle') else 'off'}. "
+      f"{result['num_params']:,} params, {N} processes x 1 CPU device. *Dispatch*: "
       "`static` compiles one program per kind of call and picks it on the host "
       "(data_parallel_step's default), `in_graph` is one program that decides inside. "
       "*Measured* is the median over windows of whole periods; the *model* is compute + "
       "wire bytes per step / bandwidth, at the tc rate and at the measured TCP goodput; "
       "*vs model* is measured / model (goodput); *median* and *max single step* are the "
       "median and slowest single step (a sync step is the slowest); *peak KB* is what one "
-      "worker sends in its heaviest step.",
+      "worker sends in its heaviest step (from the compiled programs); *sent KB per step* is "
+      "what the worker's end of the link counted (`tx_bytes`, TCP/IP headers and the "
+      "collectives' own messages included) over the timed windows, and *model KB per step* "
+      "the compiled programs' wire bytes per step.",
       "",
       "| variant | period | dispatch | measured (ms/step) | model, tc rate | model, goodput "
-      "| vs model | median single step (ms) | max single step (ms) | peak KB | speedup vs sync |",
-      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+      "| vs model | median single step (ms) | max single step (ms) | peak KB "
+      "| sent KB per step | model KB per step | speedup vs sync |",
+      "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
       period = "-" if r["name"] in ("compute", "sync") else str(r["period"])
@@ -477,7 +511,8 @@ def table(results):
         f"| {1e3 * r['predicted_s']:.1f} | {1e3 * r['predicted_goodput_s']:.1f} "
         f"| {r['step_s'] / r['predicted_goodput_s']:.3f} "
         f"| {1e3 * r['median_single_step_s']:.1f} | {1e3 * r['max_single_step_s']:.1f} "
-        f"| {r['peak_wire_bytes'] / 1e3:,.0f} | {sync / r['step_s']:.2f}x |"
+        f"| {r['peak_wire_bytes'] / 1e3:,.0f} | {r['measured_sent_bytes_per_step'] / 1e3:,.0f} "
+        f"| {r['period_wire_bytes'] / r['period'] / 1e3:,.0f} | {sync / r['step_s']:.2f}x |"
       )
     lines.append("")
   return "\n".join(lines)
@@ -489,13 +524,19 @@ def main(argv=None):
   parser.add_argument("--window", type=int, default=4, help="steps per timed window (at least)")
   parser.add_argument("--repeats", type=int, default=5, help="timed windows per variant")
   parser.add_argument("--timeout", type=int, default=1500, help="seconds per rate")
+  parser.add_argument(
+    "--slow-start-after-idle",
+    action="store_true",
+    help="keep TCP's slow start after idle (Linux's default) on the link's namespaces",
+  )
+  parser.add_argument("--only", nargs="+", default=(), help="variants to run (and the baselines)")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--probe-server", help=argparse.SUPPRESS)
   parser.add_argument("--probe-client", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.worker:
-    return worker(args.worker, args.window, args.repeats)
+    return worker(args.worker, args.window, args.repeats, args.only)
   if args.probe_server:
     return probe_server(args.probe_server)
   if args.probe_client:
@@ -516,7 +557,19 @@ def main(argv=None):
   results = []
   for rate in args.rates:
     start = time.perf_counter()
-    results.append(predict(measure(rate, args.window, args.repeats, args.timeout, children)))
+    results.append(
+      predict(
+        measure(
+          rate,
+          args.window,
+          args.repeats,
+          args.timeout,
+          children,
+          args.slow_start_after_idle,
+          args.only,
+        )
+      )
+    )
     print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
