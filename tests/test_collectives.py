@@ -73,9 +73,10 @@ def test_to_varying_lets_invariant_values_meet_varying_ones_in_cond():
 @pytest.mark.parametrize("mode", MODES)
 def test_broadcast_from_copies_one_workers_value_of_any_dtype(mode):
   n = 4
+  # Fractions, so that a copy through an integer type would show.
   tree = {
-    "f": np.arange(n * 3, dtype=np.float32).reshape(n, 3),
-    "bf16": np.arange(n, dtype=np.float32).astype(jnp.bfloat16),
+    "f": np.arange(n * 3, dtype=np.float32).reshape(n, 3) * 0.37 + 0.25,
+    "bf16": (np.arange(n, dtype=np.float32) + 0.5).astype(jnp.bfloat16),
     "i": np.arange(n, dtype=np.int32) + 7,
     "b": np.array([True, False, False, True]),
   }
@@ -103,6 +104,19 @@ def test_broadcast_from_keeps_the_varying_type_and_rejects_bad_index():
     jnp.array([5.0, 6.0])
   )
   np.testing.assert_array_equal(out, [5.0, 5.0])
+
+
+def test_broadcast_from_returns_invariant_leaves_without_a_collective():
+  # A replicated input is typed invariant under shard_map: already the same on
+  # every worker, it needs no all-reduce.
+  def f(x, shared):
+    return _collectives.broadcast_from({"x": x, "shared": shared}, AXIS)
+
+  mapped = jax.shard_map(
+    f, mesh=worker_mesh(2), in_specs=(P(AXIS), P()), out_specs={"x": P(AXIS), "shared": P()}
+  )
+  jaxpr = str(jax.make_jaxpr(mapped)(jnp.array([5.0, 6.0]), jnp.array(1.5)))
+  assert jaxpr.count("psum") == 1, jaxpr  # The varying leaf's only.
 
 
 def test_reduce_gradients_over_two_mesh_axes():
