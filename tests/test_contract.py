@@ -63,7 +63,13 @@ CASES = [
     optax_dist.tower,
     {"loss_reduction": "mean"},
     {},
-    bad=(({"loss_reduction": "max"}, ValueError, r"loss_reduction.*'sum', 'mean'.*'max'"),),
+    bad=(
+      (
+        {"loss_reduction": "max"},
+        ValueError,
+        r"`loss_reduction` must be one of \('sum', 'mean'\), got 'max'",
+      ),
+    ),
   ),
   Case("tower_sum", optax_dist.tower, {"loss_reduction": "sum"}, {}),
   Case(

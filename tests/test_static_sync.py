@@ -189,6 +189,8 @@ def test_schedule_values():
   fragment_0 = [i + 1 for i in range(20) if type(schedule(i)) is int and schedule(i) == 0]
   assert fragment_0 == [3, 9, 15]
   assert optax_dist.SyncSchedule(period=1)(0) is True
+  with pytest.raises(ValueError, match="`count` must be >= 0, got -1"):
+    schedule(-1)
 
 
 @pytest.mark.parametrize(

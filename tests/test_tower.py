@@ -268,3 +268,29 @@ def test_params_none_where_the_inner_optimizer_needs_them():
   state = tx.init(jnp.zeros(2))
   with pytest.raises(ValueError, match="params"):
     tx.update(jnp.ones(2), state)
+
+
+def test_the_inner_optimizer_gets_the_params_and_the_extra_args():
+  # AdamW's weight decay reads the params; a transformation with an extra
+  # argument reads it: tower passes both on, after reducing the gradients.
+  n = 4
+  rng = np.random.default_rng(5)
+  params = rng.normal(size=(3,)).astype(np.float32)
+  grads = rng.normal(size=(n, 3)).astype(np.float32)
+
+  def scale_by_factor():
+    def update(updates, state, params=None, *, factor):
+      del params
+      return jax.tree.map(lambda u: u * factor, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+  inner = optax.chain(optax.adamw(0.1, weight_decay=0.5), scale_by_factor())
+  tx = optax_dist.tower(inner, axis_name=AXIS)
+  p = stack(params, n)
+  updates, _ = jax.vmap(lambda g, s, p: tx.update(g, s, p, factor=3.0), axis_name=AXIS)(
+    grads, jax.vmap(tx.init)(p), p
+  )
+  want, _ = inner.update(grads.mean(0), inner.init(params), params, factor=3.0)
+  for worker in range(n):
+    np.testing.assert_allclose(updates[worker], want, rtol=1e-6, atol=1e-7)
