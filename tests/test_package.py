@@ -92,9 +92,15 @@ def test_readme_starts_with_the_two_commands():
 
 def test_readme_training_loop_runs():
   blocks = re.findall(r"```python\n(.+?)\n```", (ROOT / "README.md").read_text(), re.S)
-  assert len(blocks) == 1
+  assert len(blocks) == 2
+  loop, static_flags = blocks
+  # The static-flags fragment (a loop body, not a program): valid Python that
+  # names public functions only.
+  compile(static_flags, "README.md", "exec")
+  names = re.findall(r"optax_dist\.(\w+)", static_flags)
+  assert names and all(name in optax_dist.__all__ for name in names), names
   namespace: dict = {}
-  exec(compile(blocks[0], "README.md", "exec"), namespace)
+  exec(compile(loop, "README.md", "exec"), namespace)
   jnp = namespace["jnp"]
   x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
   y = x @ np.linspace(-1, 1, 16, dtype=np.float32)[:, None]
