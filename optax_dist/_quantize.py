@@ -178,7 +178,7 @@ def ring_sum(tree: Any, axes: tuple, dtype: Any) -> tuple[Any, Any]:
   chunk = math.ceil(size / n / BLOCK) * BLOCK
   padded = _flatten(leaves, n * chunk).reshape(n, chunk // BLOCK, BLOCK)
   values, scale = quantize(padded, dtype)
-  dropped = (padded - dequantize(values, scale)).reshape(-1)[:size]
+  dropped = (padded - dequantize(values, scale)).reshape(-1)
   # Worker k receives chunk k of every worker and sums them, in worker order.
   values, scale = _collectives.all_to_all((values, scale), axes)
   part = dequantize(values[0], scale[0])
@@ -187,11 +187,10 @@ def ring_sum(tree: Any, axes: tuple, dtype: Any) -> tuple[Any, Any]:
   values, scale = quantize(part, dtype)
   # What the second rounding dropped from the summed chunk is this worker's
   # to feed back: it owns that chunk.
+  start = _collectives.worker_index(axes) * chunk
   dropped_sum = (part - dequantize(values, scale)).reshape(-1)
-  owned = lax.dynamic_update_slice(
-    jnp.zeros(n * chunk, jnp.float32), dropped_sum, (_collectives.worker_index(axes) * chunk,)
-  )
-  dropped = dropped + owned[:size]
+  mine = lax.dynamic_slice(dropped, (start,), (chunk,))
+  dropped = lax.dynamic_update_slice(dropped, mine + dropped_sum, (start,))[:size]
   values, scale = _collectives.all_gather((values, scale), axes)
   total = dequantize(values, scale).reshape(-1)[:size]
   return _unflatten(total, leaves, treedef), _unflatten(dropped, leaves, treedef)
