@@ -1,0 +1,287 @@
+"""int4 and int2 rings: packing, a float64 NumPy reference, error bounds, feedback, HLO bytes."""
+
+from harness import AXIS
+from harness import map_workers
+from harness import run_transform
+from harness import stack
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import optax
+import pytest
+
+import optax_dist
+from optax_dist import _quantize
+
+# (bits, numbers per scale, largest value) of each format, as documented.
+FORMATS = {"int4": (4, 64, 7), "int2": (2, 32, 1)}
+
+
+def test_block_sizes_and_bits_are_the_documented_ones():
+  for name, (width, block, _) in FORMATS.items():
+    assert _quantize.bits(jnp.dtype(name)) == width
+    assert _quantize.block_size(jnp.dtype(name)) == block
+  assert (_quantize.bits(jnp.int8), _quantize.block_size(jnp.int8)) == (8, 256)
+
+
+def test_pack_gold_bytes_and_round_trip():
+  codes = jnp.array([[1, -1, 7, -8], [0, -2, 3, 5]], jnp.int8)
+  # Two's complement nibbles, code 0 in the low bits: 1 | 0xF << 4, 7 | 0x8 << 4, ...
+  np.testing.assert_array_equal(
+    _quantize.pack(codes, 4), np.array([[0xF1, 0x87], [0xE0, 0x53]], np.uint8)
+  )
+  np.testing.assert_array_equal(_quantize.unpack(_quantize.pack(codes, 4), 4), codes)
+  two = jnp.array([[1, -1, 0, -2], [0, 0, 0, 1]], jnp.int8)
+  # 01, 11, 00, 10 from the low bits up: 0b10_00_11_01; then 0b01_00_00_00.
+  np.testing.assert_array_equal(_quantize.pack(two, 2), np.array([[0x8D], [0x40]], np.uint8))
+  np.testing.assert_array_equal(_quantize.unpack(_quantize.pack(two, 2), 2), two)
+
+
+def test_quantize_gold_on_hand_made_blocks():
+  blocks = jnp.array([[0.0, 0.7, -1.4, 0.25], [0.0, 0.0, 0.0, 0.0]], jnp.float32)
+  values, scale = _quantize.quantize(blocks, jnp.int4)
+  np.testing.assert_allclose(np.asarray(scale)[:, 0], [0.2, 0.0], rtol=1e-7)
+  np.testing.assert_array_equal(values, [[0, 4, -7, 1], [0, 0, 0, 0]])  # 0.7 / 0.2 = 3.5 -> 4
+  values, scale = _quantize.quantize(blocks, jnp.int2)
+  np.testing.assert_allclose(np.asarray(scale)[:, 0], [1.4, 0.0], rtol=1e-7)
+  np.testing.assert_array_equal(values, [[0, 0, -1, 0], [0, 0, 0, 0]])  # 0.5 rounds to even: 0
+  values, scale = _quantize.quantize(jnp.array([[1.0, jnp.nan, 0.0, 0.0]]), jnp.int2)
+  assert np.isnan(np.asarray(scale)).all()
+
+
+def values(n, seed=0):
+  rng = np.random.default_rng(seed)
+  # Leaves of several sizes and scales, none a multiple of a block.
+  return {
+    "a": (rng.normal(size=(n, 700)) * np.exp(rng.normal(size=(n, 1)))).astype(np.float32),
+    "b": rng.normal(size=(n, 5, 3)).astype(np.float32) * 1e-3,
+  }
+
+
+def np_quantize(blocks, top):
+  absmax = np.abs(blocks).max(-1, keepdims=True)
+  scale = absmax / top
+  codes = np.clip(np.round(blocks / np.where(scale > 0, scale, 1.0)), -top, top)
+  return codes.astype(np.int64), scale
+
+
+def np_pack(codes, width):
+  per = 8 // width
+  low = (codes & ((1 << width) - 1)).reshape(*codes.shape[:-1], -1, per)
+  return (low << (np.arange(per) * width)).sum(-1).astype(np.uint8)
+
+
+def np_unpack(packed, width):
+  per = 8 // width
+  fields = (packed[..., None].astype(np.int64) >> (np.arange(per) * width)) & ((1 << width) - 1)
+  signed = np.where(fields >= 1 << (width - 1), fields - (1 << width), fields)
+  return signed.reshape(*packed.shape[:-1], -1)
+
+
+def np_ring(flat, name):
+  """The ring of the module docstring in float64: quantize, pack, all-to-all, sum, ..."""
+  width, block, top = FORMATS[name]
+  n, size = flat.shape
+  chunk = -(-size // n // block) * block
+  padded = np.zeros((n, n * chunk))
+  padded[:, :size] = flat
+  codes, scale = np_quantize(padded.reshape(n, n, chunk // block, block), top)
+  wire = np_pack(codes.reshape(n, n, -1), width)  # What each worker sends to each.
+  received = np_unpack(wire, width).reshape(codes.shape)
+  # Worker k sums chunk k of every worker j, in worker order.
+  part = np.zeros((n, chunk // block, block))
+  for j in range(n):
+    part = part + received[j] * scale[j]
+  codes, scale = np_quantize(part, top)
+  gathered = np_unpack(np_pack(codes.reshape(n, -1), width), width).reshape(codes.shape)
+  return (gathered * scale).reshape(-1)[:size]
+
+
+def flat_of(tree, n):
+  return np.concatenate(
+    [np.asarray(x, np.float64).reshape(n, -1) for x in jax.tree.leaves(tree)], 1
+  )
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("n", [4, 8])
+@pytest.mark.parametrize("mode", ["vmap", "shard_map", "pmap"])
+def test_ring_matches_the_float64_reference_on_every_worker_within_the_bound(name, n, mode):
+  x = values(n, seed=n)
+  dtype = jnp.dtype(name)
+  total, dropped = map_workers(lambda t: _quantize.ring_sum(t, (AXIS,), dtype), n, mode)(x)
+  got = flat_of(total, n)
+  # Every worker holds the same bits.
+  np.testing.assert_array_equal(got, np.broadcast_to(got[0], got.shape))
+  flat = flat_of(x, n)
+  reference = np_ring(flat, name)
+  np.testing.assert_allclose(got[0], reference, rtol=2e-6, atol=1e-9)
+  # Error bound, element by element: each rounding moves a number by at most
+  # half a step, absmax / (2 T): (sum_k a_k + A) / (2 T), a_k the absmax of
+  # worker k's block and A that of the summed block as requantized.
+  _, block, top = FORMATS[name]
+  size = flat.shape[1]
+  chunk = -(-size // n // block) * block
+  padded = np.zeros((n, n * chunk))
+  padded[:, :size] = flat
+  blocks = padded.reshape(n, -1, block)
+  a = np.abs(blocks).max(-1, keepdims=True).sum(0)
+  big_a = np.abs(blocks.sum(0)).max(-1, keepdims=True) + a / (2 * top)
+  bound = np.broadcast_to((a + big_a) / (2 * top), blocks.shape[1:]).reshape(-1)[:size]
+  error = np.abs(got[0] - flat.sum(0))
+  assert np.all(error <= bound * (1 + 1e-5)), np.max(error / bound)
+  assert np.max(error / bound) > 0.3  # The bound is not loose by orders of magnitude.
+  # What the roundings dropped, summed over the workers, is what the sum lacks.
+  np.testing.assert_allclose(
+    got[0] + flat_of(dropped, n).sum(0), flat.sum(0), rtol=1e-4, atol=1e-5 * np.abs(flat).max()
+  )
+
+
+def test_encode_sends_the_packed_bytes_then_the_scales():
+  rng = np.random.default_rng(0)
+  blocks = rng.normal(size=(2, 3, 64)).astype(np.float32)
+  values, scale = _quantize.quantize(jnp.asarray(blocks), jnp.int4)
+  buffer = np.asarray(_quantize.encode(values, scale, jnp.int4))
+  assert buffer.dtype == np.uint8 and buffer.shape == (2, 3 * 32 + 3 * 4)
+  codes, np_scale = np_quantize(blocks.astype(np.float64), 7)
+  np.testing.assert_array_equal(buffer[:, :96], np_pack(codes.reshape(2, -1), 4))
+  np.testing.assert_array_equal(buffer[:, 96:].view(np.float32), np.asarray(scale).reshape(2, 3))
+  np.testing.assert_allclose(np.asarray(scale)[..., 0], np_scale[..., 0], rtol=1e-7)
+  back_values, back_scale = _quantize.decode(jnp.asarray(buffer), jnp.int4, 3 * 64)
+  np.testing.assert_array_equal(back_values, values)
+  np.testing.assert_array_equal(back_scale, scale)
+
+
+ALGORITHMS = {
+  "diloco": lambda **kw: optax_dist.diloco(
+    optax.sgd(0.1), axis_name=AXIS, sync_period=2, outer=optax.sgd(0.7, momentum=0.5), **kw
+  ),
+  "model_average": lambda **kw: optax_dist.model_average(
+    optax.sgd(0.1), axis_name=AXIS, interval_steps=2, **kw
+  ),
+  "elastic_average": lambda **kw: optax_dist.elastic_average(
+    optax.sgd(0.1), axis_name=AXIS, communication_period=2, moving_rate=0.2, **kw
+  ),
+}
+
+
+def problem(n=4, steps=6, seed=1):
+  rng = np.random.default_rng(seed)
+  params = stack({"w": rng.normal(size=(40, 30)).astype(np.float32)}, n)
+  grads = [{"w": rng.normal(size=(n, 40, 30)).astype(np.float32)} for _ in range(steps)]
+  return params, grads
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize(("dtype", "feedback"), [("int4", False), ("int2", True)])
+def test_low_bit_syncs_keep_the_center_identical_and_close_to_float32(name, dtype, feedback):
+  params, grads = problem()
+  exact = run_transform(ALGORITHMS[name](), params, grads, mode="shard_map")
+  quantized = run_transform(
+    ALGORITHMS[name](comm_dtype=jnp.dtype(dtype), error_feedback=feedback),
+    params,
+    grads,
+    mode="shard_map",
+  )
+  center = np.asarray(optax_dist.center_params(quantized.state)["w"])
+  np.testing.assert_array_equal(center, np.broadcast_to(center[0], center.shape))
+  reference = np.asarray(optax_dist.center_params(exact.state)["w"])
+  start = np.asarray(params["w"][0])
+  # The center's move differs from float32's by a fraction of the move:
+  # over 3 syncs, two roundings each of up to 1/14 of a block's absmax for
+  # int4; int2 sends -1, 0 or 1 times a block's absmax, and elastic
+  # averaging's center moves by a fifth of the differences it sums.
+  moved = np.max(np.abs(reference - start))
+  tolerance = {"int4": 0.3, "int2": 2.5}[dtype]
+  assert np.max(np.abs(center - reference)) < tolerance * moved
+  assert not np.array_equal(center, reference)
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int2"])
+def test_error_feedback_keeps_the_error_from_accumulating(dtype):
+  # Every worker moves by the same constant each period, so the rounding is
+  # the same every sync: without feedback it adds up over the 40 syncs; with
+  # it, what was dropped is sent again.
+  n, steps = 4, 40
+  rng = np.random.default_rng(3)
+  params = stack({"w": np.zeros(300, np.float32)}, n)
+  g = rng.normal(size=(n, 300)).astype(np.float32) * np.linspace(0.1, 1.0, 300, dtype=np.float32)
+  grads = [{"w": g}] * steps
+
+  def center(**kw):
+    tx = optax_dist.diloco(
+      optax.sgd(0.01), axis_name=AXIS, sync_period=1, outer=optax.sgd(1.0), **kw
+    )
+    got = run_transform(tx, params, grads, mode="vmap")
+    return np.asarray(optax_dist.center_params(got.state)["w"][0])
+
+  reference = center()
+  without = np.max(np.abs(center(comm_dtype=jnp.dtype(dtype)) - reference))
+  with_feedback = np.max(
+    np.abs(center(comm_dtype=jnp.dtype(dtype), error_feedback=True) - reference)
+  )
+  assert with_feedback < without / 5, (with_feedback, without)
+
+
+def lowered(tx, n, params):
+  mesh = jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+  def step(p, s, g):
+    p, s, g = jax.tree.map(lambda a: a[0], (p, s, g))
+    u, s = tx.update(g, s, p, sync=True)
+    return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, u), s))
+
+  fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+  return fn, params, jax.vmap(tx.init)(params), params
+
+
+# 64 * 1024 + 3 * 256 numbers in 4 leaves (the int8 test's shapes).
+HLO_PARAMS = {
+  "w": np.zeros((64, 1024), np.float32),
+  "b": np.zeros(256, np.float32),
+  "c": np.zeros(256, np.float32),
+  "d": np.zeros(256, np.float32),
+}
+
+
+@pytest.mark.parametrize(
+  ("dtype", "feedback", "target"),
+  [("int4", False, 0.17), ("int2", True, 0.11), ("int8", False, 0.26)],
+)
+def test_low_bit_syncs_send_packed_bytes_in_one_collective_per_phase(dtype, feedback, target):
+  n = 8
+  params = stack(HLO_PARAMS, n)
+  f32 = optax_dist.communication_report(*lowered(ALGORITHMS["diloco"](), n, params))
+  tx = ALGORITHMS["diloco"](comm_dtype=jnp.dtype(dtype), error_feedback=feedback)
+  q = optax_dist.communication_report(*lowered(tx, n, params))
+  kinds = sorted((c.kind, c.shape.split("[")[0].strip("(")) for c in q.collectives)
+  container = "s8" if dtype == "int8" else "u8"
+  assert kinds == [("all-gather", container), ("all-to-all", container)], kinds
+  assert all(c.workers == n for c in q.collectives)
+  # The bytes: P numbers of `bits` bits and a float32 scale per block, in
+  # whole blocks per worker chunk; 2 (N - 1) / N of them on the wire.
+  width, block = _quantize.bits(jnp.dtype(dtype)), _quantize.block_size(jnp.dtype(dtype))
+  num = 64 * 1024 + 3 * 256
+  chunk = -(-num // n // block) * block
+  per_chunk = chunk * width // 8 + chunk // block * 4
+  # The all-to-all may also carry a float32 count of finite workers per row.
+  ring = 2 * (n - 1) / n * n * per_chunk
+  assert ring <= q.every_step_wire_bytes <= ring + (n - 1) * 4
+  ratio = q.every_step_wire_bytes / f32.every_step_wire_bytes
+  assert ratio <= target, ratio
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "error", "match"),
+  [
+    ({"comm_dtype": jnp.uint4}, ValueError, "jnp.int4 / jnp.int2"),
+    ({"comm_dtype": jnp.int16}, ValueError, "jnp.int4 / jnp.int2"),
+    ({"comm_dtype": jnp.bfloat16, "error_feedback": True}, ValueError, "jnp.int4, jnp.int2"),
+  ],
+)
+def test_bad_low_bit_arguments(kwargs, error, match):
+  for make in ALGORITHMS.values():
+    with pytest.raises(error, match=match):
+      make(**kwargs)
