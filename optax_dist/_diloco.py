@@ -43,7 +43,9 @@ def diloco(
   outer: optax.GradientTransformation | None = None,
   sync_period: int = 500,
   comm_dtype: Any = None,
-  error_feedback: bool = False,
+  error_feedback: bool | None = None,
+  topk_fraction: float | None = None,
+  error_decay: float | None = None,
   sync_warmup: int | None = None,
   fragments: Any = None,
   host_offload: bool = False,
@@ -112,7 +114,7 @@ def diloco(
     outer: The optax transformation applied to the center with the averaged
       pseudo-gradient as its gradient; ``None`` for Nesterov SGD (0.7, 0.9).
     sync_period: ``H``, calls between outer steps (static int >= 1).
-    {{arg_comm}} {{arg_sync_warmup}} {{arg_fragments}}
+    {{arg_comm}} {{arg_sync_warmup}} {{arg_fragments}} {{arg_topk}}
     host_offload: Keep the fields a sync alone reads (the center, the outer state, the residual) in the host's
       pinned memory between syncs; a sync brings them to the device and back
       (static bool).
@@ -155,7 +157,10 @@ def diloco(
     Lin et al., `Don't Use Large Mini-Batches, Use Local SGD
     <https://arxiv.org/abs/1808.07217>`_, ICLR 2020 (post-local SGD).
   """
-  options = _periodic.Options(sync_warmup, fragments, comm_dtype, error_feedback, host_offload)
+  wire = _quantize.make_wire(
+    comm_dtype, error_feedback, topk_fraction=topk_fraction, error_decay=error_decay
+  )
+  options = _periodic.Options(sync_warmup, fragments, wire, wire.error_feedback, host_offload)
   setup = _periodic.Setup.make("diloco", inner, axis_name, ("sync_period", sync_period), options)
   if outer is None:
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True)

@@ -37,10 +37,34 @@ fragments: ``None`` (the whole model), an int ``F`` (the leaves in
   ``optax.inject_hyperparams`` list it in ``static_args``).""",
   "arg_comm": """\
 comm_dtype: The format on the wire (static): ``None`` (the center's
-  dtype), ``jnp.bfloat16``/``jnp.float16``, ``jnp.int8`` or
-  ``jnp.float8_e4m3fn``/``jnp.float8_e5m2``.
-error_feedback: With an 8-bit ``comm_dtype``, send again at the next sync
-  what the rounding dropped (static bool; one params-sized buffer).""",
+  dtype), ``jnp.bfloat16``/``jnp.float16``, ``jnp.int8``,
+  ``jnp.float8_e4m3fn``/``jnp.float8_e5m2``, or below 8 bits
+  ``jnp.int4`` (values -7..7, one float32 absmax scale per 64 numbers,
+  packed two to a byte) and ``jnp.int2`` (values -1, 0, 1, one scale per
+  32 numbers, packed four to a byte). The integer and float8 formats
+  travel through the quantized ring; each of its two roundings moves a
+  number by at most half a step, ``absmax / (2 T)`` with ``T`` = 127, 7
+  or 1 and ``absmax`` the largest magnitude of its block.
+error_feedback: With a quantized ``comm_dtype`` or ``topk_fraction``,
+  send again at the next sync what the compression dropped (static bool;
+  one params-sized buffer). ``None`` (the default) is on with
+  ``topk_fraction`` and off otherwise.""",
+  "arg_topk": """\
+topk_fraction: Sparse top-k syncs (SparseLoCo), a float in (0, 1) or
+  ``None`` (dense, the default): each worker cuts its contribution (plus
+  its error-feedback buffer) into chunks of 256 numbers and sends, for
+  each chunk, the ``ceil(topk_fraction * 256)`` largest magnitudes with
+  their positions (one byte each), in float32 or in ``comm_dtype``
+  (``jnp.int8``, ``jnp.int4`` or ``jnp.int2``, with one float32 absmax
+  scale per chunk), all in one ``all_gather``; every worker adds the N
+  contributions in worker order (the same bits on every worker). What was
+  not sent stays in the error-feedback buffer.
+error_decay: ``beta`` of the error-feedback rule
+  :math:`a = \\Delta + \\beta e`, send :math:`s = Q(\\mathrm{{top}}_k(a))`,
+  :math:`e \\leftarrow a - s` (static float in (0, 1]; ``None`` is 0.95
+  with ``topk_fraction``, SparseLoCo's, and 1 otherwise). The decayed
+  buffer carries past pseudo-gradients forward much as an outer momentum
+  does; SparseLoCo pairs it with a plain outer SGD step.""",
   "returns": """\
 Returns:
   A ``GradientTransformationExtraArgs`` whose state is

@@ -40,7 +40,9 @@ def model_average(
   sync_warmup: int | None = None,
   fragments: Any = None,
   comm_dtype: Any = None,
-  error_feedback: bool = False,
+  error_feedback: bool | None = None,
+  topk_fraction: float | None = None,
+  error_decay: float | None = None,
   host_offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Periodic model averaging (local SGD): average the params every few steps.
@@ -88,7 +90,7 @@ def model_average(
     inner: The local optimizer (e.g. ``optax.sgd(0.1)``).
     axis_name: The mapped axis (or tuple of axes) of the workers.
     interval_steps: ``H``, calls between averages (static int >= 1).
-    {{arg_sync_warmup}} {{arg_fragments}} {{arg_comm}}
+    {{arg_sync_warmup}} {{arg_fragments}} {{arg_comm}} {{arg_topk}}
     host_offload: Keep the fields a sync alone reads (the center, the residual) in the host's
       pinned memory between syncs; a sync brings them to the device and back
       (static bool).
@@ -131,7 +133,10 @@ def model_average(
     Douillard et al., `Streaming DiLoCo with overlapping communication
     <https://arxiv.org/abs/2501.18512>`_, 2025 (fragments).
   """
-  options = _periodic.Options(sync_warmup, fragments, comm_dtype, error_feedback, host_offload)
+  wire = _quantize.make_wire(
+    comm_dtype, error_feedback, topk_fraction=topk_fraction, error_decay=error_decay
+  )
+  options = _periodic.Options(sync_warmup, fragments, wire, wire.error_feedback, host_offload)
   period_arg = ("interval_steps", interval_steps)
   setup = _periodic.Setup.make("model_average", inner, axis_name, period_arg, options)
   axes, wire = setup.axes, setup.wire
@@ -143,7 +148,7 @@ def model_average(
 
   def sync(local, carry):
     center, residual = carry["center"], carry["residual"]
-    if wire.dtype is None:
+    if wire.dtype is None and wire.topk_fraction is None:
       mean = _collectives.pmean(local.x, axes)
     else:
       # In a narrow format, the differences to the center (small, and the

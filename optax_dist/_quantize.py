@@ -220,11 +220,12 @@ def psum(
     total, dropped, *sides = ring_sum(tree, axes, wire.dtype, side=side)
     side_total = sides[0] if sides else None
   else:
-    from optax_dist import _sparse  # pylint: disable=g-import-not-at-top
+    from optax_dist import _sparse
 
-    total, dropped = _sparse.gather_sum(tree, axes, wire.topk_fraction, wire.dtype)
-    if side is not None:  # TODO: carry it in the gathered buffer.
-      side_total = _collectives.psum(side, axes)
+    total, dropped, *sides = _sparse.gather_sum(
+      tree, axes, wire.topk_fraction, wire.dtype, side=side
+    )
+    side_total = sides[0] if sides else None
   residual = dropped if wire.error_feedback else residual
   return (total, residual) if side is None else (total, residual, side_total)
 
