@@ -1,8 +1,27 @@
-"""The documentation: its code runs, and the API reference covers the package."""
+"""The documentation: its code runs, and the API reference covers the package.
+
+Every Python block of the README and of the pages under ``docs/`` (with the
+files they include) runs here, as written. The blocks of a page run in order
+in one namespace, so a page reads as one script, and each page runs once per
+test session; the tests below check what its blocks computed and printed.
+
+A block that cannot run as written (a signature, a TensorFlow 1.x program, a
+step that needs several processes, the body of a loop) is a *fragment*, and
+says so visibly: its first line is a comment that starts with ``# Fragment``
+and gives the reason, e.g. ``# Fragment: needs 4 processes.`` Fragments are
+shown, not run. Any other block that fails to run fails
+``test_every_python_block_runs``, and a Python block fenced other than
+```` ```python ```` fails ``test_python_blocks_use_one_fence``. When the
+paragraph right after a block starts with "It prints `...`", the block must
+print exactly that (whitespace aside).
+"""
 
 import ast
+import contextlib
+import functools
 import importlib.util
 import inspect
+import io
 import pathlib
 import re
 import types
@@ -10,38 +29,158 @@ import zlib
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import optax_dist
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-RUNNABLE = re.compile(r"^% runnable[^\n]*\n```python\n(.+?)\n```", re.S | re.M)
+FRAGMENT = "# Fragment"
+# A fenced block: its fence, info string and text (fences start a line).
+FENCE = re.compile(r"^(`{3,}|~{3,})([^\n]*)\n(.*?)^\1[ \t]*$", re.S | re.M)
+INCLUDE = re.compile(r"^```\{include\}\s+(\S+)", re.M)
+PRINTS = re.compile(r"\AIt prints `([^`]+)`")
+
+
+def page_paths():
+  """The README and every docs page, relative to the repository root."""
+  pages = [pathlib.Path("README.md")]
+  pages += sorted(
+    path.relative_to(ROOT) for path in DOCS.rglob("*.md") if "_build" not in path.parts
+  )
+  return [str(page) for page in pages]
+
+
+def page_sources(page):
+  """``(path, text)`` of a page and of the files it includes (``{include}``)."""
+  path = ROOT / page
+  text = path.read_text()
+  included = [(path.parent / name).resolve() for name in INCLUDE.findall(text)]
+  return [(path, text)] + [(other, other.read_text()) for other in included]
+
+
+class Block(types.SimpleNamespace):
+  """A fenced block: ``info``, ``code``, ``path`` and ``line`` (of its code), ``after``."""
+
+
+def fenced_blocks(page):
+  """Every fenced block of a page, with the paragraph that follows it."""
+  blocks = []
+  for path, text in page_sources(page):
+    for match in FENCE.finditer(text):
+      rest = text[match.end() :].lstrip("\n")
+      blocks.append(
+        Block(
+          info=match.group(2).strip(),
+          code=match.group(3),
+          path=path,
+          line=text.count("\n", 0, match.start(3)) + 1,
+          after=rest.split("\n\n")[0],
+        )
+      )
+  return blocks
+
+
+def python_blocks(page):
+  return [block for block in fenced_blocks(page) if block.info == "python"]
+
+
+def is_fragment(block):
+  return block.code.startswith(FRAGMENT)
 
 
 def runnable_blocks(page):
-  """The Python blocks of a docs page marked with a ``% runnable`` comment."""
-  return RUNNABLE.findall((DOCS / page).read_text())
+  """The Python blocks of a page that run: every one but the fragments."""
+  return [block for block in python_blocks(page) if not is_fragment(block)]
+
+
+@functools.cache
+def run_page(page):
+  """Runs a page's blocks in order in one namespace (once per session).
+
+  Returns, for each block, a copy of the namespace after it and what it printed.
+  """
+  assert jax.device_count() == 8
+  namespace: dict = {"__name__": f"docs_{page}"}
+  runs = []
+  for block in runnable_blocks(page):
+    out = io.StringIO()
+    # Line numbers in tracebacks are the page's own.
+    code = compile("\n" * (block.line - 1) + block.code, str(block.path), "exec")
+    with contextlib.redirect_stdout(out):
+      exec(code, namespace)
+    runs.append(types.SimpleNamespace(namespace=dict(namespace), out=out.getvalue()))
+  return runs
 
 
 def run_block(page, index):
-  assert jax.device_count() == 8
+  """The namespace after a page's runnable block ``index`` (the blocks before it ran too)."""
+  runs = run_page(page)
+  assert len(runs) > index, f"{page} has {len(runs)} runnable blocks"
+  return runs[index].namespace
+
+
+def printed(page, index):
+  return run_page(page)[index].out
+
+
+@pytest.mark.parametrize("page", page_paths())
+def test_every_python_block_runs(page):
+  runs = run_page(page)
   blocks = runnable_blocks(page)
-  assert len(blocks) > index, f"{page} has {len(blocks)} runnable blocks"
-  namespace: dict = {"__name__": f"docs_{page}"}
-  exec(compile(blocks[index], str(DOCS / page), "exec"), namespace)
-  return namespace
+  assert len(runs) == len(blocks)
+  for block, run in zip(blocks, runs, strict=True):
+    claim = PRINTS.match(block.after)
+    if claim:
+      expected, got = (" ".join(s.split()) for s in (claim.group(1), run.out))
+      assert got == expected, f"{block.path}:{block.line}: the text says it prints {expected!r}"
 
 
-def test_landing_page_example_trains(capsys):
-  ns = run_block("index.md", 0)
+@pytest.mark.parametrize("page", page_paths())
+def test_fragments_say_why(page):
+  for block in python_blocks(page):
+    if is_fragment(block):
+      first = block.code.split("\n", 1)[0]
+      assert re.match(r"# Fragment: \S", first), f"{block.path}:{block.line}: {first!r}"
+
+
+@pytest.mark.parametrize("page", page_paths())
+def test_python_blocks_use_one_fence(page):
+  infos = {block.info for block in fenced_blocks(page)}
+  odd = {
+    i for i in infos if re.match(r"(\{code(-block|-cell)?\}\s*)?(py|python3|ipython|pycon)\b", i)
+  }
+  assert not odd, f"{page}: fence Python blocks as ```python (runnable or # Fragment), not {odd}"
+
+
+def test_fragment_convention_is_enforced(tmp_path, monkeypatch):
+  page = tmp_path / "page.md"
+  page.write_text(
+    "Intro.\n\n```python\nx = 1\nprint(x + 1)\n```\n\nIt prints `2`.\n\n"
+    "```python\n# Fragment: a signature.\nf(a, *, b)\n```\n\n"
+    "```python\ny = undefined_name\n```\n"
+  )
+  monkeypatch.setitem(globals(), "ROOT", tmp_path)
+  assert [b.line for b in python_blocks("page.md")] == [4, 11, 16]
+  assert [b.code.split()[0] for b in runnable_blocks("page.md")] == ["x", "y"]
+  with pytest.raises(NameError, match="undefined_name"):
+    run_page("page.md")
+  (tmp_path / "page.md").write_text(page.read_text().replace("y = undefined_name", "y = 3"))
+  runs = run_page("page.md")
+  assert [run.out for run in runs] == ["2\n", ""]
+  assert runs[1].namespace["x"] == 1  # The blocks of a page share one namespace.
+
+
+def test_landing_page_example_trains():
+  ns = run_block("docs/index.md", 0)
   assert float(ns["loss"].mean()) < 1e-2, ns["loss"]
   assert int(ns["syncs"]) == 20  # 100 steps, a sync every 5.
   # The last step was a sync: every worker holds the averaged params.
   w = np.asarray(ns["w"])
   np.testing.assert_array_equal(w, np.broadcast_to(w[:1], w.shape))
   np.testing.assert_allclose(w[0], [1.0, -2.0, 3.0], atol=0.05)
-  assert "after 20 syncs" in capsys.readouterr().out
+  assert "after 20 syncs" in printed("docs/index.md", 0)
 
 
 def shell_blocks(page):
@@ -110,17 +249,17 @@ def test_every_table_explains_its_columns(page):
     assert not unexplained, f"{page}: no sentence next to the table explains {unexplained}"
 
 
-def test_getting_started_tower_loop_trains(capsys):
-  ns = run_block("getting_started.md", 0)
+def test_getting_started_tower_loop_trains():
+  ns = run_block("docs/getting_started.md", 0)
   losses = ns["losses"]
   assert len(losses) == 100
   assert losses[-1] < losses[0] / 100, (losses[0], losses[-1])
   assert int(optax_dist.global_step(ns["opt_state"])) == 100
-  assert "after 100 steps" in capsys.readouterr().out
+  assert "after 100 steps" in printed("docs/getting_started.md", 0)
 
 
 def test_getting_started_per_worker_loop_trains():
-  ns = run_block("getting_started.md", 1)
+  ns = run_block("docs/getting_started.md", 1)
   losses = ns["losses"]
   assert losses[-1] < losses[0] / 100, (losses[0], losses[-1])
   assert int(ns["syncs"]) == 25
@@ -131,7 +270,7 @@ def test_getting_started_per_worker_loop_trains():
 
 
 def test_getting_started_static_flags_compile_one_program_per_kind_of_call():
-  ns = run_block("getting_started.md", 2)
+  ns = run_block("docs/getting_started.md", 2)
   # 36 calls: 4 warm-up calls, then an outer step on calls 12, 20, 28, 36.
   assert int(ns["syncs"]) == 4
   assert ns["count"] == 36
@@ -142,40 +281,192 @@ def test_getting_started_static_flags_compile_one_program_per_kind_of_call():
 
 
 def test_getting_started_nnx_optimizer_takes_the_flag():
-  ns = run_block("getting_started.md", 3)
+  ns = run_block("docs/getting_started.md", 3)
   _, optimizer = ns["nnx"].merge(ns["graphdef"], ns["state"])
   opt_state = ns["nnx"].as_pure(optimizer.opt_state)
   np.testing.assert_array_equal(optax_dist.global_step(opt_state), [3] * 8)
   assert ns["train_step"]._cache_size() == 2  # A local step and a sync.
 
 
+def scalar_bytes(shape):
+  """The bytes of the scalars in an HLO result type, e.g. 5 for ``(f32[16]{0}, f32[], pred[])``."""
+  sizes = {"pred": 1, "s8": 1, "u8": 1, "s32": 4, "u32": 4, "f32": 4}
+  return sum(sizes[dtype] for dtype in re.findall(r"\b([a-z]+\d*)\[\]", shape))
+
+
 def test_large_models_fsdp_step_syncs_the_local_shard():
-  ns = run_block("large_models.md", 0)
+  ns = run_block("docs/large_models.md", 0)
   report = ns["report"]
   # A sync all-reduces each device's 16 x 8 shard across the 2 replicas, and
-  # the 4 devices of a replica agree that it was finite (one int32).
-  across = [c for c in report.collectives if not c.every_step and c.workers == 2]
-  inside = [c for c in report.collectives if not c.every_step and c.workers == 4]
-  assert [(c.kind, c.nbytes) for c in across] == [("all-reduce", 16 * 8 * 4)]
-  assert [(c.kind, c.nbytes) for c in inside] == [("all-reduce", 4)]
+  # the 4 devices of a replica agree that it was finite (an int32 all-reduce).
+  # Everything else a sync moves is such scalar flags, as the page says.
+  sync = [c for c in report.collectives if not c.every_step]
+  assert [(c.kind, c.workers) for c in sync if "f32[16,8]" in c.shape] == [("all-reduce", 2)]
+  assert ("all-reduce", 4, "s32[]") in [(c.kind, c.nbytes, c.shape) for c in sync]
+  assert report.sync_bytes == 16 * 8 * 4 + sum(scalar_bytes(c.shape) for c in sync)
   center = ns["optax_dist"].center_params(ns["state"])["w"]
   assert center.sharding.spec == ns["P"]("replica", "fsdp")
   np.testing.assert_array_equal(center[0], center[1])  # The replicas share the center.
+  assert printed("docs/large_models.md", 0) == f"P('replica', 'fsdp') {report.sync_bytes}\n"
 
 
 def test_large_models_gspmd_path():
-  ns = run_block("large_models.md", 1)
+  ns = run_block("docs/large_models.md", 1)
   report = ns["report"]
-  # Nothing on local steps; per sync the 16 params of each replica, and a
-  # flag the partitioner adds (one byte).
+  # Nothing on local steps; per sync the 16 params of each replica, and
+  # scalar flags (the partitioner's predicate, the finite check).
   assert report.every_step_bytes == 0
-  assert [c.nbytes for c in report.collectives if c.nbytes > 4] == [16 * 4]
-  assert report.sync_bytes <= 16 * 4 + 4
+  sync = [c for c in report.collectives if not c.every_step]
+  assert [c.kind for c in sync if "f32[16]" in c.shape] == ["all-reduce"]
+  assert report.sync_bytes == 16 * 4 + sum(scalar_bytes(c.shape) for c in sync)
   assert ns["params"].sharding.spec == ns["P"]("replica")
+  assert printed("docs/large_models.md", 1) == f"0 {report.sync_bytes}\n"
 
 
-def test_migration_elastic_average_translation_trains(capsys):
-  ns = run_block("migration.md", 0)
+def test_large_models_resize_restores_8_workers_as_4():
+  ns = run_block("docs/large_models.md", 2)
+  params, opt_state = ns["params"], ns["opt_state"]
+  four = set(jax.devices()[:4])
+  for leaf in jax.tree.leaves((params, opt_state)):
+    assert leaf.shape[0] == 4 and leaf.sharding.device_set == four
+    assert leaf.sharding.spec == ns["P"]("batch")
+  # Every worker restarts at the center (the ones it was saved with).
+  np.testing.assert_array_equal(params["w"], np.ones((4, 16, 4)))
+  np.testing.assert_array_equal(optax_dist.center_params(opt_state)["w"], np.ones((4, 16, 4)))
+  assert optax_dist.call_count(opt_state) == 0
+
+
+TUTORIAL = "docs/tutorial.md"
+
+
+def tutorial(code):
+  """The tutorial's namespace after its one block that holds ``code``, and what it printed."""
+  found = [i for i, block in enumerate(runnable_blocks(TUTORIAL)) if code in block.code]
+  assert len(found) == 1, f"{code!r} is in the tutorial's blocks {found}"
+  run = run_page(TUTORIAL)[found[0]]
+  return run.namespace, run.out
+
+
+def test_tutorial_model_is_nnx_and_the_state_per_worker():
+  from flax import nnx
+
+  ns, _ = tutorial("optax_dist.per_worker(")
+  assert isinstance(ns["params"], nnx.State)
+  for leaf in jax.tree.leaves((ns["params"], ns["opt_state"])):
+    assert leaf.shape[0] == 8 and leaf.sharding.spec == ns["P"]("workers")
+  tx_code = next(b.code for b in runnable_blocks(TUTORIAL) if "tx = optax_dist.diloco(" in b.code)
+  for option in ("sync_warmup=2", "fragments=2", "comm_dtype=jnp.int8"):
+    assert option in tx_code
+
+
+def test_tutorial_logs_the_bytes_the_report_counts():
+  ns, _ = tutorial("report = ")
+  size = sum(leaf[0].size for leaf in jax.tree.leaves(ns["params"]))
+  assert size == 2 * (64 * 64 + 64) + 64 + 1
+  # The loss's all-reduce every call; the warm-up's all-reduce of the float32
+  # gradients and one scalar; the int8 ring of each fragment (an all_to_all
+  # and an all_gather), both fragments padded to the same 8 x 3 blocks.
+  assert ns["report"].every_step_wire_bytes == 2 * 7 / 8 * 4
+  assert ns["warmup_bytes"] == 2 * 7 / 8 * 4 * (size + 1)
+  ring = [c for c in ns["report"].collectives if c.loop in ns["ring"]]
+  assert sorted({c.kind for c in ring}) == ["all-gather", "all-to-all"]
+  assert len(ns["ring"]) == 2
+  fragment = ns["fragment_bytes"]
+  assert [ns["branches"][loop] for loop in ns["ring"]] == [fragment, fragment]
+  assert fragment < 0.4 * 2 * 7 / 8 * 4 * 4224  # A float32 ring all-reduce of a fragment.
+
+  log = tutorial("for count in range(12):")[1] + tutorial("largest difference")[1]
+  lines = re.findall(r"call +(\d+) +loss ([\d.]+) +sent +([\d.]+) kB", log)
+  assert [int(call) for call, _, _ in lines] == [1, 4, 8, 12, 16, 20]
+  losses = [float(loss) for _, loss, _ in lines]
+  assert losses[-1] < 0.5 * losses[0], losses
+  # Call 20: 20 calls, 2 warm-up calls, fragment syncs on calls 6, 10, 14, 18.
+  final = 20 * ns["report"].every_step_wire_bytes + 2 * ns["warmup_bytes"] + 4 * fragment
+  assert float(lines[-1][2]) == pytest.approx(final / 1e3, abs=0.05)
+  assert "global_step: 2" in tutorial("for count in range(12):")[1]
+
+
+def test_tutorial_eval_step_evaluates_the_center():
+  ns, out = tutorial("for count in range(12):")
+  center = jax.tree.map(lambda c: c[0], optax_dist.center_params(ns["opt_state"]))
+  batch = ns["batches"][0]
+  expected = float(ns["loss_fn"](center, batch))
+  got = float(ns["eval_step"](ns["params"], ns["opt_state"], batch)["loss"])
+  assert got == pytest.approx(expected, rel=1e-5)
+  assert f"eval loss of the center: {got}" in out
+
+
+def test_tutorial_resumes_bit_for_bit_from_the_call_count():
+  restored, _ = tutorial("checkpointer.restore(")
+  assert optax_dist.call_count(restored["opt_state"]) == 12  # Mid-period.
+  for leaf in jax.tree.leaves((restored["params"], restored["opt_state"])):
+    assert leaf.shape[0] == 8 and leaf.sharding.spec == restored["P"]("workers")
+  ns, out = tutorial("largest difference")
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    (ns["params"], ns["opt_state"]),
+    (ns["expected_params"], ns["expected_state"]),
+  )
+  assert "largest difference: 0.0\n" in out
+  # global_step counts fragment syncs: calls 6, 10, 14 and 18.
+  np.testing.assert_array_equal(optax_dist.global_step(ns["opt_state"]), [4] * 8)
+
+
+def test_tutorial_resizes_to_4_workers_on_a_new_mesh():
+  ns, _ = tutorial("resize_workers(")
+  four = set(jax.devices()[:4])
+  for leaf in jax.tree.leaves((ns["params"], ns["opt_state"])):
+    assert leaf.shape[0] == 4 and leaf.sharding.device_set == four
+  assert optax_dist.call_count(ns["opt_state"]) == 24
+  np.testing.assert_array_equal(optax_dist.global_step(ns["opt_state"]), [5] * 4)  # Call 22.
+
+
+def test_tutorial_swaps_in_every_optimizer():
+  ns, _ = tutorial("others = {")
+  names = [
+    n for n in optax_dist.__all__ if n in ("tower", "elastic_average", "agn", "model_average")
+  ]
+  assert sorted(ns["others"]) == sorted(names)
+  for name, tx in ns["others"].items():
+    assert isinstance(tx, optax.GradientTransformationExtraArgs), name
+
+
+def markdown_anchors(page):
+  """The anchors of a page's headings, as MyST writes them (``myst_heading_anchors``)."""
+  headings = re.findall(r"^#{1,3} (.+)$", (DOCS / page).read_text(), re.M)
+  return {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in headings}
+
+
+def test_landing_page_optimizer_table_links_each_row_to_its_page_and_the_tutorial():
+  text = (DOCS / "index.md").read_text()
+  rows = re.findall(r"^\| \[`(\w+)`\]\(([^)]+)\) \|.*\| \[[^]]+\]\(([^)]+)\) \|$", text, re.M)
+  assert [name for name, _, _ in rows] == [
+    "tower",
+    "elastic_average",
+    "agn",
+    "model_average",
+    "diloco",
+  ]
+  anchors = markdown_anchors("tutorial.md")
+  for name, page, tutorial_link in rows:
+    assert page == f"algorithms/{name}.md" and (DOCS / page).is_file()
+    target, anchor = tutorial_link.split("#")
+    assert target == "tutorial.md" and anchor in anchors, tutorial_link
+  assert rows[-1][2] == "tutorial.md#the-optimizer"  # DiLoCo is the one it trains.
+  code = next(b.code for b in runnable_blocks(TUTORIAL) if "others = {" in b.code)
+  assert all(f'"{name}": optax_dist.{name}(' in code for name, _, _ in rows[:-1])
+
+
+def test_the_readme_and_the_landing_page_link_the_tutorial():
+  assert "(docs/tutorial.md)" in (ROOT / "README.md").read_text()
+  index = (DOCS / "index.md").read_text()
+  assert "[Train a Flax model with DiLoCo](tutorial.md)" in index
+  toctree = re.search(r"^```\{toctree\}\n(.*?)^```", index, re.S | re.M).group(1)
+  assert "\ntutorial\n" in toctree
+
+
+def test_migration_elastic_average_translation_trains():
+  ns = run_block("docs/migration.md", 0)
   losses = ns["losses"]
   assert losses[-1] < losses[0] / 100, (losses[0], losses[-1])
   assert int(ns["syncs"]) == 25  # 100 calls, a sync every 4.
@@ -183,11 +474,11 @@ def test_migration_elastic_average_translation_trains(capsys):
   centers = ns["opt_state"].center["w"]
   np.testing.assert_array_equal(centers, np.broadcast_to(centers[:1], centers.shape))
   np.testing.assert_array_equal(ns["center"]["w"], centers[0])
-  assert "25 syncs" in capsys.readouterr().out
+  assert "25 syncs" in printed("docs/migration.md", 0)
 
 
 def test_migration_tower_translation_trains():
-  ns = run_block("migration.md", 1)
+  ns = run_block("docs/migration.md", 1)
   batch = (ns["features"], ns["labels"])
   first_loss = float(ns["loss_fn"]({"w": np.zeros((16, 1), np.float32)}, batch))
   assert float(ns["metrics"]["loss"]) < first_loss / 1000, (first_loss, ns["metrics"])
