@@ -2,23 +2,28 @@
 
 Each function takes the initial params x0 (D,) and the gradients (T, N, D)
 and returns, after every step, the workers' params (N, D) and the center (D,).
-The inner optimizer is plain SGD or Adam, written out here too.
+The inner optimizer is plain SGD, SGD with momentum or Adam, written out here too.
 """
 
 import numpy as np
 
 
 class Inner:
-  """SGD (``"sgd"``) or Adam (``"adam"``) on one array, with its own step count."""
+  """SGD (``"sgd"``), SGD with momentum 0.5 (``"momentum"``, optax's trace:
+  ``m <- g + 0.5 m``) or Adam (``"adam"``) on one array, with its own state."""
 
-  def __init__(self, kind, shape, lr=0.1, b1=0.9, b2=0.99, eps=1e-8):
+  def __init__(self, kind, shape, lr=0.1, b1=0.9, b2=0.99, eps=1e-8, momentum=0.5):
     self.kind, self.lr, self.b1, self.b2, self.eps = kind, lr, b1, b2, eps
+    self.momentum = momentum
     self.mu, self.nu, self.t = np.zeros(shape), np.zeros(shape), 0
 
   def __call__(self, g):
     """The update (to add to the params) for gradient g."""
     if self.kind == "sgd":
       return -self.lr * g
+    if self.kind == "momentum":
+      self.mu = g + self.momentum * self.mu
+      return -self.lr * self.mu
     self.t += 1
     self.mu = self.b1 * self.mu + (1 - self.b1) * g
     self.nu = self.b2 * self.nu + (1 - self.b2) * g**2
@@ -47,6 +52,33 @@ def agn(x0, grads, *, n, p, ordering, inner, center_reduction="sum"):
           c = c + center_opt(normalized[k])
           x[k] = c
       acc[:] = 0
+    out.append((x.copy(), c.copy()))
+  return out
+
+
+def elastic(x0, grads, *, n, p, inner, alpha=None, rho=0.0, ordering="simultaneous"):
+  """Elastic averaging (DESIGN section 3); ``alpha=None``: the default 0.9 / p / N."""
+  alpha = 0.9 / p / n if alpha is None else alpha
+  x = np.repeat(np.asarray(x0, np.float64)[None], n, axis=0)
+  c = np.asarray(x0, np.float64).copy()
+  snap = np.repeat(c[None], n, axis=0)
+  local = [Inner(inner, c.shape) for _ in range(n)]
+  out = []
+  for t, g in enumerate(np.asarray(grads, np.float64), start=1):
+    g = g + rho * (x - snap)
+    x = x + np.stack([local[k](g[k]) for k in range(n)])
+    if t % p == 0:
+      if ordering == "simultaneous":
+        snap = np.repeat(c[None], n, axis=0)
+        d = x - snap
+        x = x - alpha * d
+        c = c + alpha * d.sum(0)
+      else:
+        for k in range(n):
+          snap[k] = c
+          d = x[k] - c
+          x[k] = x[k] - alpha * d
+          c = c + alpha * d
     out.append((x.copy(), c.copy()))
   return out
 

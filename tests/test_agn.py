@@ -81,33 +81,6 @@ def test_gold_two_workers_round_robin(mode):
   np.testing.assert_array_equal(optax_dist.global_step(traj.state), [3, 3])
 
 
-# Every mode and worker count meets both orderings and both inner optimizers.
-NUMPY_GRID = [
-  (mode, n, ordering, "adam" if (n in (2, 8)) == (ordering == "simultaneous") else "sgd")
-  for mode in MODES
-  for n in (1, 2, 4, 8)
-  for ordering in ("simultaneous", "round_robin")
-]
-
-
-@pytest.mark.parametrize(("mode", "n", "ordering", "inner"), NUMPY_GRID)
-def test_matches_numpy_reference(mode, n, ordering, inner):
-  rng = np.random.default_rng(200 + n)
-  p, steps = 2, 6
-  x0 = rng.normal(size=5).astype(np.float32)
-  grads = rng.normal(size=(steps, n, 5)).astype(np.float32)
-  inner_tx = optax.sgd(0.1) if inner == "sgd" else optax.adam(0.1, b2=0.99)
-  tx = optax_dist.agn(inner_tx, axis_name=AXIS, communication_period=p, ordering=ordering)
-  traj = run_transform(tx, stack(x0, n), list(grads), mode=mode)
-  expected = numpy_reference.agn(x0, grads, n=n, p=p, ordering=ordering, inner=inner)
-  for t, (x, _) in enumerate(expected):
-    np.testing.assert_allclose(traj.params[t], x, rtol=2e-6, atol=2e-6, err_msg=f"step {t + 1}")
-  np.testing.assert_allclose(
-    optax_dist.center_params(traj.state), np.repeat(expected[-1][1][None], n, 0), atol=2e-6
-  )
-  np.testing.assert_array_equal(optax_dist.global_step(traj.state), [steps // p] * n)
-
-
 @pytest.mark.parametrize("ordering", ["simultaneous", "round_robin"])
 def test_center_reduction_mean_scales_the_commits_by_one_over_n(ordering):
   rng = np.random.default_rng(7)

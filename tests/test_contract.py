@@ -12,6 +12,7 @@ tests/numpy_reference.py). A new transform joins the suite by adding a
 """
 
 from collections.abc import Callable
+import functools
 import inspect
 import itertools
 from typing import Any
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 import chex
 from harness import AXIS
+from harness import MODES
 from harness import map_workers
 from harness import run_transform
 from harness import stack
@@ -38,7 +40,15 @@ class Case(NamedTuple):
   kwargs: dict[str, Any]  # Static arguments (strings, periods).
   numeric: dict[str, Any]  # Numeric hyperparameters, injectable by optax.inject_hyperparams.
   bad: tuple = ()  # (kwargs, error type, message pattern) rejected at construction.
-  schedule: dict[str, int] | None = None  # Periodic: period, warmup, fragments.
+  # Periodic: the flag of each of the calls 1 to 9 (gold, DESIGN section 10.1),
+  # and the leaves of each fragment when there are several.
+  flags: tuple | None = None
+  fragments: tuple[tuple[str, ...], ...] = (("b", "v", "w"),)
+  # Periodic: the equations in float64 NumPy (tests/numpy_reference.py),
+  # reference(x0, grads, n=, inner=) with the case's own settings, and the
+  # worker counts it is checked with.
+  reference: Callable | None = None
+  reference_workers: tuple[int, ...] = (1, 2, 4, 8)
 
   def make(self, inner=None, **overrides):
     inner = optax.sgd(0.1, momentum=0.5) if inner is None else inner
@@ -54,6 +64,8 @@ def period_errors(name):
     ({"sync_warmup": 1.5}, TypeError, "sync_warmup.*Python int"),
   )
 
+
+EVERY_2ND = (False, True) * 4 + (False,)
 
 ORDERING_ERROR = ({"ordering": "sequential"}, ValueError, "ordering.*'simultaneous', 'round_robin'")
 
@@ -77,6 +89,7 @@ CASES = [
     optax_dist.elastic_average,
     {"communication_period": 2, "ordering": "simultaneous"},
     {"moving_rate": 0.3, "rho": 0.05},
+    reference=functools.partial(numpy_reference.elastic, p=2, alpha=0.3, rho=0.05),
     bad=(
       *period_errors("communication_period"),
       ({"moving_rate": 0.0}, ValueError, r"moving_rate.*\(0, 1\]"),
@@ -84,70 +97,90 @@ CASES = [
       ({"rho": -0.1}, ValueError, "rho.*>= 0"),
       ORDERING_ERROR,
     ),
-    schedule={"period": 2},
+    flags=EVERY_2ND,
   ),
   Case(
     "elastic_default_rho",  # rho = 0: the state keeps no snapshot.
     optax_dist.elastic_average,
     {"communication_period": 3, "sync_warmup": 1},
     {"moving_rate": 0.3},
-    schedule={"period": 3, "warmup": 1},
+    flags=("warmup", False, False, True, False, False, True, False, False),
   ),
   Case(
-    "elastic_round_robin",
+    "elastic_round_robin",  # The default moving rate, 0.9 / period / N.
     optax_dist.elastic_average,
     {"communication_period": 2, "ordering": "round_robin"},
-    {"moving_rate": 0.3, "rho": 0.05},
-    schedule={"period": 2},
+    {"rho": 0.05},
+    reference=functools.partial(numpy_reference.elastic, p=2, rho=0.05, ordering="round_robin"),
+    flags=EVERY_2ND,
   ),
   Case(
     "agn_simultaneous",
     optax_dist.agn,
     {"communication_period": 2},
     {},
+    reference=functools.partial(numpy_reference.agn, p=2, ordering="simultaneous"),
     bad=(
       *period_errors("communication_period"),
       ORDERING_ERROR,
       ({"center_reduction": "max"}, ValueError, "center_reduction.*'sum', 'mean'"),
     ),
-    schedule={"period": 2},
+    flags=EVERY_2ND,
   ),
   Case(
     "agn_round_robin_mean",
     optax_dist.agn,
     {"communication_period": 2, "ordering": "round_robin", "center_reduction": "mean"},
     {},
-    schedule={"period": 2},
+    reference=functools.partial(
+      numpy_reference.agn, p=2, ordering="round_robin", center_reduction="mean"
+    ),
+    flags=EVERY_2ND,
   ),
   Case(
     "model_average",
     optax_dist.model_average,
     {"interval_steps": 2},
     {},
+    reference=functools.partial(numpy_reference.model_average, p=2),
     bad=(
       *period_errors("interval_steps"),
       ({"interval_steps": None}, TypeError, "interval_steps.*int"),
     ),
-    schedule={"period": 2},
+    flags=EVERY_2ND,
   ),
   Case(
     "model_average_streaming_int8",
     optax_dist.model_average,
     {"interval_steps": 4, "fragments": 2, "comm_dtype": jnp.int8, "error_feedback": True},
     {},
-    schedule={"period": 4, "fragments": 2},
+    flags=(False, 0, False, 1, False, 0, False, 1, False),
+    fragments=(("b", "v"), ("w",)),
   ),
   Case(
-    "diloco",
+    "diloco",  # The default outer optimizer: Nesterov SGD(0.7, 0.9).
     optax_dist.diloco,
     {"sync_period": 2},
     {},
+    reference=functools.partial(numpy_reference.diloco, p=2),
     bad=(
       *period_errors("sync_period"),
       ({"outer": 0.7}, TypeError, "outer.*GradientTransformation"),
       ({"sync_period": 3, "fragments": 2}, ValueError, r"sync_period` \(3\) must be a multiple"),
     ),
-    schedule={"period": 2},
+    flags=EVERY_2ND,
+  ),
+  Case(
+    "diloco_warmup_fragments",  # Leaves of 12, 16 and 24 bytes: one fragment each.
+    optax_dist.diloco,
+    {"sync_period": 6, "fragments": 3, "sync_warmup": 2},
+    {},
+    flags=("warmup", "warmup", False, 0, False, 1, False, 2, False),
+    fragments=(("b",), ("v",), ("w",)),
+    reference=functools.partial(
+      numpy_reference.diloco, p=6, warmup=2, labels=np.repeat([0, 1, 2], [3, 4, 6])
+    ),
+    reference_workers=(2, 4),
   ),
   Case("diloco_bf16_comm", optax_dist.diloco, {"sync_period": 2, "comm_dtype": jnp.bfloat16}, {}),
   Case(
@@ -161,7 +194,7 @@ CASES = [
     ),
   ),
 ]
-PERIODIC = [case for case in CASES if case.schedule]
+PERIODIC = [case for case in CASES if case.flags]
 NEEDS_PARAMS = {
   "elastic_average": "elastic_average",
   "agn": "agn",
@@ -173,10 +206,10 @@ N = 2  # Workers, simulated with vmap unless a check says otherwise.
 STEPS = 4
 
 
-def params_and_grads(dtype=jnp.float32, steps=STEPS, seed=0):
+def params_and_grads(dtype=jnp.float32, steps=STEPS, seed=0, n=N):
   rng = np.random.default_rng(seed)
   params = {"b": rng.normal(size=(3,)), "v": rng.normal(size=(4,)), "w": rng.normal(size=(2, 3))}
-  params = stack(jax.tree.map(lambda x: jnp.asarray(x, dtype), params), N)
+  params = stack(jax.tree.map(lambda x: jnp.asarray(x, dtype), params), n)
   grads = [
     jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), dtype), params)
     for _ in range(steps)
@@ -377,34 +410,80 @@ def test_an_unbound_axis_is_named(case):
     jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
 
 
+def syncs(case, steps):
+  """Syncs in the first ``steps`` calls (global_step): one per fragment synced."""
+  return sum(
+    len(case.fragments) if f is True else 1 if type(f) is int else 0 for f in case.flags[:steps]
+  )
+
+
 @pytest.mark.parametrize("case", PERIODIC, ids=lambda c: c.name)
-@pytest.mark.parametrize("flags", [False, True], ids=["in_graph", "static"])
-def test_syncs_on_the_calls_of_the_schedule(case, flags):
-  # Which calls sync is read from what a sync does, the center moving (and
-  # following the params during a warm-up), and compared with the schedule
-  # of DESIGN section 10.1, written out in tests/numpy_reference.py.
-  steps = 9
+@pytest.mark.parametrize("static", [False, True], ids=["in_graph", "static"])
+def test_syncs_on_the_calls_of_the_schedule(case, static):
+  # The schedule gives the case's gold flags, and the calls do what they say,
+  # read from what a sync does: the center moves on the leaves of the synced
+  # fragment (all of them for True), and follows the params during a
+  # warm-up; it stays put on the other calls and leaves.
+  steps = len(case.flags)
   params, grads = params_and_grads(steps=steps, seed=3)
   tx = case.make()
   schedule = optax_dist.sync_schedule(tx.init(jax.tree.map(lambda x: x[0], params)))
-  run = run_transform(
-    tx,
-    params,
-    grads,
-    mode="vmap",
-    flags=[schedule(t) for t in range(steps)] if flags else None,
-  )
-  expected = [numpy_reference.schedule_flag(t, **case.schedule) for t in range(1, steps + 1)]
-  assert [schedule(t - 1) for t in range(1, steps + 1)] == expected
+  assert [schedule(t) for t in range(steps)] == list(case.flags)
+  run = run_transform(tx, params, grads, mode="vmap", flags=list(case.flags) if static else None)
   init_state = map_workers(tx.init, N, "vmap")(params)
   centers = [optax_dist.center_params(s) for s in [init_state, *run.states]]
   moved = [
-    not all(
-      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(c0), jax.tree.leaves(c1), strict=True)
-    )
-    for c0, c1 in itertools.pairwise(centers)
+    {k for k in c1 if not np.array_equal(c0[k], c1[k])} for c0, c1 in itertools.pairwise(centers)
   ]
-  assert moved == [flag is not False for flag in expected], (moved, expected)
+  every = set(params)
+  expected = [
+    set() if f is False else every if f is True or f == "warmup" else set(case.fragments[f])
+    for f in case.flags
+  ]
+  assert moved == expected, (moved, expected)
+  np.testing.assert_array_equal(optax_dist.global_step(run.state), [syncs(case, steps)] * N)
+  assert optax_dist.call_count(run.state) == steps
+
+
+def flat(tree):
+  """(N, D): each worker's leaves, flattened and concatenated (b, v, w)."""
+  return np.concatenate([np.reshape(x, (np.shape(x)[0], -1)) for x in jax.tree.leaves(tree)], 1)
+
+
+REFERENCE = [
+  (case, mode, n)
+  for case in CASES
+  if case.reference
+  for mode in MODES
+  for n in case.reference_workers
+]
+
+
+@pytest.mark.parametrize(
+  ("case", "mode", "n"), REFERENCE, ids=[f"{c.name}-{m}-{n}" for c, m, n in REFERENCE]
+)
+def test_matches_numpy_reference(case, mode, n):
+  # Every step's params of every worker and the final center, against the
+  # equations in float64; the inner optimizer is Adam for half of the worker
+  # counts and the case's momentum SGD for the others, so that every mode
+  # meets both.
+  inner = "adam" if (n in (2, 8)) == (CASES.index(case) % 2 == 0) else "momentum"
+  inner_tx = optax.adam(0.1, b2=0.99) if inner == "adam" else optax.sgd(0.1, momentum=0.5)
+  steps = 8
+  params, grads = params_and_grads(steps=steps, seed=100 + n, n=n)
+  traj = run_transform(case.make(inner_tx), params, grads, mode=mode)
+  expected = case.reference(flat(params)[0], np.stack([flat(g) for g in grads]), n=n, inner=inner)
+  for t, (x, _) in enumerate(expected):
+    np.testing.assert_allclose(
+      flat(traj.params[t]), x, rtol=2e-6, atol=2e-6, err_msg=f"call {t + 1}"
+    )
+  np.testing.assert_allclose(
+    flat(optax_dist.center_params(traj.state)),
+    np.repeat(expected[-1][1][None], n, 0),
+    rtol=2e-6,
+    atol=2e-6,
+  )
+  np.testing.assert_array_equal(optax_dist.global_step(traj.state), [syncs(case, steps)] * n)
 
 
 @pytest.mark.parametrize("case", PERIODIC, ids=lambda c: c.name)

@@ -7,7 +7,6 @@ from harness import stack
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy_reference
 import optax
 import pytest
 
@@ -34,27 +33,6 @@ def test_gold_center_before_the_first_average():
   g = np.array([[-1.0, -1.0], [-2.0, -2.0]], np.float32)
   traj = run_transform(tx, stack(np.array([0.0, 1.0], np.float32), 2), [g], mode="vmap")
   np.testing.assert_array_equal(optax_dist.center_params(traj.state)[0], [0.0, 1.0])
-
-
-NUMPY_GRID = [(mode, n, "adam" if n in (2, 8) else "sgd") for mode in MODES for n in (1, 2, 4, 8)]
-
-
-@pytest.mark.parametrize(("mode", "n", "inner"), NUMPY_GRID)
-def test_matches_numpy_reference(mode, n, inner):
-  rng = np.random.default_rng(300 + n)
-  p, steps = 3, 7
-  x0 = rng.normal(size=5).astype(np.float32)
-  grads = rng.normal(size=(steps, n, 5)).astype(np.float32)
-  inner_tx = optax.sgd(0.1) if inner == "sgd" else optax.adam(0.1, b2=0.99)
-  tx = optax_dist.model_average(inner_tx, axis_name=AXIS, interval_steps=p)
-  traj = run_transform(tx, stack(x0, n), list(grads), mode=mode)
-  expected = numpy_reference.model_average(x0, grads, n=n, p=p, inner=inner)
-  for t, (x, _) in enumerate(expected):
-    np.testing.assert_allclose(traj.params[t], x, rtol=2e-6, atol=2e-6, err_msg=f"step {t + 1}")
-  np.testing.assert_allclose(
-    optax_dist.center_params(traj.state), np.repeat(expected[-1][1][None], n, 0), atol=2e-6
-  )
-  np.testing.assert_array_equal(optax_dist.global_step(traj.state), [steps // p] * n)
 
 
 def test_inner_states_stay_per_worker():
