@@ -1,166 +1,426 @@
-"""Language-model study: validation loss per byte sent, sync against the periodic algorithms.
+"""Language-model study after the DiLoCo scaling laws: the gap to data parallelism for each M.
 
-The byte-level transformer of ``examples/train_lm.py`` (its model, corpus and
-training loop, imported from it), trained on the Python standard library's
-source by 8 simulated workers, AdamW inside every algorithm:
+Charles et al., "Scaling Laws for DiLoCo" (arXiv 2503.09799) compare DiLoCo
+with data parallelism (DP) at equal steps and an equal global batch, over many
+outer steps, with the outer step tuned per configuration. This study does the
+same with the byte-level transformer of ``examples/train_lm.py`` (its model,
+corpus, batches, AdamW schedule and optimizers, imported from it):
 
-* ``sync``: ``tower``, the gradients all-reduced every step;
-* ``diloco``, ``model_average`` and ``easgd`` at periods H = 8, 32 and 128;
-* DiLoCo at H = 32 streamed (``fragments=4``), with its pseudo-gradient in
-  int8 (error feedback on), both at once, and with a synchronous warm-up over
-  the first fifth of the steps (post-local SGD).
+* every run takes ``STEPS`` steps (at least 100 outer steps at H = 32), with
+  the same global batch; AdamW's learning rate warms up over 5% of the steps
+  and decays along a cosine over the whole run, never reset by a sync;
+* rows (:data:`ROWS`): DP; DiLoCo with M = 1, 2, 4, 8 workers at H = 32;
+  M = 8 at H = 8 and 128; model averaging at M = 8, H = 32; M = 8, H = 32
+  after a synchronous warm-up (``sync_warmup``) of 3%, 5% and 10% of the
+  steps; streaming DiLoCo (F = 4 fragments) with an int8 pseudo-gradient;
+* tuning, the same budget for every DiLoCo row, on seed 0: the outer
+  learning rate in ``OUTER_LRS`` at Nesterov momentum 0.9, and the inner
+  (AdamW) learning rate as a fraction ``INNER_FRACTIONS`` of DP's tuned one;
+  DP tunes its learning rate over ``DP_LRS``, model averaging the fractions.
+  The trial with the lowest final validation loss is then run with the seeds
+  ``SEEDS[1:]`` (3 seeds in all).
 
-Tuning, the same budget for every configuration: 3 trials on seed 0, the one
-with the lowest final validation loss chosen, then run with 2 more seeds
-(3 in all). ``sync`` and ``model_average`` try 3 peak learning rates; DiLoCo
-tries 3 outer Nesterov settings (learning rate, momentum); ``easgd`` tries 3
-moving rates. Everything else is the example's defaults (the same model, data,
-batch and learning-rate schedule for every run).
+The rows of future features (a delayed sync, int4 or sparse pseudo-gradients)
+are one :class:`Row` each in :data:`ROWS`, once ``train_lm.Config`` has their
+options.
 
-Bytes are what one worker sends on the wire (ring convention), read from the
-compiled step by ``optax_dist.communication_report``.
+How it runs fast on 2 CPU cores: a row's trials are one compiled program. The
+M workers are an axis of ``jax.vmap(axis_name=...)`` (the transforms run
+unchanged; a collective becomes a local reduction), the trials another
+``jax.vmap``, and the steps between two evaluations a ``lax.scan``. A worker
+computes its gradient on its share of the global batch, ``batch_size / M``
+windows, as the ``8 / M`` devices of a group of ``train_lm.py --workers M``
+do together. The bytes one worker sends are read from the compiled 8-device
+step of ``train_lm.py`` (``optax_dist.communication_report``), the same
+accounting as the example's. ``tests/test_lm_example.py`` checks that this
+program and the example's 8-device training give the same losses.
 
-    python benchmarks/lm.py          # about 50 minutes on 2 cores
-    python benchmarks/lm.py --quick  # a smoke run: 2 configurations, 1 trial, 40 steps
+Results are written to ``benchmarks/results/lm.json`` after every program, and
+a restarted study resumes from it.
+
+    python benchmarks/lm.py          # the study (its measured time is in BENCHMARKS.md)
+    python benchmarks/lm.py --quick  # a smoke run: a tiny model, few steps, few trials
+    python benchmarks/lm.py --replot # the table and the plot from the saved JSON
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
+import jax  # noqa: E402
+from jax import lax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import train_lm  # noqa: E402  (sets the simulated devices before JAX starts)
 
-STEPS = 400
+import optax_dist  # noqa: E402
+
+STEPS = 3200
 SEEDS = (0, 1, 2)
-PERIODS = (8, 32, 128)
-SYNC_LRS = (2e-3, 3e-3, 5e-3)
-OUTER = ((0.7, 0.9), (0.7, 0.5), (1.0, 0.5))  # DiLoCo's (learning rate, momentum).
-N = train_lm.NUM_DEVICES
+EVAL_EVERY = 160
+# The model: small, so that the study fits in its time on two cores.
+MODEL = {"width": 32, "depth": 2, "heads": 4, "context": 32, "batch_size": 32}
+DP_LRS = (2e-3, 3e-3, 5e-3, 8e-3)
+OUTER_LRS = (0.4, 0.6, 0.8, 1.0)
+OUTER_MOMENTUM = 0.9
+INNER_FRACTIONS = (1.0, 0.5)
+# The paper's gap to DP (their Table 4), in percent, for M = 1, 2, 4, 8.
+PAPER = {"35M": (-0.1, 0.7, 2.0, 3.9), "2.4B": (-0.4, -0.1, 0.3, 1.1)}
 
 
-def configurations(steps):
-  """name -> (base Config fields, the 3 trials' fields)."""
-  moving_rates = lambda p: (0.9 / p / N, 0.3 / N, 0.9 / N)  # noqa: E731
-  diloco_trials = [{"outer_learning_rate": lr, "outer_momentum": m} for lr, m in OUTER]
-  out = {"sync": ({"algorithm": "sync"}, [{"learning_rate": lr} for lr in SYNC_LRS])}
-  for p in PERIODS:
-    out[f"diloco H={p}"] = ({"algorithm": "diloco", "period": p}, diloco_trials)
-    out[f"model_average H={p}"] = (
-      {"algorithm": "model_average", "period": p},
-      [{"learning_rate": lr} for lr in SYNC_LRS],
-    )
-    out[f"easgd H={p}"] = (
-      {"algorithm": "easgd", "period": p},
-      [{"moving_rate": a} for a in moving_rates(p)],
-    )
-  diloco32 = {"algorithm": "diloco", "period": 32}
-  out["diloco H=32 F=4"] = ({**diloco32, "fragments": 4}, diloco_trials)
-  out["diloco H=32 int8"] = (
-    {**diloco32, "comm_dtype": "int8", "error_feedback": True},
-    diloco_trials,
-  )
-  out["diloco H=32 F=4 int8"] = (
-    {**diloco32, "fragments": 4, "comm_dtype": "int8", "error_feedback": True},
-    diloco_trials,
-  )
-  out["diloco H=32 warm-up"] = ({**diloco32, "warmup": steps // 5}, diloco_trials)
-  return out
+class Row(NamedTuple):
+  """One row of the study: its ``train_lm.Config`` fields and how it is tuned.
+
+  ``grid`` is ``"dp"`` (``DP_LRS``), ``"outer"`` (``OUTER_LRS`` x
+  ``INNER_FRACTIONS`` of DP's learning rate), ``"outer at M=8"`` (``OUTER_LRS``
+  at the inner fraction chosen for DiLoCo M=8 H=32: half the trials, for the
+  rows that vary it) or ``"inner"`` (the fractions only).
+  ``warmup_fraction`` sets ``sync_warmup`` to that fraction of the steps.
+  """
+
+  name: str
+  fields: dict
+  grid: str = "outer"
+  warmup_fraction: float = 0.0
 
 
-def run(base, trial, seed, steps):
-  config = train_lm.Config(**base, **trial, seed=seed, steps=steps)
-  result = train_lm.train(config)
+DILOCO = {"algorithm": "diloco", "outer_momentum": OUTER_MOMENTUM}
+AT_M8 = "outer at M=8"
+# In the order they run: the rows the targets need first.
+ROWS = (
+  Row("DP", {"algorithm": "sync"}, grid="dp"),
+  Row("DiLoCo M=8 H=32", {**DILOCO, "workers": 8, "period": 32}),
+  Row("DiLoCo M=1 H=32", {**DILOCO, "workers": 1, "period": 32}),
+  Row("DiLoCo M=2 H=32", {**DILOCO, "workers": 2, "period": 32}),
+  Row("DiLoCo M=4 H=32", {**DILOCO, "workers": 4, "period": 32}),
+  Row("DiLoCo M=8 H=32 warm-up 10%", {**DILOCO, "period": 32}, AT_M8, warmup_fraction=0.10),
+  Row("DiLoCo M=8 H=32 warm-up 3%", {**DILOCO, "period": 32}, AT_M8, warmup_fraction=0.03),
+  Row(
+    "Streaming F=4 int8 M=8 H=32",
+    {**DILOCO, "period": 32, "fragments": 4, "comm_dtype": "int8", "error_feedback": True},
+    AT_M8,
+  ),
+  Row("DiLoCo M=8 H=32 warm-up 5%", {**DILOCO, "period": 32}, AT_M8, warmup_fraction=0.05),
+  Row("DiLoCo M=8 H=8", {**DILOCO, "period": 8}, AT_M8),
+  Row("DiLoCo M=8 H=128", {**DILOCO, "period": 128}, AT_M8),
+  Row("Model averaging M=8 H=32", {"algorithm": "model_average", "period": 32}, grid="inner"),
+  # Later: Row("Delayed sync M=8 H=32", {**DILOCO, "period": 32, "delay": 1, "blend": 0.5}),
+  # and an int4 or sparse pseudo-gradient, once train_lm.Config has those options.
+)
+
+
+def row_config(row, steps, model):
+  warmup = round(row.warmup_fraction * steps)
+  return train_lm.Config(**{**model, **row.fields}, steps=steps, warmup=warmup)
+
+
+def trials(row, dp_lr, m8_fraction=None):
+  """The row's tuning grid: a list of ``{"learning_rate", "outer_learning_rate"}``."""
+  if row.grid == AT_M8:
+    if m8_fraction is None:
+      raise RuntimeError("DiLoCo M=8 H=32 must be tuned before the rows that use its choice")
+    return [{"learning_rate": m8_fraction * dp_lr, "outer_learning_rate": lr} for lr in OUTER_LRS]
+  if row.grid == "dp":
+    return [{"learning_rate": lr} for lr in DP_LRS]
+  if row.grid == "inner":
+    return [{"learning_rate": f * dp_lr} for f in INNER_FRACTIONS]
+  return [
+    {"learning_rate": f * dp_lr, "outer_learning_rate": lr}
+    for f in INNER_FRACTIONS
+    for lr in OUTER_LRS
+  ]
+
+
+# The simulation: one program for several runs of one configuration.
+
+
+def make_tx(config, hyper):
+  """The run's optimizer (the example's), with the learning rates in ``hyper`` (maybe traced)."""
+  return train_lm.make_optimizer(dataclasses.replace(config, **hyper), group_axis=None)
+
+
+def workers_axis(config):
+  """The vmapped axis of the workers and its size (sync: one model, the whole batch)."""
+  if config.algorithm == "sync":
+    return train_lm.AXIS, 1
+  return train_lm.worker_axes(config)[2], config.workers
+
+
+@functools.cache
+def corpus():
+  train_paths, val_paths = train_lm.corpus_files()
+  return train_lm.load_bytes(train_paths), train_lm.load_bytes(val_paths)
+
+
+def batches(config, seed, workers):
+  """Every step's global batch, as ``train_lm.train`` draws them: ``(steps, M, B / M, L + 1)``."""
+  sample = train_lm.sampler(corpus()[0], config, np.random.default_rng(seed))
+  out = np.stack([sample() for _ in range(config.steps)])
+  return out.reshape(config.steps, workers, config.batch_size // workers, config.context + 1)
+
+
+def simulate(config, hypers, seeds, eval_every):
+  """Trains one run per ``(hyper, seed)`` of ``config``, as one program; returns their curves.
+
+  Returns:
+    A list of dicts, one per run: ``"eval_steps"``, ``"val_loss"`` (of the
+    exported model: the center for a periodic transform), ``"final_val_loss"``
+    and ``"train_loss"`` (the workers' mean, at each evaluation's step).
+  """
+  axis, workers = workers_axis(config)
+  model = train_lm.Transformer(config.width, config.depth, config.heads, config.context)
+  loss = functools.partial(train_lm.loss_fn, model=model)
+  val_batch = train_lm.validation_windows(corpus()[1], config.eval_windows, config.context + 1)
+  periodic = config.algorithm != "sync"
+  keys = [k for k in hypers[0]]
+  values = {k: jnp.asarray([h[k] for h in hypers], jnp.float32) for k in keys}
+
+  init = jax.jit(model.init)
+  dummy = jnp.zeros((1, config.context), jnp.int32)
+  params, states = [], []
+  for hyper, seed in zip(hypers, seeds, strict=True):
+    p = init(jax.random.key(seed), dummy)["params"]
+    params.append(p)
+    states.append(make_tx(config, hyper).init(p))
+
+  def per_worker(trees):  # Stacked over the runs, then a copy for every worker.
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *trees)
+    return jax.tree.map(lambda x: jnp.repeat(x[:, None], workers, axis=1), stacked)
+
+  params, states = per_worker(params), per_worker(states)
+  data = np.stack([batches(config, seed, workers) for seed in seeds], axis=1)
+
+  def run_chunk(hyper, params, state, chunk):
+    def worker(params, state, batch):
+      value, grads = jax.value_and_grad(loss)(params, batch)
+      updates, state = make_tx(config, hyper).update(grads, state, params)
+      return optax.apply_updates(params, updates), state, value
+
+    def body(carry, batch):
+      params, state, values = jax.vmap(worker, axis_name=axis)(*carry, batch)
+      return (params, state), values.mean()
+
+    (params, state), losses = lax.scan(body, (params, state), chunk)
+    return params, state, losses
+
+  def evaluate_one(params, state):
+    exported = params
+    if periodic:
+      exported = optax.tree.cast_like(optax_dist.center_params(state, params), params)
+    return loss(exported, val_batch)
+
+  run_chunk = jax.jit(jax.vmap(run_chunk))
+  # The exported model is the same on every worker: evaluate the first's.
+  evaluate = jax.jit(jax.vmap(lambda p, s: evaluate_one(*jax.tree.map(lambda x: x[0], (p, s)))))
+
+  curves = {"eval_steps": [0], "val_loss": [np.asarray(evaluate(params, states))], "train": [[]]}
+  for start in range(0, config.steps, eval_every):
+    stop = min(start + eval_every, config.steps)
+    chunk = jnp.asarray(np.moveaxis(data[start:stop], 0, 1))  # (runs, steps, M, B / M, L + 1)
+    params, states, losses = jax.block_until_ready(run_chunk(values, params, states, chunk))
+    curves["eval_steps"].append(stop)
+    curves["val_loss"].append(np.asarray(evaluate(params, states)))
+    curves["train"].append(np.asarray(losses)[:, -1])
+  val = np.stack(curves["val_loss"], axis=1)
+  return [
+    {
+      "eval_steps": curves["eval_steps"],
+      "val_loss": val[i].tolist(),
+      "final_val_loss": float(val[i, -1]),
+      "train_loss": [float(t[i]) for t in curves["train"][1:]],
+    }
+    for i in range(len(hypers))
+  ]
+
+
+def wire(config):
+  """Bytes one worker sends, from the example's compiled 8-device step."""
+  built = train_lm.build(config)
+  keys = ("every_step_bytes", "group_bytes", "sync_bytes", "warmup_bytes")
   return {
-    "final_val_loss": result["final_val_loss"],
-    "val_loss": result["val_loss"],
-    "eval_steps": result["eval_steps"],
-    "bytes": result["bytes"],
-    "total_bytes": result["total_bytes"],
-    "seconds": result["seconds"]["total"],
+    **{k: float(built[k]) for k in keys},
+    "cumulative": built["cumulative"].tolist(),
+    "num_params": int(built["num_params"]),
   }
 
 
+# The study.
+
+
+def save(results, path):
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(results, indent=1) + "\n")
+  os.replace(tmp, path)
+
+
+def package_commit():
+  try:
+    out = subprocess.run(
+      ["git", "-C", str(ROOT), "log", "-1", "--format=%H", "--", "optax_dist"],
+      capture_output=True,
+      text=True,
+      check=True,
+    )
+    return out.stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def study(results, path, rows, steps, seeds, model, eval_every, log):
+  """Tunes and runs every row, saving ``results`` to ``path`` after every program."""
+  start_all = time.perf_counter() - results.get("seconds", 0.0)
+  for row in rows:
+    config = row_config(row, steps, model)
+    entry = results["rows"].setdefault(row.name, {"config": dataclasses.asdict(config)})
+    dp = results["rows"].get("DP", {})
+    dp_lr = dp.get("chosen", {}).get("learning_rate")
+    if row.grid != "dp" and dp_lr is None:
+      raise RuntimeError("DP must be tuned before the other rows (its learning rate)")
+    if "bytes" not in entry:
+      entry["bytes"] = wire(config)
+    if "tuning" not in entry:
+      begin = time.perf_counter()
+      m8 = results["rows"].get("DiLoCo M=8 H=32", {}).get("chosen")
+      grid = trials(row, dp_lr, m8 and m8["learning_rate"] / dp_lr)
+      runs = simulate(config, grid, [seeds[0]] * len(grid), eval_every)
+      best = int(np.argmin([r["final_val_loss"] for r in runs]))
+      entry["tuning"] = {"trials": grid, "runs": runs, "seconds": time.perf_counter() - begin}
+      entry["chosen"] = grid[best]
+      entry["seeds"] = {str(seeds[0]): runs[best]}
+      results["seconds"] = time.perf_counter() - start_all
+      save(results, path)
+      log(
+        f"{row.name}: tuned {len(grid)} trials in {entry['tuning']['seconds']:.0f} s, "
+        f"chosen {entry['chosen']} ({runs[best]['final_val_loss']:.4f}); "
+        f"{results['seconds'] / 60:.1f} min so far"
+      )
+    missing = [s for s in seeds if str(s) not in entry["seeds"]]
+    if missing:
+      begin = time.perf_counter()
+      runs = simulate(config, [entry["chosen"]] * len(missing), missing, eval_every)
+      entry["seeds"].update({str(s): r for s, r in zip(missing, runs, strict=True)})
+      entry["seeds_seconds"] = time.perf_counter() - begin
+    finals = [entry["seeds"][str(s)]["final_val_loss"] for s in seeds]
+    entry["final_mean"] = float(np.mean(finals))
+    entry["final_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
+    results["seconds"] = time.perf_counter() - start_all
+    save(results, path)
+    log(
+      f"{row.name}: {entry['final_mean']:.4f} ± {entry['final_std']:.4f} over {len(seeds)} "
+      f"seeds; {results['seconds'] / 60:.1f} min so far"
+    )
+  return results
+
+
+# The report.
+
+
+def gap(entry, dp):
+  return 100 * (entry["final_mean"] - dp["final_mean"]) / dp["final_mean"]
+
+
+def total_bytes(entry):
+  return entry["bytes"]["cumulative"][-1]
+
+
+def fewer_bytes(entry, dp):
+  sent = total_bytes(entry)
+  return total_bytes(dp) / sent if sent > 0 else float("inf")
+
+
+def chosen_text(chosen, dp_lr):
+  parts = []
+  if "outer_learning_rate" in chosen:
+    parts.append(f"outer lr {chosen['outer_learning_rate']:g}")
+  if "learning_rate" in chosen:
+    parts.append(f"inner lr {chosen['learning_rate'] / dp_lr:g} x DP's")
+  return ", ".join(parts)
+
+
+TARGETS = (
+  # (row, the most gap to DP in %, the least times fewer bytes than DP, or None)
+  ("DiLoCo M=1 H=32", 0.5, None),
+  ("DiLoCo M=2 H=32", 2.0, None),
+  ("DiLoCo M=4 H=32", 4.0, None),
+  ("DiLoCo M=8 H=32", 8.0, None),
+  ("DiLoCo M=8 H=32 warm-up 10%", 0.5, 7),
+  ("DiLoCo M=8 H=32 warm-up 3%", 3.0, 15),
+)
+
+
 def summarize(results):
-  runs = results["runs"]
-  sync = runs["sync"]
-  sync_loss = sync["final_mean"]
+  rows = results["rows"]
+  dp = rows["DP"]
+  cfg = results["config"]
+  dp_lr = dp["chosen"]["learning_rate"]
   lines = [
-    f"Final validation loss (nats per byte, mean ± sample standard deviation over "
-    f"{len(results['config']['seeds'])} seeds) after {results['config']['steps']} steps, "
-    f"{N} workers. *Δ vs sync* is the relative difference to sync's loss; *MB sent per "
-    "worker* is what one worker sends on the wire over the run (ring convention, from "
-    "the compiled step); *fewer bytes* is sync's bytes divided by the row's; *chosen* is "
-    "the trial with the lowest validation loss on seed 0.",
+    f"Final validation loss (nats per byte; mean ± sample standard deviation over "
+    f"{len(cfg['seeds'])} seeds) after {cfg['steps']} steps at an equal global batch of "
+    f"{cfg['model']['batch_size']} windows of {cfg['model']['context']} bytes; a model of "
+    f"{dp['bytes']['num_params']:,} params. DP's AdamW peak learning rate: {dp_lr:g}. "
+    "*Gap to DP* is the relative difference of the mean losses; *MB sent* is what one "
+    "worker sends to the other workers over the run (ring convention, from the compiled "
+    "8-device step); *fewer bytes* is DP's MB divided by the row's; *chosen* is the "
+    "trial with the lowest loss on seed 0.",
     "",
-    "| configuration | validation loss | Δ vs sync | MB sent per worker | fewer bytes | chosen |",
+    "| row | validation loss | gap to DP | MB sent | fewer bytes | chosen |",
     "| --- | ---: | ---: | ---: | ---: | --- |",
   ]
-  for name, r in runs.items():
-    delta = 100 * (r["final_mean"] - sync_loss) / sync_loss
-    ratio = sync["total_bytes"] / r["total_bytes"]
-    chosen = ", ".join(f"{k}={v:.3g}" for k, v in r["chosen"].items())
+  for name, entry in rows.items():
+    if "final_mean" not in entry:
+      continue
+    ratio = fewer_bytes(entry, dp)
+    ratio_text = "no peers" if ratio == float("inf") else f"{ratio:.0f}x"
     lines.append(
-      f"| {name} | {r['final_mean']:.4f} ± {r['final_std']:.4f} | {delta:+.2f}% "
-      f"| {r['total_bytes'] / 1e6:.2f} | {ratio:.0f}x | {chosen} |"
+      f"| {name} | {entry['final_mean']:.4f} ± {entry['final_std']:.4f} "
+      f"| {gap(entry, dp):+.2f}% | {total_bytes(entry) / 1e6:.2f} | {ratio_text} "
+      f"| {chosen_text(entry['chosen'], dp_lr) if name != 'DP' else f'lr {dp_lr:g}'} |"
     )
-  # Per byte: how many bytes sync needed to reach each configuration's final
-  # loss (interpolated on sync's validation curve, mean of seeds).
-  sync_curve = np.mean([s["val_loss"] for s in sync["seeds"]], axis=0)
-  sync_bytes = np.asarray(sync["seeds"][0]["bytes"])
   lines += [
     "",
-    "At equal bytes instead of equal steps: *sync's MB to the same loss* is what sync "
-    "had sent when its validation loss (mean of seeds) first reached the row's final "
-    "loss, and *bytes saved* its ratio to the row's MB.",
+    "The gap to DP for each M (H = 32, equal steps and global batch), next to the "
+    "paper's Table 4 (Charles et al., arXiv 2503.09799):",
     "",
-    "| configuration | final loss | sync's MB to the same loss | row's MB | bytes saved |",
-    "| --- | ---: | ---: | ---: | ---: |",
+    "| M | this study | paper, 35M params | paper, 2.4B params |",
+    "| ---: | ---: | ---: | ---: |",
   ]
-  for name, r in runs.items():
-    if name == "sync":
-      continue
-    reached = np.nonzero(sync_curve <= r["final_mean"])[0]
-    if not len(reached):
-      continue
-    i = reached[0]
-    # Linear in bytes between the two evaluations around the crossing.
-    if i > 0:
-      a, b = sync_curve[i - 1], sync_curve[i]
-      frac = (a - r["final_mean"]) / (a - b) if a != b else 1.0
-      needed = sync_bytes[i - 1] + frac * (sync_bytes[i] - sync_bytes[i - 1])
-    else:
-      needed = sync_bytes[0]
-    lines.append(
-      f"| {name} | {r['final_mean']:.4f} | {needed / 1e6:.1f} | {r['total_bytes'] / 1e6:.2f} "
-      f"| {needed / r['total_bytes']:.1f}x |"
-    )
-  targets = [
-    ("diloco H=32", 2.0, 32),
-    ("diloco H=32 F=4 int8", 3.0, 100),
-  ]
+  for i, m in enumerate((1, 2, 4, 8)):
+    entry = rows.get(f"DiLoCo M={m} H=32", {})
+    ours = f"{gap(entry, dp):+.2f}%" if "final_mean" in entry else "not run"
+    lines.append(f"| {m} | {ours} | {PAPER['35M'][i]:+.1f}% | {PAPER['2.4B'][i]:+.1f}% |")
   lines += [
     "",
-    "| target | Δ vs sync | fewer bytes | target met |",
+    "| target | gap to DP | fewer bytes | met |",
     "| --- | ---: | ---: | --- |",
   ]
-  for name, within, fewer in targets:
-    if name not in runs:
+  for name, most, fewer in TARGETS:
+    entry = rows.get(name, {})
+    if "final_mean" not in entry:
+      lines.append(f"| {name}: gap at most +{most:g}% | not run | | no |")
       continue
-    r = runs[name]
-    delta = 100 * (r["final_mean"] - sync_loss) / sync_loss
-    ratio = sync["total_bytes"] / r["total_bytes"]
-    met = "yes" if delta <= within and ratio >= fewer else "no"
+    g, ratio = gap(entry, dp), fewer_bytes(entry, dp)
+    met = g <= most and (fewer is None or ratio >= fewer)
+    what = f"{name}: gap at most +{most:g}%" + (f", {fewer}x fewer bytes" if fewer else "")
+    lines.append(f"| {what} | {g:+.2f}% | {ratio:.1f}x | {'yes' if met else 'no'} |")
+  streaming, plain = rows.get("Streaming F=4 int8 M=8 H=32", {}), rows.get("DiLoCo M=8 H=32", {})
+  if "final_mean" in streaming and "final_mean" in plain:
+    points = gap(streaming, dp) - gap(plain, dp)
+    ratio = fewer_bytes(streaming, dp)
+    met = points <= 0.5 and ratio >= 100
     lines.append(
-      f"| {name}: within {within:g}% of sync, {fewer}x fewer bytes | {delta:+.2f}% "
-      f"| {ratio:.0f}x | {met} |"
+      f"| Streaming F=4 int8: within 0.5 points of M=8 H=32, 100x fewer bytes "
+      f"| {points:+.2f} points | {ratio:.0f}x | {'yes' if met else 'no'} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -171,33 +431,29 @@ def plot(results, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  rows = results["rows"]
   fig, (ax_steps, ax_bytes) = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-  colors = {"sync": "black", "diloco": "tab:red", "model_average": "tab:green", "easgd": "tab:blue"}
-  variants = {
-    "F=4": "tab:purple",
-    "int8": "tab:orange",
-    "F=4 int8": "tab:brown",
-    "warm-up": "tab:pink",
-  }
-  styles = {"8": ":", "32": "-", "128": "--"}
-  for name, r in results["runs"].items():
-    algorithm = name.split()[0]
-    period = name.split("H=")[1].split()[0] if "H=" in name else None
-    variant = name.split(f"H={period} ", 1)[1] if period and f"H={period} " in name else None
-    style = {"color": colors[algorithm], "ls": styles.get(period, "-")}
-    if variant:  # DiLoCo's variants: their own colors, with markers.
-      style = {"color": variants[variant], "ls": "-", "marker": "o", "ms": 3}
-    curve = np.mean([s["val_loss"] for s in r["seeds"]], axis=0)
-    steps = r["seeds"][0]["eval_steps"]
-    sent = np.asarray(r["seeds"][0]["bytes"]) / 1e6
-    ax_steps.plot(steps, curve, label=name, lw=1.2, **style)
-    ax_bytes.plot(np.maximum(sent, 1e-3), curve, label=name, lw=1.2, **style)
+  cmap = plt.get_cmap("tab10")
+  for i, (name, entry) in enumerate(rows.items()):
+    if "final_mean" not in entry:
+      continue
+    seeds = list(entry["seeds"].values())
+    curve = np.mean([s["val_loss"] for s in seeds], axis=0)
+    steps = np.asarray(seeds[0]["eval_steps"])
+    sent = np.asarray(entry["bytes"]["cumulative"])[steps] / 1e6
+    warm = "warm-up" in name or name == "DiLoCo M=8 H=32" or name == "DP"
+    style = {"color": "black" if name == "DP" else cmap(i % 10), "lw": 2 if warm else 1}
+    style["ls"] = "-" if warm else "--"
+    ax_steps.plot(steps, curve, label=name, **style)
+    ax_bytes.plot(np.maximum(sent, 1e-3), curve, label=name, marker="o", ms=2, **style)
   ax_steps.set(xlabel="step", ylabel="validation loss (nats per byte), mean of seeds")
   ax_bytes.set(xlabel="MB sent per worker (log)", xscale="log")
+  ax_bytes.set_title("solid: DP, and M = 8, H = 32 with a warm-up of 0, 3, 5, 10%", fontsize=10)
   for ax in (ax_steps, ax_bytes):
     ax.grid(alpha=0.3)
-  ax_steps.set_ylim(top=min(3.5, ax_steps.get_ylim()[1]))
-  ax_bytes.legend(fontsize=9, ncol=2)
+  low = min(e["final_mean"] for e in rows.values() if "final_mean" in e)
+  ax_steps.set_ylim(low - 0.05, low + 1.0)
+  ax_bytes.legend(fontsize=8, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -205,7 +461,6 @@ def plot(results, path):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=STEPS)
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   parser.add_argument("--quick", action="store_true", help="a smoke run")
   parser.add_argument("--replot", action="store_true", help="redraw from the saved JSON")
@@ -218,49 +473,38 @@ def main(argv=None):
     (out / f"lm{suffix}.md").write_text(summarize(results))
     plot(results, out / f"lm{suffix}.png")
     return results
-  steps, seeds = args.steps, SEEDS
-  configs = configurations(steps)
+  steps, seeds, model, eval_every, rows = STEPS, SEEDS, MODEL, EVAL_EVERY, ROWS
   if args.quick:
-    steps, seeds = 40, (0, 1)
-    configs = {k: (v[0], v[1][:1]) for k, v in list(configs.items()) if k in ("sync", "diloco H=8")}
-  defaults = dataclasses.asdict(train_lm.Config())
-  results = {
-    "config": {"steps": steps, "seeds": list(seeds), "example_defaults": defaults},
-    "machine": {"cores": os.cpu_count()},
-    "runs": {},
-  }
+    steps, seeds, eval_every = 64, (0, 1), 32
+    model = {"width": 16, "depth": 1, "heads": 2, "context": 16, "batch_size": 16}
+    quick = ("DP", "DiLoCo M=8 H=32", "DiLoCo M=2 H=32", "DiLoCo M=8 H=32 warm-up 10%")
+    rows = tuple(r for r in ROWS if r.name in quick)
   out.mkdir(parents=True, exist_ok=True)
-  start_all = time.perf_counter()
-  for name, (base, trials) in configs.items():
-    start = time.perf_counter()
-    tried = [run(base, trial, seeds[0], steps) for trial in trials]
-    best = int(np.argmin([t["final_val_loss"] for t in tried]))
-    per_seed = [tried[best]] + [run(base, trials[best], seed, steps) for seed in seeds[1:]]
-    finals = [s["final_val_loss"] for s in per_seed]
-    results["runs"][name] = {
-      "base": base,
-      "trials": trials,
-      "trial_losses": [t["final_val_loss"] for t in tried],
-      "chosen": trials[best],
-      "seeds": per_seed,
-      "final_mean": float(np.mean(finals)),
-      "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
-      "total_bytes": per_seed[0]["total_bytes"],
-      "seconds": time.perf_counter() - start,
+  config = {"steps": steps, "seeds": list(seeds), "model": model, "eval_every": eval_every}
+  results = json.loads(path.read_text()) if path.exists() else None
+  if results is not None and results["config"] != config:
+    raise SystemExit(f"{path} holds a study of another configuration: move it away to start anew")
+  if results is None:
+    results = {
+      "config": config,
+      "command": "python benchmarks/lm.py" + (" --quick" if args.quick else ""),
+      "package_commit": package_commit(),
+      "machine": {"cores": os.cpu_count()},
+      "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+      "rows": {},
     }
-    results["seconds"] = time.perf_counter() - start_all
-    path.write_text(json.dumps(results, indent=1) + "\n")  # After every configuration.
-    print(
-      f"{name:>22}: {np.mean(finals):.4f} ± {results['runs'][name]['final_std']:.4f} "
-      f"({per_seed[0]['total_bytes'] / 1e6:.2f} MB) in {time.perf_counter() - start:.0f} s, "
-      f"{results['seconds'] / 60:.1f} min so far",
-      flush=True,
-    )
+
+  def log(line):
+    print(f"[{time.strftime('%H:%M:%S', time.gmtime())}] {line}", flush=True)
+
+  study(results, path, rows, steps, seeds, model, eval_every, log)
+  results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+  save(results, path)
   table = summarize(results)
   (out / f"lm{suffix}.md").write_text(table)
   plot(results, out / f"lm{suffix}.png")
   print(table)
-  print(f"the whole study took {results['seconds'] / 60:.1f} minutes; results in {out}")
+  log(f"the whole study took {results['seconds'] / 60:.1f} minutes; results in {out}")
   return results
 
 

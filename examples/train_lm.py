@@ -71,6 +71,10 @@ import optax  # noqa: E402
 import optax_dist  # noqa: E402
 
 AXIS = "workers"
+# With fewer than 8 workers, each worker is a group of devices: the devices of a
+# group average their gradients every step (``tower`` over GROUP), the periodic
+# transform runs across the groups (REPLICAS).
+REPLICAS, GROUP = "replicas", "group"
 ALGORITHMS = ("sync", "easgd", "agn", "model_average", "diloco")
 COMM_DTYPES = {"none": None, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
 VOCAB = 256  # Bytes.
@@ -195,6 +199,7 @@ class Config:
   """One training run. The defaults take about a minute on two CPU cores, compilation included."""
 
   algorithm: str = "diloco"
+  workers: int = NUM_DEVICES
   period: int = 20
   steps: int = 400
   fragments: int | None = None
@@ -228,6 +233,10 @@ class Config:
       raise ValueError("--moving-rate is an option of easgd")
     if self.algorithm == "sync" and self.warmup:
       raise ValueError("--warmup is an option of the periodic algorithms")
+    if self.workers < 1 or NUM_DEVICES % self.workers:
+      raise ValueError(f"workers={self.workers} must divide the {NUM_DEVICES} devices")
+    if self.algorithm == "sync" and self.workers != NUM_DEVICES:
+      raise ValueError("--workers is an option of the periodic algorithms (sync has one model)")
     if self.width % self.heads:
       raise ValueError(f"width={self.width} must divide by heads={self.heads}")
     for name in ("batch_size", "eval_windows"):
@@ -235,42 +244,66 @@ class Config:
         raise ValueError(f"{name}={getattr(self, name)} must divide by the {NUM_DEVICES} workers")
 
 
-def make_optimizer(config):
+def worker_axes(config):
+  """The mesh's shape and axis names, and the axis (or axes) of the periodic transform.
+
+  With 8 workers every device is a worker: one axis, ``"workers"``. With ``M``
+  fewer workers the mesh is ``(M, 8 / M)``, ``("replicas", "group")``: a
+  worker is a row of ``8 / M`` devices that all-reduce their gradients every
+  step, and the periodic transform runs over ``"replicas"``. The global batch
+  is split over all 8 devices either way, so every ``M`` sees the same batch.
+  """
+  if config.workers == NUM_DEVICES:
+    return (NUM_DEVICES,), (AXIS,), AXIS
+  return (config.workers, NUM_DEVICES // config.workers), (REPLICAS, GROUP), REPLICAS
+
+
+def make_optimizer(config, *, group_axis=GROUP):
   """AdamW wrapped by the algorithm.
 
   AdamW's learning rate rises linearly over the first 5% of the steps, then
-  decays to a tenth along a cosine.
+  decays to a tenth along a cosine. The schedule counts AdamW's own steps, so
+  it runs once over the whole run whatever the algorithm: a sync never resets
+  it. With fewer than 8 workers, AdamW runs inside a ``tower`` over the
+  devices of a worker (``group_axis``; ``None`` leaves it out, for a worker
+  that computes its gradient on its whole share of the batch itself).
   """
-  learning_rate = optax.warmup_cosine_decay_schedule(
+  # The schedule's shape times the peak, so that the peak may be a traced value.
+  shape = optax.warmup_cosine_decay_schedule(
     0.0,
-    config.learning_rate,
+    1.0,
     warmup_steps=max(1, config.steps // 20),
     decay_steps=max(2, config.steps),
-    end_value=config.learning_rate / 10,
+    end_value=0.1,
   )
+  peak = config.learning_rate
+  learning_rate = lambda count: peak * shape(count)  # noqa: E731
   inner = optax.adamw(learning_rate, weight_decay=config.weight_decay)
   period, warmup = config.period, config.warmup or None
+  _, axes, axis = worker_axes(config)
   if config.algorithm == "sync":
-    return optax_dist.tower(inner, axis_name=AXIS)
+    return optax_dist.tower(inner, axis_name=axes if len(axes) > 1 else axis)
+  if len(axes) > 1 and group_axis is not None:
+    inner = optax_dist.tower(inner, axis_name=group_axis)
   if config.algorithm == "easgd":
     return optax_dist.elastic_average(
       inner,
-      axis_name=AXIS,
+      axis_name=axis,
       communication_period=period,
       moving_rate=config.moving_rate,
       sync_warmup=warmup,
     )
   if config.algorithm == "agn":
-    return optax_dist.agn(inner, axis_name=AXIS, communication_period=period, sync_warmup=warmup)
+    return optax_dist.agn(inner, axis_name=axis, communication_period=period, sync_warmup=warmup)
   if config.algorithm == "model_average":
     return optax_dist.model_average(
-      inner, axis_name=AXIS, interval_steps=period, sync_warmup=warmup
+      inner, axis_name=axis, interval_steps=period, sync_warmup=warmup
     )
   # The outer optimizer: Nesterov SGD, by default with DiLoCo's 0.7 and 0.9.
   outer = optax.sgd(config.outer_learning_rate, momentum=config.outer_momentum, nesterov=True)
   return optax_dist.diloco(
     inner,
-    axis_name=AXIS,
+    axis_name=axis,
     outer=outer,
     sync_period=period,
     comm_dtype=COMM_DTYPES[config.comm_dtype],
@@ -310,36 +343,25 @@ def bytes_per_call(flags, *, every_step_bytes, sync_bytes, warmup_bytes=0, fragm
   return sent
 
 
-def train(config=None, *, progress=False):
-  """Trains one model; returns its curves, the bytes it sent and its timing.
+def build(config):
+  """The run's programs and its bytes on the wire, before any training.
 
   Returns:
-    A dict with ``"eval_steps"`` (0, every ``eval_every`` steps, and the last
-    step), ``"val_loss"`` (nats per byte of the exported model at those steps),
-    ``"bytes"`` (bytes each worker had sent by then), ``"train_loss"`` (the
-    workers' mean loss at every step), ``"final_val_loss"``, ``"total_bytes"``,
-    ``"every_step_bytes"``, ``"sync_bytes"``, ``"warmup_bytes"``, ``"syncs"``
-    (syncs completed, or updates for ``sync``), ``"num_params"``, ``"seconds"``
-    (``"setup"``: data, model, optimizer and the step's communication report;
-    ``"train"``: the training loop, its evaluations and compilations
-    included; ``"eval"``: the evaluations; ``"total"``), ``"step_seconds"``
-    (wall time of every call, compilations included) and ``"config"``.
+    A dict with ``"model"``, ``"tx"``, ``"params"`` and ``"opt_state"`` (one
+    copy per device), the jitted ``"step"`` and ``"evaluate"``, the sync
+    ``"flags"`` of every call, ``"num_params"``, and the bytes one worker
+    sends (see :func:`train`): ``"every_step_bytes"``, ``"group_bytes"``,
+    ``"sync_bytes"``, ``"warmup_bytes"`` and ``"cumulative"`` (after each
+    call, from 0).
   """
-  from tqdm import tqdm
-
-  config = Config() if config is None else config
-  start = time.perf_counter()
   n = jax.device_count()
   if n != NUM_DEVICES:
     raise RuntimeError(
       f"expected {NUM_DEVICES} simulated devices, found {n}: was JAX initialized before this module?"
     )
-  # The split is fixed: every seed is validated on the same files.
-  train_paths, val_paths = corpus_files()
-  train_data, val_data = load_bytes(train_paths), load_bytes(val_paths)
-  val_batch = validation_windows(val_data, config.eval_windows, config.context + 1)
-
-  mesh = jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Auto,))
+  shape, axes, _ = worker_axes(config)
+  mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes))
+  axes = axes if len(axes) > 1 else axes[0]  # The batch is split over every device.
   model = Transformer(config.width, config.depth, config.heads, config.context)
   # One compiled program, rather than one per operation of the initializers.
   init = jax.jit(model.init)
@@ -357,40 +379,101 @@ def train(config=None, *, progress=False):
   # Every worker holds its own copy of the params and state, all identical at
   # the start. (With sync they stay identical: the gradients are all-reduced
   # once per step.)
-  params, opt_state = optax_dist.per_worker((params, opt_state), mesh=mesh, axis_name=AXIS)
+  params, opt_state = optax_dist.per_worker((params, opt_state), mesh=mesh, axis_name=axes)
   loss = functools.partial(loss_fn, model=model)
   step = optax_dist.data_parallel_step(
-    loss, tx, mesh=mesh, axis_name=AXIS, params_layout="per_worker"
+    loss, tx, mesh=mesh, axis_name=axes, params_layout="per_worker"
   )
   evaluate = optax_dist.data_parallel_eval_step(
-    loss, mesh=mesh, axis_name=AXIS, params_layout="per_worker"
+    loss, mesh=mesh, axis_name=axes, params_layout="per_worker"
   )
-
-  rng = np.random.default_rng(config.seed)
-  window = np.arange(config.context + 1)[None, :]
-
-  def sample():
-    starts = rng.integers(0, len(train_data) - config.context - 1, size=config.batch_size)
-    return train_data[starts[:, None] + window]
 
   # Bytes each worker sends on the wire (ring convention: an all-reduce of B
   # bytes sends 2 (N - 1) / N B, an all-to-all or all-gather that delivers B
   # bytes (N - 1) / N B), read from the compiled step's collectives: those of
   # every call and those of the sync branches. A warm-up call all-reduces the
-  # gradients (float32, shaped like the params), which the report counts with
-  # the syncs.
+  # gradients across the workers (float32, shaped like the params), which the
+  # report counts with the syncs. With fewer than 8 workers, the all-reduces
+  # inside a worker's group of devices stay inside the worker: they are
+  # counted apart (``"group_bytes"``), not as bytes sent between workers.
   batch_shape = np.zeros((config.batch_size, config.context + 1), np.uint8)
   report = optax_dist.communication_report(step, params, opt_state, batch_shape)
-  warmup_bytes = 2 * (n - 1) / n * params_bytes if config.warmup and periodic else 0
-  sync_bytes = report.sync_wire_bytes - warmup_bytes
+  in_group = lambda c: len(shape) > 1 and c.workers == shape[1]  # noqa: E731
+  every_step_bytes = sum(
+    c.wire_bytes for c in report.collectives if c.every_step and not in_group(c)
+  )
+  group_bytes = sum(c.wire_bytes for c in report.collectives if c.every_step and in_group(c))
+  sync_bytes = sum(c.wire_bytes for c in report.collectives if not c.every_step)
+  m = config.workers
+  warmup_bytes = 2 * (m - 1) / m * params_bytes if config.warmup and periodic else 0
+  sync_bytes -= warmup_bytes
   sent = bytes_per_call(
     flags,
-    every_step_bytes=report.every_step_wire_bytes,
+    every_step_bytes=every_step_bytes,
     sync_bytes=sync_bytes,
     warmup_bytes=warmup_bytes,
     fragments=config.fragments or 1,
   )
   cumulative = np.concatenate([[0.0], np.cumsum(sent)])
+  return {
+    "model": model,
+    "tx": tx,
+    "params": params,
+    "opt_state": opt_state,
+    "step": step,
+    "evaluate": evaluate,
+    "flags": flags,
+    "num_params": num_params,
+    "every_step_bytes": every_step_bytes,
+    "group_bytes": group_bytes,
+    "sync_bytes": sync_bytes,
+    "warmup_bytes": warmup_bytes,
+    "cumulative": cumulative,
+  }
+
+
+def sampler(data, config, rng):
+  """A function that draws one global batch: ``batch_size`` random windows of ``data``."""
+  window = np.arange(config.context + 1)[None, :]
+
+  def sample():
+    starts = rng.integers(0, len(data) - config.context - 1, size=config.batch_size)
+    return data[starts[:, None] + window]
+
+  return sample
+
+
+def train(config=None, *, progress=False):
+  """Trains one model; returns its curves, the bytes it sent and its timing.
+
+  Returns:
+    A dict with ``"eval_steps"`` (0, every ``eval_every`` steps, and the last
+    step), ``"val_loss"`` (nats per byte of the exported model at those steps),
+    ``"bytes"`` (bytes each worker had sent by then), ``"train_loss"`` (the
+    workers' mean loss at every step), ``"final_val_loss"``, ``"total_bytes"``,
+    ``"every_step_bytes"``, ``"group_bytes"`` (bytes sent on every step inside
+    a worker's group of devices, not counted in ``"bytes"``), ``"sync_bytes"``,
+    ``"warmup_bytes"``, ``"syncs"``
+    (syncs completed, or updates for ``sync``), ``"num_params"``, ``"seconds"``
+    (``"setup"``: data, model, optimizer and the step's communication report;
+    ``"train"``: the training loop, its evaluations and compilations
+    included; ``"eval"``: the evaluations; ``"total"``), ``"step_seconds"``
+    (wall time of every call, compilations included) and ``"config"``.
+  """
+  from tqdm import tqdm
+
+  config = Config() if config is None else config
+  start = time.perf_counter()
+  # The split is fixed: every seed is validated on the same files.
+  train_paths, val_paths = corpus_files()
+  train_data, val_data = load_bytes(train_paths), load_bytes(val_paths)
+  val_batch = validation_windows(val_data, config.eval_windows, config.context + 1)
+  built = build(config)
+  params, opt_state, step, evaluate = (
+    built[k] for k in ("params", "opt_state", "step", "evaluate")
+  )
+  cumulative, num_params = built["cumulative"], built["num_params"]
+  sample = sampler(train_data, config, np.random.default_rng(config.seed))
   setup_seconds = time.perf_counter() - start
 
   history = {"eval_steps": [], "val_loss": [], "bytes": [], "train_loss": []}
@@ -430,9 +513,7 @@ def train(config=None, *, progress=False):
     **history,
     "final_val_loss": history["val_loss"][-1],
     "total_bytes": float(cumulative[-1]),
-    "every_step_bytes": report.every_step_wire_bytes,
-    "sync_bytes": sync_bytes,
-    "warmup_bytes": warmup_bytes,
+    **{k: built[k] for k in ("every_step_bytes", "group_bytes", "sync_bytes", "warmup_bytes")},
     "syncs": syncs,
     "num_params": num_params,
     "seconds": {
@@ -469,6 +550,12 @@ def parse_args(argv=None):
   defaults = Config()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--algorithm", choices=ALGORITHMS, default=defaults.algorithm)
+  parser.add_argument(
+    "--workers",
+    type=int,
+    default=defaults.workers,
+    help=f"periodic: workers M, each a group of {NUM_DEVICES} / M devices; the global batch is the same",
+  )
   parser.add_argument(
     "--period", type=int, default=defaults.period, help="steps between syncs (periodic)"
   )
@@ -536,7 +623,7 @@ def main(argv=None):
   result = train(config, progress=not args.no_progress)
   seconds = result["seconds"]
   print(
-    f"{config.algorithm}: {NUM_DEVICES} workers, {config.steps} steps in {seconds['total']:.1f} s "
+    f"{config.algorithm}: {config.workers} workers on {NUM_DEVICES} devices, {config.steps} steps in {seconds['total']:.1f} s "
     f"({seconds['setup']:.1f} s setup), {result['num_params']} params"
   )
   if result["sync_bytes"]:
