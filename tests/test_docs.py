@@ -128,13 +128,36 @@ def printed(page, index):
 @pytest.mark.parametrize("page", page_paths())
 def test_every_python_block_runs(page):
   runs = run_page(page)
-  blocks = runnable_blocks(page)
-  assert len(runs) == len(blocks)
-  for block, run in zip(blocks, runs, strict=True):
+  blocks = fenced_blocks(page)
+  runnable = [
+    i for i, block in enumerate(blocks) if block.info == "python" and not is_fragment(block)
+  ]
+  assert len(runs) == len(runnable)
+  for i, run in zip(runnable, runs, strict=True):
+    block = blocks[i]
+    where = f"{block.path}:{block.line}"
     claim = PRINTS.match(block.after)
     if claim:
       expected, got = (" ".join(s.split()) for s in (claim.group(1), run.out))
-      assert got == expected, f"{block.path}:{block.line}: the text says it prints {expected!r}"
+      assert got == expected, f"{where}: the text says it prints {expected!r}"
+    elif block.after.strip() == "It prints:":
+      shown = blocks[i + 1]
+      assert shown.info == "text", f"{where}: show the output in a text block"
+      assert_same_output(run.out, shown.code, where)
+
+
+def assert_same_output(got, shown, where):
+  """The same lines and words; numbers equal to 1% (float rounding may change)."""
+  got_lines, shown_lines = got.strip().splitlines(), shown.strip().splitlines()
+  assert len(got_lines) == len(shown_lines), f"{where}: it prints {got!r}"
+  for got_line, shown_line in zip(got_lines, shown_lines, strict=True):
+    got_words, shown_words = got_line.split(), shown_line.split()
+    assert len(got_words) == len(shown_words), f"{where}: it prints {got_line!r}"
+    for a, b in zip(got_words, shown_words, strict=True):
+      if re.fullmatch(r"-?\d+\.\d+", b):
+        assert float(a) == pytest.approx(float(b), rel=0.01), f"{where}: it prints {got_line!r}"
+      else:
+        assert a == b, f"{where}: it prints {got_line!r}"
 
 
 @pytest.mark.parametrize("page", page_paths())
@@ -393,7 +416,7 @@ def test_tutorial_eval_step_evaluates_the_center():
   expected = float(ns["loss_fn"](center, batch))
   got = float(ns["eval_step"](ns["params"], ns["opt_state"], batch)["loss"])
   assert got == pytest.approx(expected, rel=1e-5)
-  assert f"eval loss of the center: {got}" in out
+  assert f"eval loss of the center: {got:.4f}" in out
 
 
 def test_tutorial_resumes_bit_for_bit_from_the_call_count():
@@ -433,7 +456,8 @@ def test_tutorial_swaps_in_every_optimizer():
 
 def markdown_anchors(page):
   """The anchors of a page's headings, as MyST writes them (``myst_heading_anchors``)."""
-  headings = re.findall(r"^#{1,3} (.+)$", (DOCS / page).read_text(), re.M)
+  text = FENCE.sub("", (DOCS / page).read_text())  # Not the comments in code.
+  headings = re.findall(r"^#{1,3} (.+)$", text, re.M)
   return {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in headings}
 
 
