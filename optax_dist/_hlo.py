@@ -7,10 +7,16 @@ with every computation it reaches, is one loop (a periodic transform's sync
 branch, one per fragment).
 """
 
+import math
 import re
 from typing import NamedTuple
 
-_DTYPE_BYTES = {
+_DTYPE_BYTES: dict[str, float] = {
+  # Sub-byte types, should XLA move them natively (our packed formats travel as u8).
+  "s2": 0.25,
+  "u2": 0.25,
+  "s4": 0.5,
+  "u4": 0.5,
   "pred": 1,
   "s8": 1,
   "u8": 1,
@@ -57,7 +63,7 @@ def nbytes(shape: str) -> int:
     size = 1
     for d in filter(None, dims.split(",")):
       size *= int(d)
-    total += size * _DTYPE_BYTES[dtype]
+    total += math.ceil(size * _DTYPE_BYTES[dtype])  # A buffer is whole bytes.
   return total
 
 

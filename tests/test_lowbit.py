@@ -285,3 +285,12 @@ def test_bad_low_bit_arguments(kwargs, error, match):
   for make in ALGORITHMS.values():
     with pytest.raises(error, match=match):
       make(**kwargs)
+
+
+def test_hlo_bytes_of_sub_byte_types_are_whole_bytes_per_buffer():
+  from optax_dist import _hlo
+
+  assert _hlo.nbytes("(s4[3]{0}, u8[2]{0})") == 2 + 2
+  assert _hlo.nbytes("s2[8]{0}") == 2
+  assert _hlo.nbytes("u4[5,2]{1,0}") == 5
+  assert _hlo.nbytes("(f32[2,3]{1,0}, s8[7]{0})") == 24 + 7
