@@ -52,6 +52,12 @@ def algorithms():
     "diloco_streaming_int8": optax_dist.diloco(
       adam, axis_name=AXIS, sync_period=2, fragments=2, comm_dtype="int8", error_feedback=True
     ),
+    "diloco_int2": optax_dist.diloco(
+      adam, axis_name=AXIS, sync_period=3, comm_dtype="int2", error_feedback=True
+    ),
+    "model_average_topk_int4": optax_dist.model_average(
+      adam, axis_name=AXIS, interval_steps=3, topk_fraction=0.1, comm_dtype="int4"
+    ),
   }
 
 

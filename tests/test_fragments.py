@@ -80,6 +80,42 @@ def test_matches_numpy_reference(way, algorithm, mode):
   np.testing.assert_array_equal(optax_dist.global_step(traj.state), [4] * n)
 
 
+@pytest.mark.parametrize("algorithm", ["diloco", "model_average"])
+def test_sync_true_syncs_every_fragment(algorithm):
+  # A static sync=True on a fragmented transform syncs every fragment (each
+  # with its own outer state), a fragment index that fragment alone.
+  n = 4
+  x0, grads = problem(n, seed=5)
+  flags = [False, True, False, 0, True, 1]
+  fragments, leaf_labels = FRAGMENTS["int"]
+  inner = optax.adam(0.1, b2=0.99)
+  if algorithm == "diloco":
+    tx = optax_dist.diloco(inner, axis_name=AXIS, sync_period=PERIOD, fragments=fragments)
+  else:
+    tx = optax_dist.model_average(inner, axis_name=AXIS, interval_steps=PERIOD, fragments=fragments)
+  traj = run_transform(tx, stack(x0, n), grads[: len(flags)], mode="shard_map", flags=flags)
+  expected = getattr(numpy_reference, algorithm)(
+    flat(x0),
+    np.stack([flat(g, (n,)) for g in grads[: len(flags)]]),
+    n=n,
+    p=PERIOD,
+    inner="adam",
+    labels=coordinate_labels(leaf_labels),
+    flags=flags,
+  )
+  for t, (x, c) in enumerate(expected):
+    np.testing.assert_allclose(flat(traj.params[t], (n,)), x, rtol=2e-6, atol=2e-6, err_msg=f"{t}")
+    center = flat(optax_dist.center_params(traj.states[t]), (n,))[0]
+    np.testing.assert_allclose(center, c, rtol=2e-6, atol=2e-6, err_msg=f"{t}")
+  # After call 2 every worker stands on the center, whatever its fragment.
+  jax.tree.map(
+    lambda a: np.testing.assert_allclose(a, np.broadcast_to(a[0], a.shape), rtol=1e-6, atol=1e-6),
+    traj.params[1],
+  )
+  # Two fragments on each True, one on each index: 2 + 1 + 2 + 1.
+  np.testing.assert_array_equal(optax_dist.global_step(traj.state), [6] * n)
+
+
 def test_one_fragment_is_the_whole_model_bit_for_bit():
   n = 4
   x0, grads = problem(n, seed=9)

@@ -135,6 +135,38 @@ def test_error_feedback_keeps_the_error_from_accumulating():
   assert with_feedback < without / 5, (with_feedback, without)
 
 
+def test_error_feedback_residual_is_written_back_with_fragments():
+  # Model averaging in int8 with feedback, two fragments ("a" syncs on odd
+  # calls, "b" on even ones). At a fragment's sync, what the roundings
+  # dropped is kept per worker: over the workers, the residuals and the
+  # center's move add up to what the workers sent (their differences to the
+  # center plus their last residuals); the other fragment's residual stays.
+  n = 4
+  rng = np.random.default_rng(8)
+  x0 = {"a": rng.normal(size=300).astype(np.float32), "b": rng.normal(size=200).astype(np.float32)}
+  grads = [{k: rng.normal(size=(n, *v.shape)).astype(np.float32) for k, v in x0.items()}] * 3
+  tx = optax_dist.model_average(
+    optax.sgd(1.0),
+    axis_name=AXIS,
+    interval_steps=2,
+    fragments={"a": 0, "b": 1},
+    comm_dtype=jnp.int8,
+    error_feedback=True,
+  )
+  traj = run_transform(tx, stack(x0, n), grads, mode="shard_map")
+  params = [stack(x0, n), *traj.params]
+  states = [jax.vmap(tx.init)(stack(x0, n)), *traj.states]
+  for t, synced, other in ((1, "a", "b"), (2, "b", "a"), (3, "a", "b")):
+    before, after = states[t - 1], states[t]
+    center = np.asarray(before.center[synced][0], np.float64)
+    sent = params[t - 1][synced] - grads[t - 1][synced] - center + before.residual[synced]
+    moved = np.asarray(after.center[synced][0], np.float64) - center
+    kept = np.asarray(after.residual[synced], np.float64)
+    np.testing.assert_allclose(kept.sum(0) + n * moved, sent.sum(0), rtol=0, atol=2e-5)
+    assert np.abs(kept).max() > 1e-4  # The rounding dropped something.
+    np.testing.assert_array_equal(after.residual[other], before.residual[other])
+
+
 def lowered(tx, n, params):
   mesh = jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
 
@@ -206,3 +238,45 @@ def test_round_robin_takes_no_comm_dtype():
     optax_dist.elastic_average(
       optax.sgd(0.1), axis_name=AXIS, ordering="round_robin", comm_dtype=jnp.int8
     )
+
+
+def test_quantize_gold_blocks():
+  # Scale = absmax / 127 per block; values round half to even; an all-zero
+  # block has scale 0, a block with an Inf a NaN scale.
+  blocks = np.zeros((4, BLOCK), np.float32)
+  blocks[0, :5] = [127.0, -3.5, 2.5, 0.4, -0.6]  # Scale 1.
+  blocks[1, :4] = [-254.0, 1.0, 3.0, -5.0]  # Scale 2: -127, 0.5, 1.5, -2.5.
+  blocks[3, :2] = [1.0, np.inf]
+  values, scale = _quantize.quantize(jnp.asarray(blocks), jnp.int8)
+  assert values.dtype == jnp.int8 and values.shape == (4, BLOCK)
+  np.testing.assert_array_equal(scale[:3, 0], [1.0, 2.0, 0.0])
+  assert scale.shape == (4, 1) and np.isnan(scale[3, 0])
+  np.testing.assert_array_equal(values[0, :5], [127, -4, 2, 0, -1])
+  np.testing.assert_array_equal(values[1, :4], [-127, 0, 2, -2])
+  np.testing.assert_array_equal(values[0, 5:], 0)
+  np.testing.assert_array_equal(values[2], 0)
+  np.testing.assert_array_equal(
+    _quantize.dequantize(values[:2], scale[:2])[:, :5],
+    [[127.0, -4.0, 2.0, 0.0, -1.0], [-254.0, 0.0, 4.0, -4.0, 0.0]],
+  )
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_each_block_of_a_chunk_has_its_own_scale(n):
+  # Every worker's chunk is two blocks, of magnitude 1e3 and 1e-3: one
+  # scale per block keeps the small block to about 1e-3 / 127 (one scale
+  # per chunk would round it to zero).
+  rng = np.random.default_rng(n)
+  x = rng.normal(size=(n, n, 2, BLOCK)).astype(np.float32)
+  x[:, :, 0] *= 1e3
+  x[:, :, 1] *= 1e-3
+  total, _ = map_workers(lambda t: _quantize.ring_sum(t, (AXIS,), jnp.int8), n, "vmap")(
+    x.reshape(n, -1)
+  )
+  exact = x.astype(np.float64).sum(0)
+  error = np.abs(np.asarray(total[0]).reshape(n, 2, BLOCK) - exact)
+  # Per block: the workers' roundings (absmax / 254 each) and the sum's.
+  absmax = np.abs(x).max(-1, keepdims=True)
+  bound = (absmax.sum(0) + np.abs(exact).max(-1, keepdims=True) * (1 + 1 / 127)) / 254
+  assert np.all(error <= bound * (1 + 1e-5)), np.max(error / bound)
+  assert error[:, 1].max() < 1e-4

@@ -89,6 +89,28 @@ def assert_same(a, b, exact):
       np.testing.assert_allclose(x, y, rtol=2e-6, atol=2e-6)
 
 
+# Syncs in the 9 calls of each case (global_step, one per fragment synced):
+# period 3 syncs on calls 3, 6, 9, after 2 warm-up calls on 5 and 8, after
+# 1 on 4 and 7; DiLoCo (period 2, warm-up 1) on 3, 5, 7, 9; with 2 fragments
+# (period 4), one fragment on every 2nd call.
+GLOBAL_STEPS = {
+  "elastic": 3,
+  "elastic_round_robin": 2,
+  "agn": 2,
+  "agn_round_robin": 3,
+  "model_average": 2,
+  "diloco": 4,
+  "diloco_fragments": 4,
+  "diloco_int8": 4,
+}
+
+
+def assert_counters(traj, *, calls, syncs, skipped=0):
+  assert optax_dist.call_count(traj.state) == calls
+  np.testing.assert_array_equal(optax_dist.global_step(traj.state), [syncs] * N)
+  np.testing.assert_array_equal(optax_dist.skipped_syncs(traj.state), [skipped] * N)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_flags_of_the_schedule_give_the_in_graph_results_bit_for_bit(name, mode):
@@ -99,6 +121,33 @@ def test_flags_of_the_schedule_give_the_in_graph_results_bit_for_bit(name, mode)
   in_graph = run_transform(tx, params, grads, mode=mode)
   static = run_transform(tx, params, grads, mode=mode, flags=flags)
   assert_same(in_graph, static, exact=True)
+  # Gold counters, so that a miscount shared by both paths shows too.
+  for traj in (in_graph, static):
+    assert_counters(traj, calls=STEPS, syncs=GLOBAL_STEPS[name])
+
+
+@pytest.mark.parametrize("algorithm", ["model_average", "diloco_int8"])
+@pytest.mark.parametrize("static", [False, True], ids=["in_graph", "static"])
+def test_a_sync_with_no_finite_worker_is_counted_as_skipped(algorithm, static):
+  # Every worker's gradient is NaN on call 2, a sync: no worker is finite, the center keeps its value and the
+  # sync counts in skipped_syncs, not in global_step; training goes on and
+  # the later syncs count.
+  params, grads = problem(5, steps=6)
+  grads[1] = jax.tree.map(lambda g: np.full_like(g, np.nan), grads[1])
+  tx = {
+    "model_average": lambda: optax_dist.model_average(SGD, axis_name=AXIS, interval_steps=2),
+    "diloco_int8": lambda: optax_dist.diloco(
+      optax.sgd(0.1), axis_name=AXIS, sync_period=2, comm_dtype=jnp.int8, error_feedback=True
+    ),
+  }[algorithm]()
+  flags = flags_of(tx, params, steps=6)
+  assert [f is not False for f in flags] == [False, True] * 3
+  traj = run_transform(tx, params, grads, mode="shard_map", flags=flags if static else None)
+  assert_counters(traj, calls=6, syncs=2, skipped=1)
+  before, after = (optax_dist.center_params(traj.states[t]) for t in (0, 1))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+  for leaf in jax.tree.leaves((traj.params[-1], optax_dist.center_params(traj.state))):
+    assert np.isfinite(leaf).all()
 
 
 @pytest.mark.parametrize("name", NAMES)
