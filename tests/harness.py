@@ -31,16 +31,94 @@ def map_workers(fn: Callable, n: int, mode: str, axis_name: str = AXIS) -> Calla
   if mode == "pmap":
     return jax.pmap(fn, axis_name=axis_name, devices=jax.devices()[:n])
   if mode == "shard_map":
-
-    def body(*args):
-      out = fn(*jax.tree.map(lambda x: x[0], args))
-      return jax.tree.map(lambda x: x[None], out)
-
-    spec = P(axis_name)
-    return jax.jit(
-      jax.shard_map(body, mesh=worker_mesh(n, axis_name), in_specs=spec, out_specs=spec)
-    )
+    return per_worker(fn, worker_mesh(n, axis_name), axis_name)
   raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+
+
+def per_worker(fn: Callable, mesh: jax.sharding.Mesh, axis_name: str = AXIS) -> Callable:
+  """``fn`` on every worker of ``mesh`` under jit(shard_map), args and results
+  stacked along a leading worker axis (each worker sees its own slice)."""
+
+  def body(*args):
+    out = fn(*jax.tree.map(lambda x: x[0], args))
+    return jax.tree.map(lambda x: x[None], out)
+
+  spec = P(axis_name)
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
+
+
+def train_step(tx: optax.GradientTransformation, grad_fn: Callable | None = None, **extra):
+  """``step(params, state, *batch) -> (params, state)`` of one worker.
+
+  Without ``grad_fn`` the batch is the gradient itself; with it, the gradient
+  is ``jax.grad(grad_fn)(params, *batch)``. ``extra`` goes to ``tx.update``
+  (e.g. the static ``sync`` flag).
+  """
+
+  def step(params, state, *batch):
+    grads = batch[0] if grad_fn is None else jax.grad(grad_fn)(params, *batch)
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def fsdp_specs(tree: Any, replica: str = "replica", fsdp: str = "fsdp") -> Any:
+  """Leaves sharded over ``fsdp`` along their first params dim; per-replica scalars not."""
+  return jax.tree.map(lambda a: P(replica, fsdp) if a.ndim >= 2 else P(replica), tree)
+
+
+def fsdp_step(
+  tx: optax.GradientTransformation,
+  mesh: jax.sharding.Mesh,
+  params: Any,
+  loss: Callable,
+  replica: str = "replica",
+  fsdp: str = "fsdp",
+  **extra,
+) -> tuple[Callable, Callable, Any, Any]:
+  """``(init, step, params_spec, state_spec)``: FSDP inside each replica.
+
+  ``params`` are stacked per replica (a leading axis of the number of
+  replicas). Each device holds a slice of every params leaf (its first params
+  dim) and its slice of the replica's batch; the model all-gathers the params
+  over ``fsdp`` and ``jax.grad`` scatters the gradients back (a
+  reduce-scatter). ``loss(full_params, x, y)`` is the mean over one device's
+  batch, so the replica's loss is the sum over its devices divided by their
+  count. The optimizer runs on the local shards, ``tx`` on the ``replica``
+  axis; ``step(params, state, x, y) -> (params, state)``.
+  """
+  size = mesh.shape[fsdp]
+  params_spec = fsdp_specs(params, replica, fsdp)
+  state_spec = fsdp_specs(jax.eval_shape(jax.vmap(tx.init), params), replica, fsdp)
+  batch_spec = P(replica, fsdp)
+
+  def local_loss(shards, x, y):
+    full = jax.tree.map(lambda s: jax.lax.all_gather(s, fsdp, axis=0, tiled=True), shards)
+    return loss(full, x, y) / size
+
+  def body(params, state, x, y):
+    params, state = jax.tree.map(lambda a: a[0], (params, state))
+    params, state = train_step(tx, local_loss, **extra)(params, state, x[0], y[0])
+    return jax.tree.map(lambda a: a[None], (params, state))
+
+  step = jax.jit(
+    jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=(params_spec, state_spec, batch_spec, batch_spec),
+      out_specs=(params_spec, state_spec),
+    )
+  )
+  init = jax.jit(
+    jax.shard_map(
+      lambda p: jax.tree.map(lambda a: a[None], tx.init(jax.tree.map(lambda a: a[0], p))),
+      mesh=mesh,
+      in_specs=(params_spec,),
+      out_specs=state_spec,
+    )
+  )
+  return init, step, params_spec, state_spec
 
 
 class Trajectory(NamedTuple):

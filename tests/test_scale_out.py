@@ -6,12 +6,12 @@ import functools
 import re
 import types
 
+import harness
 from harness import AXIS
 from harness import run_transform
 from harness import stack
 import hlo
 import jax
-from jax import lax
 import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
@@ -79,51 +79,15 @@ def fsdp_mesh():
   return jax.make_mesh((REPLICAS, FSDP), ("replica", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 
 
-def fsdp_specs(tree):
-  """Arrays sharded over "fsdp" along their first params dim; per-replica scalars not."""
-  return jax.tree.map(lambda a: P("replica", "fsdp") if a.ndim >= 2 else P("replica"), tree)
-
-
 def fsdp_step(tx, **extra):
-  """A train step with params and state sharded over "fsdp" inside each replica.
+  """``(init, step)``: params and state sharded over "fsdp" inside each replica.
 
   Each device holds a quarter of every params leaf (dim 0) and its quarter of
-  the replica's batch; the model all-gathers the params over "fsdp", and
-  jax.grad scatters the gradients back (a reduce-scatter). The optimizer
-  runs on the local shards with axis_name="replica".
+  the replica's batch (see ``harness.fsdp_step``); the optimizer runs on the
+  local shards with axis_name="replica".
   """
-  mesh = fsdp_mesh()
   w0, _, _ = data()
-  params_spec = fsdp_specs(stack(w0, REPLICAS))
-  state_spec = fsdp_specs(jax.eval_shape(jax.vmap(tx.init), stack(w0, REPLICAS)))
-  batch_spec = P("replica", "fsdp")
-
-  def local_loss(shards, x, y):
-    full = jax.tree.map(lambda s: lax.all_gather(s, "fsdp", axis=0, tiled=True), shards)
-    return loss(full, x, y) / FSDP  # Summed over the FSDP devices: the replica's mean.
-
-  def body(params, state, x, y):
-    params, state = jax.tree.map(lambda a: a[0], (params, state))
-    grads = jax.grad(local_loss)(params, x[0], y[0])
-    updates, state = tx.update(grads, state, params, **extra)
-    return jax.tree.map(lambda a: a[None], (optax.apply_updates(params, updates), state))
-
-  step = jax.jit(
-    jax.shard_map(
-      body,
-      mesh=mesh,
-      in_specs=(params_spec, state_spec, batch_spec, batch_spec),
-      out_specs=(params_spec, state_spec),
-    )
-  )
-  init = jax.jit(
-    jax.shard_map(
-      lambda p: jax.tree.map(lambda a: a[None], tx.init(jax.tree.map(lambda a: a[0], p))),
-      mesh=mesh,
-      in_specs=(params_spec,),
-      out_specs=state_spec,
-    )
-  )
+  init, step, _, _ = harness.fsdp_step(tx, fsdp_mesh(), stack(w0, REPLICAS), loss, **extra)
   return init, step
 
 
@@ -294,12 +258,7 @@ def test_host_offload_in_the_compiled_sync():
   params, state = optax_dist.per_worker((w0, tx.init(w0)), mesh=mesh, axis_name=AXIS)
 
   def compiled(flag):
-    def body(p, s, g):
-      p, s, g = jax.tree.map(lambda a: a[0], (p, s, g))
-      u, s = tx.update(g, s, p, sync=flag)
-      return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, u), s))
-
-    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+    fn = harness.per_worker(harness.train_step(tx, sync=flag), mesh)
     return fn.lower(params, state, params).compile().as_text()
 
   center_and_trace = 2 * (DIM_IN * DIM_OUT + DIM_OUT * 4) * 4
@@ -385,22 +344,32 @@ def run_transform_from(tx, params, state, grads):
 
 
 def test_resize_restarts_accumulators_and_snapshots():
+  # Three calls of period 2: a sync on call 2 left EASGD's snapshot at the
+  # center before it (not the center now), and call 3 filled AGN's
+  # accumulator again; a resize restarts both from the center.
   w0 = {"w": np.ones(3, np.float32)}
   tx = optax.chain(
     optax.scale_by_adam(),
-    optax_dist.elastic_average(optax.sgd(0.1), axis_name=AXIS, rho=0.1, communication_period=3),
+    optax_dist.elastic_average(optax.sgd(0.1), axis_name=AXIS, rho=0.1, communication_period=2),
   )
-  agn = optax_dist.agn(optax.sgd(0.1), axis_name=AXIS, communication_period=3)
+  agn = optax_dist.agn(optax.sgd(0.1), axis_name=AXIS, communication_period=2)
+  grads = [{"w": np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]], np.float32)}] * 3
   for t in (tx, agn):
-    traj = run_transform(t, stack(w0, 2), [{"w": np.ones((2, 3), np.float32)}] * 2, mode="vmap")
+    traj = run_transform(t, stack(w0, 2), grads, mode="vmap")
+    before = traj.state if hasattr(traj.state, "_fields") else traj.state[1]
+    np.testing.assert_array_equal(optax_dist.global_step(traj.state), [1, 1])
     _, state = optax_dist.resize_workers(traj.params[-1], traj.state, 3)
     inner = state if hasattr(state, "_fields") else state[1]  # The chain's second.
+    center = np.broadcast_to(before.center["w"][0], (3, 3))
+    np.testing.assert_array_equal(inner.center["w"], center)
     if hasattr(inner, "accumulator"):
+      assert np.abs(before.accumulator["w"]).min() > 0
       np.testing.assert_array_equal(inner.accumulator["w"], np.zeros((3, 3)))
     else:
-      np.testing.assert_array_equal(inner.snapshot["w"], inner.center["w"])
+      assert not np.array_equal(before.snapshot["w"][0], before.center["w"][0])
+      np.testing.assert_array_equal(inner.snapshot["w"], center)
       # The chain's Adam moments are averaged, its count taken from worker 0.
-      np.testing.assert_array_equal(state[0].count, [2, 2, 2])
+      np.testing.assert_array_equal(state[0].count, [3, 3, 3])
 
 
 @pytest.mark.parametrize(
