@@ -263,18 +263,20 @@ def test_quantize_gold_blocks():
 
 @pytest.mark.parametrize("n", [4, 8])
 def test_each_block_of_a_chunk_has_its_own_scale(n):
-  # Every worker's chunk is two blocks, of magnitude 1e3 and 1e-3: one
-  # scale per block keeps the small block to about 1e-3 / 127 (one scale
-  # per chunk would round it to zero).
+  # Every worker's chunk is two blocks of int8's documented 256 numbers, of
+  # magnitude 1e3 and 1e-3: one scale per block keeps the small block to
+  # about 1e-3 / 127 (one scale per chunk, or blocks of 512, would round it
+  # to zero).
+  block = 256
   rng = np.random.default_rng(n)
-  x = rng.normal(size=(n, n, 2, BLOCK)).astype(np.float32)
+  x = rng.normal(size=(n, n, 2, block)).astype(np.float32)
   x[:, :, 0] *= 1e3
   x[:, :, 1] *= 1e-3
   total, _ = map_workers(lambda t: _quantize.ring_sum(t, (AXIS,), jnp.int8), n, "vmap")(
     x.reshape(n, -1)
   )
   exact = x.astype(np.float64).sum(0)
-  error = np.abs(np.asarray(total[0]).reshape(n, 2, BLOCK) - exact)
+  error = np.abs(np.asarray(total[0]).reshape(n, 2, block) - exact)
   # Per block: the workers' roundings (absmax / 254 each) and the sum's.
   absmax = np.abs(x).max(-1, keepdims=True)
   bound = (absmax.sum(0) + np.abs(exact).max(-1, keepdims=True) * (1 + 1 / 127)) / 254
