@@ -394,8 +394,8 @@ def build(config):
   # every call and those of the sync branches. A warm-up call all-reduces the
   # gradients across the workers (float32, shaped like the params), which the
   # report counts with the syncs. With fewer than 8 workers, the all-reduces
-  # inside a worker's group of devices stay inside the worker: they are
-  # counted apart (``"group_bytes"``), not as bytes sent between workers.
+  # inside a worker's group of devices stay inside the worker: they are not
+  # bytes sent between workers (those of every step are ``"group_bytes"``).
   batch_shape = np.zeros((config.batch_size, config.context + 1), np.uint8)
   report = optax_dist.communication_report(step, params, opt_state, batch_shape)
   in_group = lambda c: len(shape) > 1 and c.workers == shape[1]  # noqa: E731
@@ -403,7 +403,7 @@ def build(config):
     c.wire_bytes for c in report.collectives if c.every_step and not in_group(c)
   )
   group_bytes = sum(c.wire_bytes for c in report.collectives if c.every_step and in_group(c))
-  sync_bytes = sum(c.wire_bytes for c in report.collectives if not c.every_step)
+  sync_bytes = sum(c.wire_bytes for c in report.collectives if not c.every_step and not in_group(c))
   m = config.workers
   warmup_bytes = 2 * (m - 1) / m * params_bytes if config.warmup and periodic else 0
   sync_bytes -= warmup_bytes

@@ -155,3 +155,86 @@ def test_diloco_streams_fragments_after_a_warmup(train_lm, traces, tmp_path, cap
   # One program per kind of call (warm-up, each fragment's sync), one that
   # decides inside (for the communication report), one for the evaluations.
   assert len(traces) <= 5, len(traces)
+
+
+def load_study():
+  path = EXAMPLES.parent / "benchmarks" / "lm.py"
+  spec = importlib.util.spec_from_file_location("lm_study", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_two_workers_of_four_devices(train_lm, tmp_path, capsys):
+  argv = ["--algorithm", "diloco", "--workers", "2", "--period", "4"]
+  result = train_lm.main([*TINY, *argv, "--plot", str(tmp_path / "lm.png")])
+  out = capsys.readouterr().out
+  check_learns_and_prints(result, out)
+  assert "diloco: 2 workers on 8 devices" in out
+  # Inside a worker, its 4 devices all-reduce the gradients on every step (not
+  # counted as bytes between workers); every step all-reduces the loss over all
+  # 8 devices; a sync all-reduces the pseudo-gradient between the 2 workers: a
+  # ring of 2 sends 2 * 1 / 2 of its bytes.
+  assert result["group_bytes"] == pytest.approx(2 * 3 / 4 * PARAMS_BYTES)
+  assert result["every_step_bytes"] == pytest.approx(RING * LOSS_BYTES)
+  # (With it, at most two float32 flags.)
+  assert result["sync_bytes"] == pytest.approx(PARAMS_BYTES, abs=8)
+  expected = [t * RING * LOSS_BYTES + t // 4 * result["sync_bytes"] for t in (0, 4, 8)]
+  assert result["bytes"] == pytest.approx(expected)
+  assert result["syncs"] == 2
+
+  # The study's program (the 2 workers an axis of vmap, each computing its
+  # gradient on its half of the same global batch) trains the same model.
+  study = load_study()
+  config = train_lm.Config(**{**result["config"]})
+  hyper = {"learning_rate": config.learning_rate, "outer_learning_rate": 0.7}
+  (run,) = study.simulate(config, [hyper], [config.seed], config.eval_every)
+  np.testing.assert_allclose(run["val_loss"], result["val_loss"], rtol=2e-6)
+
+
+def test_one_worker_with_a_plain_outer_step_is_data_parallel(train_lm, tmp_path, capsys):
+  # DiLoCo with one worker and outer SGD (1, 0) moves the center to where the
+  # worker went: the center is synchronous training's params, up to rounding.
+  # The global batch is the same: the 8 devices of the one worker split it.
+  argv = ["--algorithm", "diloco", "--workers", "1", "--period", "2"]
+  argv += ["--outer-learning-rate", "1", "--outer-momentum", "0"]
+  plot = ["--plot", str(tmp_path / "lm.png")]
+  result = train_lm.main([*TINY, *argv, *plot])
+  check_learns_and_prints(result, capsys.readouterr().out)
+  sync = train_lm.main([*TINY, "--algorithm", "sync", *plot])
+  np.testing.assert_allclose(result["val_loss"], sync["val_loss"], rtol=1e-5)
+  np.testing.assert_allclose(result["train_loss"], sync["train_loss"], rtol=1e-5)
+  # One worker has no peer: nothing is sent between workers; the outer step
+  # ran every 2 steps.
+  assert result["bytes"] == [0, 0, 0] and result["sync_bytes"] == 0
+  assert result["syncs"] == 4
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--workers", "3"], "must divide the 8 devices"),
+    (["--algorithm", "sync", "--workers", "2"], "option of the periodic algorithms"),
+  ],
+)
+def test_bad_workers_are_refused(train_lm, argv, message, capsys):
+  with pytest.raises(SystemExit):
+    train_lm.parse_args(argv)
+  assert message in capsys.readouterr().err
+
+
+def test_study_rows_and_grids():
+  study = load_study()
+  names = [row.name for row in study.ROWS]
+  assert names[0] == "DP" and len(set(names)) == len(names)
+  for m in (1, 2, 4, 8):
+    assert f"DiLoCo M={m} H=32" in names
+  config = study.row_config(study.ROWS[names.index("DiLoCo M=8 H=32 warm-up 10%")], 3200, {})
+  assert (config.warmup, config.steps, config.workers) == (320, 3200, 8)
+  # At least 100 outer steps at H = 32.
+  assert study.STEPS // 32 >= 100
+  outer = study.trials(study.ROWS[names.index("DiLoCo M=2 H=32")], 0.004)
+  assert len(outer) == 8 and {t["outer_learning_rate"] for t in outer} == {0.4, 0.6, 0.8, 1.0}
+  assert {t["learning_rate"] for t in outer} == {0.004, 0.002}
+  at_m8 = study.trials(study.ROWS[names.index("DiLoCo M=8 H=8")], 0.004, 0.5)
+  assert [t["learning_rate"] for t in at_m8] == [0.002] * 4
