@@ -28,6 +28,7 @@ import types
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -487,6 +488,66 @@ def test_the_readme_and_the_landing_page_link_the_tutorial():
   assert "[Train a Flax model with DiLoCo](tutorial.md)" in index
   toctree = re.search(r"^```\{toctree\}\n(.*?)^```", index, re.S | re.M).group(1)
   assert "\ntutorial\n" in toctree
+
+
+def test_readme_api_table_gives_the_step_signatures():
+  text = (ROOT / "README.md").read_text()
+  rows = {row.split("|")[1].strip(): row for row in re.findall(r"^\| `\w+\(.*$", text, re.M)}
+  train = next(row for name, row in rows.items() if name.startswith("`data_parallel_step("))
+  evaluate = next(row for name, row in rows.items() if name.startswith("`data_parallel_eval_step("))
+  assert "`step(params, opt_state, batch) -> (params, opt_state, metrics)`" in train
+  assert "`eval_step(params, opt_state, batch) -> metrics`" in evaluate
+  for row in (train, evaluate):
+    assert 'params_layout="per_worker"' in row.split("|")[3]
+  # Every keyword of the builders is in the signature the table gives.
+  for fn, row in (
+    (optax_dist.data_parallel_step, train),
+    (optax_dist.data_parallel_eval_step, evaluate),
+  ):
+    signature = row.split("|")[1]
+    assert all(f"{name}" in signature for name in inspect.signature(fn).parameters), signature
+
+
+def test_coming_from_maps_host_offload_and_resize_workers():
+  text = (DOCS / "coming_from.md").read_text()
+  rows = {row.split("|")[1].strip(): row for row in text.splitlines() if row.startswith("| ")}
+  assert "host_offload=True" in rows["`backup_device`, `pin_memory` (outer state on the CPU)"]
+  assert "resize_workers" in rows["`Manager` quorum, replicas joining and leaving"]
+  assert "not available yet" not in text
+
+
+def test_the_limits_of_fragments_are_stated():
+  section = (DOCS / "algorithms" / "index.md").read_text().split("### Fragments")[1]
+  section = section.split("\n## ")[0]
+  for claim in (
+    "multiple of `F`",
+    "whole leaves",
+    "at least `F` leaves",
+    "`sync=True` syncs every",
+  ):
+    assert claim in section, claim
+  for page in ("diloco.md", "model_average.md"):
+    assert "index.md#fragments" in (DOCS / "algorithms" / page).read_text()
+
+
+def test_sync_true_syncs_every_fragment_as_the_docs_say():
+  # docs/algorithms/index.md: `sync=True` syncs every fragment in the same
+  # call, and global_step counts fragment syncs.
+  tx = optax_dist.diloco(
+    optax.sgd(0.1), axis_name="w", outer=optax.sgd(1.0), sync_period=4, fragments=2
+  )
+  params = {"a": jnp.zeros((2, 3)), "b": jnp.ones((2, 5))}
+  grads = {"a": jnp.array([[1.0] * 3, [3.0] * 3]), "b": jnp.array([[2.0] * 5, [0.0] * 5])}
+
+  def step(params, grads):
+    updates, state = tx.update(grads, tx.init(params), params, sync=True)
+    return optax.apply_updates(params, updates), state
+
+  params, state = jax.jit(jax.vmap(step, axis_name="w"))(params, grads)
+  np.testing.assert_array_equal(optax_dist.global_step(state), [2, 2])
+  # Both fragments moved to the workers' mean (outer SGD with rate 1).
+  np.testing.assert_allclose(params["a"], np.full((2, 3), -0.2), rtol=1e-6)
+  np.testing.assert_allclose(params["b"], np.full((2, 5), 0.9), rtol=1e-6)
 
 
 def test_migration_elastic_average_translation_trains():
