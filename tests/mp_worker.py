@@ -90,14 +90,9 @@ def mesh():
 
 def per_worker(fn, m):
   """``fn`` on every worker, args and results stacked along a leading worker axis."""
-  import jax
-  from jax.sharding import PartitionSpec as P
+  import harness
 
-  def body(*args):
-    out = fn(*jax.tree.map(lambda a: a[0], args))
-    return jax.tree.map(lambda a: a[None], out)
-
-  return jax.jit(jax.shard_map(body, mesh=m, in_specs=P(AXIS), out_specs=P(AXIS)))
+  return harness.per_worker(fn, m, AXIS)
 
 
 def put(tree, m):
@@ -124,15 +119,9 @@ def fetch(tree):
 
 
 def make_step(tx, m, **extra):
-  import jax
-  import optax
+  import harness
 
-  def step(params, state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)
-    updates, state = tx.update(grads, state, params, **extra)
-    return optax.apply_updates(params, updates), state
-
-  return per_worker(step, m)
+  return per_worker(harness.train_step(tx, loss_fn, **extra), m)
 
 
 def run_algorithm(tx, m, x, y, static=False):
@@ -169,8 +158,8 @@ def fsdp_mesh():
 
 def fsdp_run(m):
   """DiLoCo over the replicas, params and state sharded over "fsdp" inside each."""
+  import harness
   import jax
-  from jax import lax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
@@ -180,9 +169,6 @@ def fsdp_run(m):
 
   tx = optax_dist.diloco(optax.adam(0.05), axis_name="replica", sync_period=2)
 
-  def specs(tree):
-    return jax.tree.map(lambda a: P("replica", "fsdp") if a.ndim >= 2 else P("replica"), tree)
-
   def place(tree, spec_tree):
     def one(a, spec):
       a = np.asarray(a)
@@ -191,36 +177,12 @@ def fsdp_run(m):
 
     return jax.tree.map(one, tree, spec_tree)
 
+  def loss(params, x, y):
+    return jnp.mean((x @ params["w"] - y[..., None]) ** 2)
+
   params = {"w": np.full((2, DIM, 3), 0.1, np.float32)}
-  params_spec = specs(params)
-  state_spec = specs(jax.eval_shape(jax.vmap(tx.init), params))
-
-  def loss(local, x, y):
-    w = lax.all_gather(local["w"], "fsdp", axis=0, tiled=True)
-    return jnp.mean((x @ w - y[..., None]) ** 2) / 2
-
-  def body(p, s, x, y):
-    p, s = jax.tree.map(lambda a: a[0], (p, s))
-    u, s = tx.update(jax.grad(loss)(p, x[0], y[0]), s, p)
-    return jax.tree.map(lambda a: a[None], (optax.apply_updates(p, u), s))
-
+  init, step, params_spec, _ = harness.fsdp_step(tx, m, params, loss)
   batch_spec = P("replica", "fsdp")
-  step = jax.jit(
-    jax.shard_map(
-      body,
-      mesh=m,
-      in_specs=(params_spec, state_spec, batch_spec, batch_spec),
-      out_specs=(params_spec, state_spec),
-    )
-  )
-  init = jax.jit(
-    jax.shard_map(
-      lambda p: jax.tree.map(lambda a: a[None], tx.init(jax.tree.map(lambda a: a[0], p))),
-      mesh=m,
-      in_specs=(params_spec,),
-      out_specs=state_spec,
-    )
-  )
   p = place(params, params_spec)
   s = init(p)
   x, y = data(STEPS)  # (steps, 4, BATCH, DIM): 2 replicas x 2 FSDP devices' rows.
@@ -259,6 +221,41 @@ def nonfinite_data():
   x = x.copy()
   x[3, 3, 0, 0] = np.nan
   return x, y
+
+
+def recovery_run(m):
+  """DiLoCo with no guard; worker 3 (on process 1) gets a NaN gradient on call 4.
+
+  Call 4 is a local step of period 3; the sync on call 6 leaves worker 3 out.
+  Static flags; on sync calls every worker applies ``restart_nonfinite``.
+  """
+  import jax
+  import optax
+
+  import optax_dist
+
+  tx = optax_dist.diloco(optax.adam(0.05, b2=0.99), axis_name=AXIS, sync_period=3)
+  x, y = nonfinite_data()
+
+  def make(flag):
+    def step(params, state, xb, yb):
+      grads = jax.grad(loss_fn)(params, xb, yb)
+      updates, state = tx.update(grads, state, params, sync=flag)
+      params = optax.apply_updates(params, updates)
+      if flag is not False:
+        params = optax_dist.restart_nonfinite(params, state)
+      return params, state
+
+    return per_worker(step, m)
+
+  params = put(initial_params(), m)
+  state = per_worker(tx.init, m)(params)
+  schedule = optax_dist.sync_schedule(state)
+  steps = {flag: make(flag) for flag in (False, True)}
+  for t in range(len(x)):
+    step = steps[schedule(t)]
+    params, state = jax.block_until_ready(step(params, state, put(x[t], m), put(y[t], m)))
+  return fetch(params), fetch(state)
 
 
 def agreement_messages(m):
@@ -303,6 +300,7 @@ def all_scenarios(out_dir, ckpt_dir):
     if name != "tower":
       results.update(flat(f"static/{name}", *run_algorithm(tx, m, x, y, static=True)))
   results.update(flat("nonfinite", *run_algorithm(nonfinite_transform(), m, *nonfinite_data())))
+  results.update(flat("recovery", *recovery_run(m)))
   results.update(flat("fsdp", *fsdp_run(fsdp_mesh())))
   results.update(agreement_messages(m))
   np.savez(out_dir / f"all_{jax.process_index()}.npz", **results)
