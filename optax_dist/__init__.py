@@ -22,11 +22,14 @@ from optax_dist._params import broadcast_params
 from optax_dist._placement import resize_workers
 from optax_dist._schedule import SyncSchedule
 from optax_dist._schedule import SyncState
+from optax_dist._schedule import checking_sync_flags
 from optax_dist._state import call_count
 from optax_dist._state import center_params
+from optax_dist._state import dropped_syncs
 from optax_dist._state import get_slot
 from optax_dist._state import get_slot_names
 from optax_dist._state import global_step
+from optax_dist._state import restart_nonfinite
 from optax_dist._state import skipped_syncs
 from optax_dist._state import sync_schedule
 from optax_dist._step import data_parallel_eval_step
@@ -54,10 +57,12 @@ __all__ = (
   "call_count",
   "center_params",
   "check_agreement",
+  "checking_sync_flags",
   "communication_report",
   "data_parallel_eval_step",
   "data_parallel_step",
   "diloco",
+  "dropped_syncs",
   "elastic_average",
   "get_slot",
   "get_slot_names",
@@ -67,6 +72,7 @@ __all__ = (
   "model_average",
   "per_worker",
   "resize_workers",
+  "restart_nonfinite",
   "skipped_syncs",
   "sync_schedule",
   "tower",

@@ -3,6 +3,7 @@
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
@@ -86,9 +87,9 @@ def agn(
 
   {{sync_warmup}}
 
-  A sync whose accumulated gradients are not finite leaves the center and
-  its optimizer state as they were, moves every worker back onto the
-  center, and counts in :func:`optax_dist.skipped_syncs`.
+  {{nonfinite_sync}}
+  A dropped worker's commit is left out of the sum (with
+  ``center_reduction="mean"``, the mean is over the finite workers).
 
   A sync's update lands each worker on the center up to one float rounding
   (``params + (center - params)``). Non-sync steps run no collective. Each
@@ -163,8 +164,15 @@ def agn(
       scale = scale / _collectives.num_workers(axes)
     normalized = jax.tree.map(lambda a: a * scale, carry["accumulator"])
     if ordering == "simultaneous":
-      total = _collectives.psum(normalized, axes)
-      finite = _periodic.reduced_finite(total, axes)
+      # The finite workers' commits; with "mean", their mean.
+      reduced = _periodic.finite_sum(normalized, axes)
+      total = reduced.total
+      if center_reduction == "mean":
+        n = _collectives.num_workers(axes)
+        rescale = n / jnp.maximum(reduced.num_finite, 1.0)
+        total = jax.tree.map(lambda t: t * rescale.astype(t.dtype), total)
+      finite = reduced.finite(total, axes)
+      dropped = jnp.logical_not(reduced.mine)
       center_updates, new_center_state = inner.update(total, center_state, center)
       new_center = optax.apply_updates(center, center_updates)
       target = new_center
@@ -176,16 +184,20 @@ def agn(
         u, c_state = inner.update(g_k, c_state, c)
         return optax.apply_updates(c, u), c_state
 
-      target, (new_center, new_center_state), finite = _periodic.replay_commits(
+      target, (new_center, new_center_state), finite, dropped = _periodic.replay_commits(
         commit, (center, center_state), normalized, axes, mine=lambda c: c[0], after=True
       )
     target = _periodic.keep_unless(finite, target, center)
+    # A dropped worker lands on the center as it stands after every commit.
+    target = _periodic.keep_unless(
+      dropped, _periodic.keep_unless(finite, new_center, center), target
+    )
     new = {
       "center": _periodic.keep_unless(finite, new_center, center),
       "center_state": _periodic.keep_unless(finite, new_center_state, center_state),
       "accumulator": _periodic.zeros_like(carry["accumulator"]),
     }
-    return _periodic.Synced(local.moved_to(target), new, finite)
+    return _periodic.Synced(local.moved_to(target), new, finite, dropped)
 
   def restart(x, carry):
     return {**carry, "center": x, "accumulator": _periodic.zeros_like(carry["accumulator"])}

@@ -127,7 +127,8 @@ def check_agreement(
 
   Raises:
     ValueError: on every process, when settings or params differ; the message
-      lists what differs. Also if ``axis_name`` is not an axis of ``mesh``.
+      lists what differs. Also if ``axis_name`` is not an axis of ``mesh``, or
+      if a transform in ``settings`` binds an axis other than ``axis_name``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_dist
@@ -150,6 +151,7 @@ def check_agreement(
       raise ValueError(
         f"check_agreement: {a!r} is not an axis of the mesh (axes {mesh.axis_names})."
       )
+  _settings.check_bound_axes(settings, axes, mesh, "check_agreement")
   workers_of = worker_processes(mesh, axes)
   decoded = gather_lines(_settings.lines(settings) + params_lines(params))
   problems = settings_differences(decoded, workers_of)

@@ -4,6 +4,7 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
@@ -103,10 +104,7 @@ def diloco(
   sync fall by ``F`` and the average stays one model per ``H`` calls. ``H``
   must be a multiple of ``F``.
 
-  A sync whose averaged pseudo-gradient is not finite (a worker's params hold
-  an Inf or a NaN) leaves the center and the outer state as they were, moves
-  every worker back onto the center, and counts in
-  :func:`optax_dist.skipped_syncs`.
+  {{nonfinite_sync}}
 
   Args:
     inner: The local optimizer (the paper uses AdamW).
@@ -187,17 +185,20 @@ def diloco(
   def sync(local, carry):
     center = carry["center"]
     pseudo_gradient = jax.tree.map(lambda c, xi: c - xi, center, local.x)
-    delta, residual = _quantize.pmean(pseudo_gradient, axes, wire, carry["residual"])
-    finite = _periodic.reduced_finite(delta, axes)
+    # The mean over the workers whose pseudo-gradient is finite.
+    reduced = _periodic.finite_sum(pseudo_gradient, axes, wire, carry["residual"])
+    delta = reduced.mean()
+    finite = reduced.finite(delta, axes)
     outer_updates, outer_state = outer.update(delta, carry["outer_state"], center)
     new_center = optax.apply_updates(center, outer_updates)
     center = _periodic.keep_unless(finite, new_center, center)
     new = {
       "center": center,
       "outer_state": _periodic.keep_unless(finite, outer_state, carry["outer_state"]),
-      "residual": _periodic.keep_unless(finite, residual, carry["residual"]),
+      "residual": _periodic.keep_unless(finite, reduced.residual, carry["residual"]),
     }
-    return _periodic.Synced(local.moved_to(center), new, finite)
+    dropped = jnp.logical_not(reduced.mine)
+    return _periodic.Synced(local.moved_to(center), new, finite, dropped)
 
   def restart(x, carry):
     return {**carry, "center": x}

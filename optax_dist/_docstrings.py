@@ -71,7 +71,21 @@ Returns:
   :class:`optax_dist.{0}`. Its ``update`` needs ``params``.""",
   "sync_field": """\
 sync: The engine's counters and schedule (:class:`optax_dist.SyncState`):
-  calls, syncs, skipped syncs, and when the transform syncs.""",
+  calls, syncs, skipped syncs, this worker's dropped syncs, and when the
+  transform syncs.""",
+  "nonfinite_sync": """\
+A worker that goes bad does not stop the others (see "When a worker goes
+bad" in the docs): at a sync each worker checks its own contribution, a
+non-finite one enters as zero, and the count of finite workers travels in
+the same collective, so the center moves from the finite workers alone.
+The dropped worker gets a fresh inner state (``inner.init``) and lands on
+the center with the others (its params, NaN plus anything being NaN, are
+repaired by whoever applies the updates: :func:`optax_dist.restart_nonfinite`,
+which :func:`optax_dist.data_parallel_step` calls on sync calls). Only a
+sync with no finite worker leaves the center as it was; it counts in
+:func:`optax_dist.skipped_syncs`, and each drop in this worker's
+:func:`optax_dist.dropped_syncs`. A warm-up call averages the finite
+workers' gradients only.""",
   "residual_field": """\
 residual: With ``error_feedback=True``, what the rounding of a quantized
   sync dropped (from this worker's contribution, and from the summed

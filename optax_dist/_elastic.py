@@ -5,12 +5,12 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
 from optax_dist import _docstrings
 from optax_dist import _periodic
-from optax_dist import _quantize
 from optax_dist import _schedule
 
 
@@ -97,9 +97,9 @@ def elastic_average(
   bytes of a float32 all-reduce, with optional ``error_feedback`` (see
   :func:`optax_dist.diloco`).
 
-  A sync whose summed difference is not finite (a worker's params hold an
-  Inf or a NaN) moves neither the center nor any worker, and counts in
-  :func:`optax_dist.skipped_syncs`.
+  {{nonfinite_sync}}
+  The center moves by the finite workers' differences alone; the
+  dropped worker lands on the center as it stands after the sync.
 
   Start all workers from the same params (:func:`optax_dist.broadcast_params`,
   the reference's ``get_init_op``); ``init`` is local and the center starts as
@@ -194,8 +194,11 @@ def elastic_average(
     if ordering == "simultaneous":
       snapshot = center
       diff = jax.tree.map(lambda xi, c: xi - c, local.x, center)
-      total, residual = _quantize.psum(diff, axes, wire, residual)
-      finite = _periodic.reduced_finite(total, axes)
+      # The finite workers' differences (a dropped one enters as zero).
+      reduced = _periodic.finite_sum(diff, axes, wire, residual)
+      residual, total = reduced.residual, reduced.total
+      finite = reduced.finite(total, axes)
+      dropped = jnp.logical_not(reduced.mine)
       new_center = jax.tree.map(lambda c, t: c + alpha * t, center, total)
     else:
       # Worker k reads the center as workers 0..k-1 left it (its snapshot)
@@ -203,18 +206,23 @@ def elastic_average(
       def commit(c, x_k):
         return jax.tree.map(lambda ci, xi: ci + alpha * (xi - ci), c, x_k)
 
-      snapshot, new_center, finite = _periodic.replay_commits(
+      snapshot, new_center, finite, dropped = _periodic.replay_commits(
         commit, center, local.x, axes, mine=lambda c: c, after=False
       )
     correction = jax.tree.map(lambda xi, s: -alpha * (xi - s), local.x, snapshot)
+    center = _periodic.keep_unless(finite, new_center, center)
     new = {
-      "center": _periodic.keep_unless(finite, new_center, center),
+      "center": center,
       "residual": _periodic.keep_unless(finite, residual, carry["residual"]),
     }
     if use_rho:
+      snapshot = _periodic.keep_unless(dropped, center, snapshot)
       new["snapshot"] = _periodic.keep_unless(finite, snapshot, carry["snapshot"])
+      new["snapshot"] = _periodic.keep_unless(dropped, center, new["snapshot"])
     updates = _periodic.keep_unless(finite, local.corrected(correction), local.updates)
-    return _periodic.Synced(updates, new, finite)
+    # A dropped worker restarts on the center.
+    updates = _periodic.keep_unless(dropped, local.moved_to(center), updates)
+    return _periodic.Synced(updates, new, finite, dropped)
 
   def restart(x, carry):
     return {**carry, "center": x, "snapshot": x} if use_rho else {**carry, "center": x}

@@ -78,6 +78,15 @@ def check_batch(batch: Any, n: int) -> None:
 
 
 def check_per_worker(tree: Any, n: int, what: str) -> None:
+  leading = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(tree)}
+  if len(leading) == 1 and None not in leading and leading != {n}:
+    (m,) = leading
+    raise ValueError(
+      f"Every leaf of the {what} has a leading worker axis of {m}, but this step's mesh "
+      f"has {n} workers on its workers' axis. A tree resized with "
+      f"`resize_workers(params, opt_state, {m})` runs on a mesh of {m} devices along that "
+      f"axis: build the step on such a mesh, or resize to {n} workers."
+    )
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     shape = jnp.shape(x)
     if not shape or shape[0] != n:

@@ -4,6 +4,7 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
@@ -82,9 +83,7 @@ def model_average(
   the bytes of a float32 all-reduce, with optional ``error_feedback`` (see
   :func:`optax_dist.diloco`, whose pseudo-gradient travels the same way).
 
-  A sync whose average is not finite (a worker's params hold an Inf or a NaN)
-  leaves the center as it was, moves every worker back onto it, and counts
-  in :func:`optax_dist.skipped_syncs`.
+  {{nonfinite_sync}}
 
   Args:
     inner: The local optimizer (e.g. ``optax.sgd(0.1)``).
@@ -148,20 +147,23 @@ def model_average(
 
   def sync(local, carry):
     center, residual = carry["center"], carry["residual"]
+    # The mean over the workers whose contribution is finite.
     if wire.dtype is None and wire.topk_fraction is None:
-      mean = _collectives.pmean(local.x, axes)
+      reduced = _periodic.finite_sum(local.x, axes, wire, residual)
+      mean = reduced.mean()
     else:
       # In a narrow format, the differences to the center (small, and the
       # same scale on every worker) travel rather than the params.
       diff = jax.tree.map(lambda xi, c: xi - c, local.x, center)
-      moved, residual = _quantize.pmean(diff, axes, wire, residual)
-      mean = jax.tree.map(lambda c, m: c + m, center, moved)
-    finite = _periodic.reduced_finite(mean, axes)
+      reduced = _periodic.finite_sum(diff, axes, wire, residual)
+      mean = jax.tree.map(lambda c, m: c + m, center, reduced.mean())
+    finite = reduced.finite(mean, axes)
     new = {
       "center": _periodic.keep_unless(finite, mean, center),
-      "residual": _periodic.keep_unless(finite, residual, carry["residual"]),
+      "residual": _periodic.keep_unless(finite, reduced.residual, carry["residual"]),
     }
-    return _periodic.Synced(local.moved_to(new["center"]), new, finite)
+    dropped = jnp.logical_not(reduced.mine)
+    return _periodic.Synced(local.moved_to(new["center"]), new, finite, dropped)
 
   def restart(x, carry):
     return {**carry, "center": x}

@@ -26,6 +26,7 @@ per-fragment fields (e.g. DiLoCo's outer state).
 """
 
 from collections.abc import Callable
+import dataclasses
 import numbers
 from typing import Any
 from typing import NamedTuple
@@ -154,6 +155,71 @@ def keep_unless(ok: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
+def own_finite(tree: Any, axes: tuple) -> jax.Array:
+  """Whether this worker's own contribution is finite (a local check, no collective).
+
+  When a worker is several devices (params sharded over other mesh axes,
+  FSDP), its devices agree with one scalar all-reduce over those axes.
+  """
+  return _collectives.agree(_nonfinite.all_finite(tree), axes)
+
+
+def zero_unless(ok: jax.Array, tree: Any) -> Any:
+  """``tree`` where ``ok``, zeros otherwise (a dropped worker contributes nothing)."""
+  return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), tree)
+
+
+class FiniteSum(NamedTuple):
+  """The sum of the finite workers' contributions (see :func:`finite_sum`).
+
+  Attributes:
+    total: The sum over the workers whose contribution was finite.
+    residual: The new error-feedback residual (as :func:`_quantize.psum`).
+    num_finite: How many workers' contributions were finite (float32, exact,
+      the same on every worker).
+    mine: Whether this worker's contribution was finite.
+  """
+
+  total: Any
+  residual: Any
+  num_finite: jax.Array
+  mine: jax.Array
+
+  def mean(self) -> Any:
+    """The finite workers' mean (zeros when none was finite)."""
+    count = jnp.maximum(self.num_finite, 1.0)
+    mean = jax.tree.map(lambda t: t / count.astype(t.dtype), self.total)
+    # Rounded where it stands (the count is never negative), so that the two
+    # dispatches, and programs that differ around the sync, round alike.
+    return rounding_fence(mean, self.num_finite)
+
+  def finite(self, value: Any, axes: tuple) -> jax.Array:
+    """Whether the sync moves: some worker was finite, and ``value`` (its result) is."""
+    return jnp.logical_and(self.num_finite > 0, reduced_finite(value, axes))
+
+
+def finite_sum(
+  tree: Any, axes: tuple, wire: _quantize.Wire | None = None, residual: Any = None
+) -> FiniteSum:
+  """The workers' sum of their contributions ``tree``, the non-finite ones left out.
+
+  Each worker checks its own contribution; a non-finite one enters as zeros
+  (and its error-feedback residual restarts from zero), and the count of
+  finite workers travels in the same collective as the contribution: one
+  more float32 element of the all-reduce, or after the scales of the
+  quantized ring. No collective is added.
+  """
+  wire = _quantize.Wire() if wire is None else wire
+  mine = own_finite(tree, axes)
+  contribution = zero_unless(mine, tree)
+  if wire.error_feedback:
+    residual = zero_unless(mine, residual)
+  total, residual, count = _quantize.psum(
+    contribution, axes, wire, residual, side=mine.astype(jnp.float32)
+  )
+  return FiniteSum(total, residual, count, mine)
+
+
 ORDERINGS = ("simultaneous", "round_robin")
 
 
@@ -205,14 +271,18 @@ class Synced(NamedTuple):
   Attributes:
     updates: The worker's updates for this call.
     carry: The new values of the fields the sync owns.
-    finite: Whether the reduced value was finite, i.e. whether the center
-      moved (a sync that saw an Inf or a NaN keeps the center and counts as
-      skipped).
+    finite: Whether the center moved: some worker's contribution was finite,
+      and so was the result (otherwise the center stays and the sync counts
+      as skipped).
+    dropped: Whether this worker's own contribution was not finite and was
+      left out; the engine then gives it a fresh inner state, and the
+      algorithm lands it on the center.
   """
 
   updates: Any
   carry: dict[str, Any]
   finite: jax.Array
+  dropped: jax.Array
 
 
 class Spec(NamedTuple):
@@ -308,9 +378,24 @@ class Setup(NamedTuple):
     schedule = _schedule.SyncSchedule(self.period, self.warmup, num_fragments)
     fields = {
       "inner_state": self.inner.init(params),
-      "sync": _schedule.SyncState(zero, zero, zero, schedule),
+      "sync": _schedule.SyncState(zero, zero, zero, zero, schedule),
     }
     return center_like(params), fields
+
+  def check_schedule(self, schedule: _schedule.SyncSchedule, params: Any) -> None:
+    """A state made by an optimizer with another schedule is refused (at trace time)."""
+    _, num_fragments = _fragments.labels(self.fragments, params)
+    # Fields the engine does not set here (if any) are compared as they are.
+    mine = dataclasses.replace(
+      schedule, period=self.period, warmup=self.warmup, fragments=num_fragments
+    )
+    if schedule != mine:
+      raise ValueError(
+        f"{self.name}: this state was made with the schedule {schedule}, but this optimizer "
+        f"syncs on {mine}. Driving it would sync on the wrong calls. Make the state with "
+        "this optimizer's `init` (or restore it into a state made by that `init`), or "
+        "build the optimizer with the settings the state was made with."
+      )
 
   def placed(self, spec: "Spec", state: Any) -> Any:
     """A fresh ``state`` with the fields read only at a sync in host memory, if offloaded."""
@@ -345,10 +430,19 @@ def periodic_update(
   ``spec.carry`` by the algorithm's sync.
   """
   require_params(params, setup.name)
+  check_structures(grads, params, setup.name)
   inner, axes = setup.inner, setup.axes
   counters: _schedule.SyncState = state.sync
   schedule = counters.schedule
+  setup.check_schedule(schedule, params)
   flag = _schedule.check_flag(sync, schedule.fragments)
+  if flag == _schedule.WARMUP and not schedule.warmup:
+    raise ValueError(
+      f"{setup.name}: `sync='warmup'` asks for a synchronous warm-up call, but this "
+      "transform has no warm-up (`sync_warmup=0`). Build it with `sync_warmup=K` for K "
+      "warm-up calls, or pass the flags of `optax_dist.sync_schedule(state)`."
+    )
+  _schedule.verify_flag(flag, counters.step, schedule)
   carry = {name: getattr(state, name) for name in spec.carry}
   step = optax.safe_increment(counters.step)
   views = _Views(spec, setup.masks(params) if schedule.fragments > 1 else None)
@@ -358,6 +452,7 @@ def periodic_update(
 
   synced = jnp.zeros([], jnp.int32)
   skipped = jnp.zeros([], jnp.int32)
+  dropped = jnp.zeros([], jnp.int32)
 
   # Both paths run the same code between the same rounding points (see
   # rounding_fence): the inner update, and a sync's inputs and outputs.
@@ -376,16 +471,31 @@ def periodic_update(
     carry = fence(moved(carry, _placement.to_device))
     return moved(fence(spec.restart(local_view(params, updates).x, carry)), _placement.to_host)
 
+  def fresh_inner() -> Any:
+    """The inner state a dropped worker restarts with: ``inner.init`` at the center."""
+    center = state.center
+    if "center" in offloaded:
+      center = _placement.to_device(center)
+    return inner.init(optax.tree.cast_like(center, params))
+
+  def restarted(was_dropped: jax.Array, inner_state: Any) -> Any:
+    return _vary_tree_like(keep_unless(was_dropped, fresh_inner(), inner_state), inner_state)
+
   def sync_fragment(params_f: Any, updates_f: Any, carry_f: dict[str, Any]) -> tuple:
     carry_f = fence(moved(carry_f, _placement.to_device))
     out = spec.sync(local_view(params_f, updates_f), carry_f)
     new = moved(fence(out.carry), _placement.to_host)
-    return fence(out.updates), new, out.finite.astype(jnp.int32)
+    return fence(out.updates), new, out.finite.astype(jnp.int32), out.dropped
 
   if flag is None:  # Decided in the program, from the counter.
     is_warm, is_sync = schedule.in_graph(step)
     if schedule.warmup:
-      grads = run_on_sync(is_warm, lambda g, _: fence(_averaged(g, axes)), grads, axes)
+
+      def averaged(loop_carry: tuple, _: Any) -> tuple:
+        mean, out = finite_mean(loop_carry[0], axes)
+        return fence(mean), out.astype(jnp.int32)
+
+      grads, dropped = run_on_sync(is_warm, averaged, (grads, dropped), axes)
     updates, inner_state = inner_step(grads)
     if schedule.warmup:
 
@@ -397,15 +507,26 @@ def periodic_update(
     for f, is_sync_f in enumerate(is_sync):
 
       def on_sync(loop_carry: tuple, params_f: Any) -> tuple:
-        return sync_fragment(params_f, *loop_carry[:2])
+        updates_f, carry_f, _, inner_state, dropped = loop_carry
+        updates_f, carry_f, ok, out = sync_fragment(params_f, updates_f, carry_f)
+        inner_state = restarted(out, inner_state)
+        return updates_f, carry_f, ok, inner_state, dropped + out.astype(jnp.int32)
 
-      init = (views.tree(updates, f), views.carry(carry, f), jnp.zeros([], jnp.int32))
-      updates_f, carry_f, ok = run_on_sync(is_sync_f, on_sync, init, axes, views.tree(params, f))
+      zero = jnp.zeros([], jnp.int32)
+      updates_f, carry_f, ok, inner_state, dropped = run_on_sync(
+        is_sync_f,
+        on_sync,
+        (views.tree(updates, f), views.carry(carry, f), zero, inner_state, dropped),
+        axes,
+        views.tree(params, f),
+      )
       updates = views.merge_tree(updates, updates_f)
       carry = views.merge_carry(carry, carry_f, f)
       synced, skipped = synced + ok, skipped + is_sync_f.astype(jnp.int32) - ok
   elif flag == _schedule.WARMUP:
-    updates, inner_state = inner_step(fence(_averaged(grads, axes)))
+    mean, out = finite_mean(grads, axes)
+    dropped = dropped + out.astype(jnp.int32)
+    updates, inner_state = inner_step(fence(mean))
     carry = _vary_tree_like(warm(params, updates, carry), carry)
   else:
     updates, inner_state = inner_step(grads)
@@ -417,10 +538,12 @@ def periodic_update(
       to_sync = [int(flag)]
     for f in to_sync:
       old_updates, old_carry = views.tree(updates, f), views.carry(carry, f)
-      updates_f, carry_f, ok = sync_fragment(views.tree(params, f), old_updates, old_carry)
+      updates_f, carry_f, ok, out = sync_fragment(views.tree(params, f), old_updates, old_carry)
       updates = views.merge_tree(updates, _vary_tree_like(updates_f, old_updates))
       carry = views.merge_carry(carry, _vary_tree_like(carry_f, old_carry), f)
+      inner_state = restarted(out, inner_state)
       synced, skipped = synced + ok, skipped + 1 - ok
+      dropped = dropped + out.astype(jnp.int32)
 
   new_state = state._replace(
     inner_state=inner_state,
@@ -428,10 +551,62 @@ def periodic_update(
       step=step,
       num_syncs=counters.num_syncs + synced,
       num_skipped_syncs=counters.num_skipped_syncs + skipped,
+      num_dropped=counters.num_dropped + dropped,
     ),
     **carry,
   )
   return updates, new_state
+
+
+def check_structures(grads: Any, params: Any, name: str) -> None:
+  """The gradients and the params must be trees of the same structure."""
+  grads_def: Any = jax.tree.structure(grads)
+  params_def: Any = jax.tree.structure(params)
+  if grads_def != params_def:
+    raise ValueError(
+      f"{name}: the gradients (`updates`) and `params` must have the same tree structure, "
+      f"but the gradients are {grads_def} and the params {params_def}. Pass the gradients "
+      "of the params you pass as `params` (e.g. `jax.grad(loss)(params)`), and under "
+      "`optax.masked` or `optax.multi_transform` give both the same mask."
+    )
+
+
+def finite_mean(grads: Any, axes: tuple) -> tuple[Any, jax.Array]:
+  """The finite workers' mean gradient (a warm-up call), and whether this worker's was not.
+
+  One collective, as the plain mean: the count of finite workers travels in
+  it. With no finite worker the mean is zero.
+  """
+  n = _collectives.num_workers(axes)
+  typed = _collectives.typed_axes(axes)
+  mine = own_finite(grads, axes)
+  leaves, treedef = jax.tree.flatten(grads)
+
+  def to_sum(g: Any) -> tuple:
+    if g.dtype == jax.dtypes.float0:
+      return ()
+    varying = _collectives.varying_axes(g)
+    return tuple(a for a in axes if a not in typed or a in varying)
+
+  # Leaves already summed over the workers (invariant under shard_map: the
+  # gradient of replicated params) cannot leave a worker out; they are
+  # averaged as before.
+  summed = [to_sum(g) == axes for g in leaves]
+  sent = [jnp.where(mine, g, jnp.zeros_like(g)) for g, s in zip(leaves, summed, strict=True) if s]
+  sent_total, count = _collectives.psum((sent, mine.astype(jnp.float32)), axes)
+  count = jnp.maximum(count, 1.0)
+  totals = iter(sent_total)
+  out = []
+  for g, s in zip(leaves, summed, strict=True):
+    if g.dtype == jax.dtypes.float0:
+      out.append(g)
+    elif s:
+      out.append(next(totals) / count.astype(g.dtype))
+    else:
+      part = to_sum(g)
+      g = lax.psum(g, part) if part else g
+      out.append(g / jnp.asarray(n, g.dtype) if n > 1 else g)
+  return jax.tree.unflatten(treedef, out), jnp.logical_not(mine)
 
 
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
@@ -458,11 +633,6 @@ def rounding_fence(tree: Any, counter: jax.Array) -> Any:
     return lax.bitcast_convert_type(lax.bitcast_convert_type(x, bits) ^ flip, x.dtype)
 
   return jax.tree.map(fence, tree)
-
-
-def _averaged(grads: Any, axes: tuple) -> Any:
-  """The workers' mean gradient (a warm-up call is synchronous data parallelism)."""
-  return _collectives.reduce_gradients(grads, axes, "mean")
 
 
 class _Views:
@@ -584,26 +754,35 @@ def replay_commits(
   *,
   mine: Callable[[Any], Any],
   after: bool,
-) -> tuple[Any, Any, jax.Array]:
+) -> tuple[Any, Any, jax.Array, jax.Array]:
   """The reference's parameter server: every worker's commit, in worker order.
 
   Every worker receives all workers' ``contribution`` (one all-gather) and
   runs ``carry = commit(carry, contribution_k)`` for k = 0, ..., N - 1, so all
-  workers end with the same final carry. Returns ``mine(carry)`` as this
-  worker saw it just before (``after=False``) or just after (``after=True``)
-  its own commit, the final carry, and whether every contribution was finite.
+  workers end with the same final carry. A contribution that is not finite
+  is not committed (every worker sees which, in what it gathered). Returns
+  ``mine(carry)`` as this worker saw it just before (``after=False``) or just
+  after (``after=True``) its own commit, the final carry, whether the center
+  moved (some contribution was finite, and so is the final carry), and
+  whether this worker's own contribution was left out.
   """
   me = _collectives.worker_index(axes)
   gathered = _collectives.all_gather(contribution, axes)
+  n = _collectives.num_workers(axes)
+  each = [_nonfinite.all_finite(jax.tree.map(lambda g, k=k: g[k], gathered)) for k in range(n)]
+  # A worker sharded over other mesh axes (FSDP) agrees on every flag at once.
+  oks = _collectives.agree(jnp.stack(each), axes)
   # A Python loop over the N (static, few) commits: straight-line code, so a
   # static sync step holds no loop.
   c = _collectives.to_varying(carry, axes)
   kept = mine(c)
-  for k in range(_collectives.num_workers(axes)):
+  for k in range(n):
     if not after:
       kept = jax.tree.map(lambda m, v, k=k: jnp.where(k == me, v, m), kept, mine(c))
-    c = commit(c, jax.tree.map(lambda g, k=k: g[k], gathered))
+    committed = commit(c, jax.tree.map(lambda g, k=k: g[k], gathered))
+    c = keep_unless(oks[k], committed, c)
     if after:
       kept = jax.tree.map(lambda m, v, k=k: jnp.where(k == me, v, m), kept, mine(c))
   final = c
-  return kept, final, reduced_finite(gathered, axes)
+  moved = jnp.logical_and(jnp.any(oks), reduced_finite(final, axes))
+  return kept, final, moved, jnp.logical_not(oks[me])

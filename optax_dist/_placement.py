@@ -72,7 +72,8 @@ def resize_workers(
   * every worker's params are the center (in the params' dtype);
   * the center, the outer (DiLoCo) or center (AGN) optimizer's state and the
     counters are kept, so :func:`optax_dist.global_step` and the sync
-    schedule go on where they were;
+    schedule go on where they were (each worker's count of dropped syncs,
+    :func:`optax_dist.dropped_syncs`, restarts at zero);
   * the inner optimizer's floating leaves (Adam's moments, ...) are averaged
     over the old workers, its integer leaves (step counts) taken from worker
     0, and so are the leaves of any other state in ``opt_state`` (a chain's
@@ -147,7 +148,9 @@ def resize_workers(
     fields = {}
     for name in state._fields:
       value = getattr(state, name)
-      if name in _KEPT:
+      if name == "sync":  # The counters go on; the new workers have dropped nothing.
+        fields[name] = spread(value._replace(num_dropped=jnp.zeros_like(value.num_dropped)))
+      elif name in _KEPT:
         fields[name] = spread(value)
       elif name in _TO_CENTER and jax.tree.leaves(value):
         fields[name] = spread(center)

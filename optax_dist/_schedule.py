@@ -18,6 +18,8 @@ The flag a call takes (the ``sync`` extra argument of ``update``):
   workers before the inner step; the center follows the params).
 """
 
+from collections.abc import Iterator
+import contextlib
 import dataclasses
 import numbers
 import operator
@@ -35,8 +37,14 @@ Flag = bool | int | str | None
 
 def check_flag(sync: Any, num_fragments: int) -> Flag:
   """``sync`` if it is a static flag this transform understands, else a clear error."""
-  if sync is None or isinstance(sync, bool) or sync == WARMUP:
+  if sync is None or isinstance(sync, bool) or (isinstance(sync, str) and sync == WARMUP):
     return sync
+  # NumPy scalars are host values, as Python's: a bool or an int.
+  if isinstance(sync, (np.generic, np.ndarray)) and not isinstance(sync, jax.Array):
+    if np.ndim(sync) == 0 and np.asarray(sync).dtype == np.bool_:
+      return bool(sync)
+    if np.ndim(sync) == 0 and np.issubdtype(np.asarray(sync).dtype, np.integer):
+      sync = int(sync)
   if isinstance(sync, (jax.Array, np.ndarray, np.generic)) or isinstance(sync, jax.core.Tracer):
     raise TypeError(
       "`sync` must be a static Python value (None, True, False, a fragment index or "
@@ -158,15 +166,20 @@ class SyncState(NamedTuple):
   """The periodic engine's part of a periodic transform's state.
 
   Every periodic transform's state holds one in its ``sync`` field; it is the
-  same on every worker.
+  same on every worker, except ``num_dropped``.
 
   Attributes:
     step: Number of calls since init (int32).
     num_syncs: Number of syncs that moved the center, one per fragment synced
       (int32); read by :func:`optax_dist.global_step`.
     num_skipped_syncs: Number of syncs that left the center as it was because
-      what they reduced was not finite (int32); read by
+      no worker's contribution was finite (int32); read by
       :func:`optax_dist.skipped_syncs`.
+    num_dropped: Number of syncs (one per fragment synced) and warm-up calls
+      at which *this worker's* contribution was not finite and was left out
+      of the average (int32). Unlike the other counters it differs between
+      workers: stacked per worker it says which worker went bad, and how
+      often. Read by :func:`optax_dist.dropped_syncs`.
     schedule: When the transform syncs (static, no arrays); read by
       :func:`optax_dist.sync_schedule`.
   """
@@ -174,4 +187,86 @@ class SyncState(NamedTuple):
   step: jax.Array
   num_syncs: jax.Array
   num_skipped_syncs: jax.Array
+  num_dropped: jax.Array
   schedule: SyncSchedule
+
+
+_VERIFY = [False]
+
+
+@contextlib.contextmanager
+def checking_sync_flags() -> Iterator[None]:
+  """Checks, on every call, that a static ``sync`` flag agrees with the call counter.
+
+  A hand-written loop that passes ``update(..., sync=flag)`` itself (see
+  :func:`optax_dist.sync_schedule`) must count its calls: one that forgets
+  ``count += 1``, or counts a call it did not make, passes flags that no
+  longer follow the schedule, and the transform does what the flags say
+  (syncs never, or at the wrong calls) without a word. Inside this context,
+  every periodic transform traced with a static flag also computes, in the
+  program, the flag its own counter gives, and a host callback raises a
+  ``ValueError`` naming both when they differ. It costs a scalar comparison
+  and a host callback per call, so use it while writing the loop, not for
+  long runs. It applies to the steps traced inside the context (a jitted
+  step traced before keeps its program).
+
+  Yields:
+    Nothing.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax_dist.model_average(optax.sgd(0.1), axis_name="w", interval_steps=2)
+    >>> def run(flags):
+    ...   def train(params):
+    ...     state = tx.init(params)
+    ...     for flag in flags:
+    ...       updates, state = tx.update(jnp.ones(2), state, params, sync=flag)
+    ...       params = optax.apply_updates(params, updates)
+    ...     return params
+    ...   return jax.block_until_ready(jax.vmap(train, axis_name="w")(jnp.zeros((2, 2))))
+    >>> with optax_dist.checking_sync_flags():
+    ...   run([False, True])  # The schedule's flags.
+    Array([[-0.2, -0.2],
+           [-0.2, -0.2]], dtype=float32)
+  """
+  previous = _VERIFY[0]
+  _VERIFY[0] = True
+  try:
+    yield
+  finally:
+    _VERIFY[0] = previous
+
+
+def _flag_text(flag: Any) -> str:
+  return repr(flag.item() if isinstance(flag, np.generic) else flag)
+
+
+def verify_flag(flag: Flag, counter: jax.Array, schedule: SyncSchedule) -> None:
+  """Inside :func:`checking_sync_flags`: a callback that raises if ``flag`` is not the counter's."""
+  if not _VERIFY[0] or flag is None:
+    return
+  is_warm, syncs = schedule.in_graph(counter + 1)
+  # The flag as a code: -2 warm-up, -1 no sync, F every fragment, f fragment f.
+  code = jnp.where(is_warm, -2, -1)
+  for f, s in enumerate(syncs):
+    code = jnp.where(s, schedule.fragments if schedule.fragments == 1 else f, code)
+  given = {WARMUP: -2, False: -1, True: schedule.fragments}.get(flag, flag)
+  if flag is True and schedule.fragments == 1:
+    given = 1
+
+  def check(code: Any, counter: Any) -> None:
+    code, counter = np.asarray(code).reshape(-1), np.asarray(counter).reshape(-1)
+    if (code == given).all():
+      return
+    expected = int(code[code != given][0])
+    count = int(counter[code != given][0])
+    want = {-2: WARMUP, -1: False}.get(expected, True if schedule.fragments == 1 else expected)
+    raise ValueError(
+      f"The static flag `sync={_flag_text(flag)}` disagrees with the transform's own call "
+      f"counter: after {count} calls its schedule {schedule} gives `sync={want!r}`. A "
+      "hand-written loop must count every call it makes (`count += 1` after each step), "
+      "starting from `optax_dist.call_count(state)` for a restored state; or pass "
+      "`sync=None` and let the program decide."
+    )
+
+  jax.debug.callback(check, code, counter)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import functools
 import hashlib
 import numbers
+import re
 import types
 from typing import Any
 
@@ -103,3 +104,35 @@ def lines(settings: Any) -> list[str]:
 
   walk("settings", settings, 0)
   return lines
+
+
+_BOUND_AXIS = re.compile(r"\.axes\[\d+\] = ('.*'|\".*\")$")
+
+
+def bound_axes(optimizer: Any) -> list[str]:
+  """The axis names (as text) that the optimizer's transforms bind, in walk order."""
+  found = []
+  for line in lines(optimizer):
+    match = _BOUND_AXIS.search(line)
+    if match and match.group(1) not in found:
+      found.append(match.group(1))
+  return found
+
+
+def check_bound_axes(optimizer: Any, axes: tuple, mesh: Any, where: str) -> None:
+  """Every axis a transform of ``optimizer`` binds must be one of the workers' ``axes``.
+
+  An optimizer bound to another axis runs its local calls and fails only at
+  its first sync, possibly hundreds of calls later; this finds it when the
+  step is built.
+  """
+  allowed = {repr(a) for a in axes}
+  wrong = [a for a in bound_axes(optimizer) if a not in allowed]
+  if wrong:
+    raise ValueError(
+      f"{where}: the optimizer binds the axis name {', '.join(wrong)}, but the workers are "
+      f"on {axes} (mesh axes {tuple(mesh.axis_names)}), so it would fail only at its first "
+      f"sync. Build the optimizer with `axis_name={axes[0]!r}`"
+      + (" (or a tuple of these axes)" if len(axes) > 1 else "")
+      + f", or give {where} the optimizer's axis as `axis_name`."
+    )

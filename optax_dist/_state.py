@@ -279,15 +279,15 @@ def _periodic_states(opt_state: Any, what: str) -> list[tuple[Any, tuple]]:
 
 
 def skipped_syncs(opt_state: optax.OptState) -> jax.Array:
-  """The syncs that left the center as it was because what they reduced was not finite.
+  """The syncs that left the center as it was because no worker's contribution was finite.
 
   A periodic transform reduces the workers' params, differences or
-  pseudo-gradients at a sync. When a worker's contribution holds an Inf or a
-  NaN, every worker sees it in the reduced value (no extra collective): the
-  center keeps its last value, workers that restart from the center restart
-  from that finite one, and the sync is counted here instead of in
-  :func:`global_step`. Non-finite *gradients* are better caught before they
-  reach the params, with :func:`optax_dist.apply_if_all_finite`.
+  pseudo-gradients at a sync. Each worker checks its own contribution, a
+  non-finite one is left out (it counts in :func:`dropped_syncs` of that
+  worker), and the center moves from the finite workers. Only when none is
+  finite does the center keep its last value; the sync then counts here
+  instead of in :func:`global_step`, and every worker restarts from that
+  finite center. See "When a worker goes bad" in the docs.
 
   Args:
     opt_state: A state holding one periodic transform (anywhere inside).
@@ -300,18 +300,107 @@ def skipped_syncs(opt_state: optax.OptState) -> jax.Array:
     ValueError: if the state holds no periodic transform.
 
   Examples:
+    Both workers' params turn infinite: the sync has nothing finite to
+    average, and both restart from the center (zeros):
+
     >>> import jax, jax.numpy as jnp, optax, optax_dist
     >>> tx = optax_dist.model_average(optax.sgd(1.0), axis_name="w", interval_steps=1)
     >>> def step(params, grads):
     ...   updates, state = tx.update(grads, tx.init(params), params)
     ...   return optax.apply_updates(params, updates), optax_dist.skipped_syncs(state)
     >>> params = jnp.zeros((2, 3))
-    >>> grads = jnp.array([[1.0, 1.0, 1.0], [1.0, jnp.inf, 1.0]])
+    >>> grads = jnp.array([[1.0, jnp.inf, 1.0], [jnp.inf, 1.0, 1.0]])
     >>> jax.vmap(step, axis_name="w")(params, grads)
     (Array([[0., 0., 0.],
            [0., 0., 0.]], dtype=float32), Array([1, 1], dtype=int32))
   """
   return _periodic_states(opt_state, "skipped syncs")[0][0].sync.num_skipped_syncs
+
+
+def dropped_syncs(opt_state: optax.OptState) -> jax.Array:
+  """How often this worker's contribution to a sync was not finite and was left out.
+
+  At a sync each worker checks its own contribution (params, difference,
+  pseudo-gradient or accumulated gradient); a non-finite one enters the
+  average as zero, the center moves from the other workers, and this worker
+  restarts on the center with a fresh inner state. Warm-up calls count too
+  (a worker whose gradient was not finite is left out of the mean). Unlike
+  the other counters this one differs between workers: read on per-worker
+  state (a leading worker axis), it says which worker went bad and how often.
+
+  Args:
+    opt_state: A state holding one periodic transform (anywhere inside).
+
+  Returns:
+    A 0-d int32 array (a leading worker axis when the state has one).
+
+  Raises:
+    ValueError: if the state holds no periodic transform.
+
+  Examples:
+    Worker 1's gradient is NaN at a sync: the center is worker 0's params,
+    and both workers leave on it.
+
+    >>> import jax, jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax_dist.model_average(optax.sgd(1.0), axis_name="w", interval_steps=1)
+    >>> def step(params, grads):
+    ...   updates, state = tx.update(grads, tx.init(params), params)
+    ...   params = optax_dist.restart_nonfinite(optax.apply_updates(params, updates), state)
+    ...   return params, optax_dist.dropped_syncs(state), optax_dist.skipped_syncs(state)
+    >>> grads = jnp.array([[1.0, 2.0], [jnp.nan, 1.0]])
+    >>> jax.vmap(step, axis_name="w")(jnp.zeros((2, 2)), grads)
+    (Array([[-1., -2.],
+           [-1., -2.]], dtype=float32), Array([0, 1], dtype=int32), Array([0, 0], dtype=int32))
+  """
+  return _periodic_states(opt_state, "dropped syncs")[0][0].sync.num_dropped
+
+
+def restart_nonfinite(params: optax.Params, opt_state: optax.OptState) -> optax.Params:
+  """This worker's params, or the center if any of them is not finite.
+
+  A sync repairs a bad worker's optimizer state (it restarts from a fresh
+  inner state) and sends it the update that lands it on the center, but
+  params that hold a NaN cannot be repaired by an update: ``NaN + u`` is
+  NaN for every ``u``. Whoever applies the updates does it: call this right
+  after ``optax.apply_updates``, on each worker's own params (inside the
+  function mapped over the workers):
+
+  .. code-block:: python
+
+    updates, opt_state = tx.update(grads, opt_state, params, sync=flag)
+    params = optax.apply_updates(params, updates)
+    if flag is not False:  # On sync calls (a local step need not pay for it).
+      params = optax_dist.restart_nonfinite(params, opt_state)
+
+  :func:`optax_dist.data_parallel_step` does this by itself on sync calls.
+  On a finite worker it changes nothing. It reads the center of the state
+  after the update (cast to the params' dtypes) and checks the params with a
+  local reduction (no collective); where params are sharded over other mesh
+  axes (FSDP), each device replaces its own shard when it holds a non-finite
+  value.
+
+  Args:
+    params: One worker's params.
+    opt_state: Its optimizer state, holding one periodic transform.
+
+  Returns:
+    ``params``, or the center in the params' dtypes.
+
+  Raises:
+    ValueError: if the state holds no periodic transform, or several.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax_dist.diloco(optax.sgd(0.1), axis_name="w", sync_period=4)
+    >>> state = tx.init(jnp.array([1.0, 2.0]))
+    >>> optax_dist.restart_nonfinite(jnp.array([jnp.nan, 0.5]), state)
+    Array([1., 2.], dtype=float32)
+    >>> optax_dist.restart_nonfinite(jnp.array([3.0, 0.5]), state)
+    Array([3. , 0.5], dtype=float32)
+  """
+  center = optax.tree.cast_like(center_params(opt_state, params), params)
+  finite = _nonfinite.all_finite(params)
+  return jax.tree.map(lambda p, c: jnp.where(finite, p, c), params, center)
 
 
 def sync_schedule(opt_state: optax.OptState) -> _schedule.SyncSchedule:

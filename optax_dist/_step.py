@@ -20,6 +20,9 @@ import optax
 from optax_dist import _collectives
 from optax_dist import _layout
 from optax_dist import _metrics
+from optax_dist import _periodic
+from optax_dist import _schedule
+from optax_dist import _settings
 from optax_dist import _state
 
 _DISPATCHES = ("static", "in_graph")
@@ -85,15 +88,28 @@ class HostSchedule:
 class _TrainStep:
   """A train step that picks its program per call (see :func:`data_parallel_step`)."""
 
-  def __init__(self, run: Any, *, static: bool):
+  def __init__(self, run: Any, *, static: bool, mesh: Any):
     self._run = run
     self._static = static
+    self._mesh = mesh
     self._host = HostSchedule()
 
   def __call__(self, params: Any, opt_state: Any, batch: Any) -> Any:
-    if not self._static or not _state.holds_periodic(opt_state) or _traced(opt_state):
-      return self._run(params, opt_state, batch)
-    out = self._run(params, opt_state, batch, sync=self._host.flag(opt_state))
+    try:
+      if not self._static or not _state.holds_periodic(opt_state) or _traced(opt_state):
+        return self._run(params, opt_state, batch)
+      out = self._run(params, opt_state, batch, sync=self._host.flag(opt_state))
+    except ValueError as e:
+      if "incompatible devices" not in str(e):
+        raise
+      raise ValueError(
+        "data_parallel_step: the params, optimizer state or batch live on devices other "
+        f"than this step's mesh ({self._mesh.devices.size} devices, axes "
+        f"{tuple(self._mesh.axis_names)}), e.g. a tree resized with `resize_workers` or "
+        "restored on another mesh. Lay them out on this mesh first: "
+        "`jax.device_put(tree, NamedSharding(mesh, P(axis_name)))` for per-worker trees "
+        "(or `optax_dist.per_worker` for a single copy)."
+      ) from e
     self._host.advance(out[1])
     return out
 
@@ -104,6 +120,28 @@ class _TrainStep:
     and, in its sync branches, those of the syncs.
     """
     return self._run.lower(params, opt_state, batch)
+
+
+def _restart_on_sync(params: Any, opt_state: Any, flag: Any, axes: tuple) -> Any:
+  """On sync calls, a worker whose params hold a non-finite value restarts at the center.
+
+  See :func:`optax_dist.restart_nonfinite`. Local steps (``flag=False``) and
+  warm-up calls check nothing; without a flag (the program decides), the
+  check runs in the sync branch only.
+  """
+  periodic = [s for s in _state.iter_states(opt_state) if _state.is_periodic(s)]
+  if len(periodic) != 1 or flag is False or flag == _schedule.WARMUP:
+    return params
+  if flag is not None:
+    return _state.restart_nonfinite(params, opt_state)
+  counters = periodic[0].sync
+  _, is_sync = counters.schedule.in_graph(counters.step)
+  return _periodic.run_on_sync(
+    functools.reduce(jax.numpy.logical_or, is_sync),
+    lambda p, _: _state.restart_nonfinite(p, opt_state),
+    params,
+    axes,
+  )
 
 
 def _traced(tree: Any) -> bool:
@@ -166,6 +204,11 @@ def data_parallel_step(
   keep one set of params per worker). Initialize the state with
   ``optimizer.init`` on one copy of the params (it is local), then lay it out.
 
+  A worker that goes bad (its params hold an Inf or a NaN) does not stop the
+  others: the sync averages the finite workers only, and on sync calls the
+  step replaces the params of a worker that holds a non-finite value with the
+  center (:func:`optax_dist.restart_nonfinite`); local steps check nothing.
+
   When to sync (periodic transforms): with ``sync_dispatch="static"`` (the
   default) the step chooses, on the host, the program of each call from the
   transform's schedule (:func:`optax_dist.sync_schedule`) and a count of
@@ -210,7 +253,8 @@ def data_parallel_step(
 
   Raises:
     ValueError: at construction, for an unknown ``loss_reduction``,
-      ``params_layout`` or ``sync_dispatch``, or an axis the mesh lacks; when the step is called, if
+      ``params_layout`` or ``sync_dispatch``, an axis the mesh lacks, or an
+      optimizer bound to an axis that is not the step's; when the step is called, if
       a batch leaf's dim 0 does not divide by the number of workers, if a
       per-worker leaf lacks the worker axis, if a periodic transform is given
       replicated params, if ``aux`` breaks the convention above, or if the
@@ -242,6 +286,7 @@ def data_parallel_step(
   if sync_dispatch not in _DISPATCHES:
     raise ValueError(f"`sync_dispatch` must be one of {_DISPATCHES}, got {sync_dispatch!r}.")
   axes = setup.axes
+  _settings.check_bound_axes(optimizer, axes, mesh, "data_parallel_step")
 
   def body(params, opt_state, batch, extra):
     if params_layout == "per_worker":
@@ -252,6 +297,7 @@ def data_parallel_step(
       grads = _collectives.reduce_gradients(grads, axes, loss_reduction)
     updates, opt_state = optimizer.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
+    params = _restart_on_sync(params, opt_state, extra.get("sync"), axes)
     scalars, predictions = _metrics.pool(loss, aux, axes, loss_reduction, has_aux)
     if params_layout == "per_worker":
       params, opt_state = jax.tree.map(lambda x: x[None], (params, opt_state))
@@ -270,7 +316,7 @@ def data_parallel_step(
     params, opt_state, scalars, predictions = mapped(params, opt_state, batch)
     return params, opt_state, _metrics.with_predictions(scalars, predictions)
 
-  return _TrainStep(run, static=sync_dispatch == "static")
+  return _TrainStep(run, static=sync_dispatch == "static", mesh=mesh)
 
 
 def data_parallel_eval_step(

@@ -193,6 +193,19 @@ def test_nan_on_one_worker_of_one_process_skips_the_step_everywhere(all_run, mes
   jax.tree.map(np.testing.assert_array_equal, state.inner_state, ref_state.inner_state)
 
 
+def test_a_nan_worker_on_one_process_recovers_at_the_next_sync(all_run, mesh):
+  # No guard: worker 3 (process 1) goes NaN on a local step; the sync on
+  # call 3 averages the other three, worker 3 restarts on the center, and
+  # two processes give what one process gives.
+  (result, _), _ = all_run
+  params, state = mp_worker.recovery_run(mesh)
+  _assert_leaves(result, "recovery", params, state, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(state.sync.num_dropped, [0, 0, 0, 1])
+  np.testing.assert_array_equal(state.sync.num_skipped_syncs, [0] * mp_worker.N)
+  np.testing.assert_array_equal(state.sync.num_syncs, [mp_worker.STEPS // 3] * mp_worker.N)
+  assert np.isfinite(params["w"]).all() and np.isfinite(state.center["w"]).all()
+
+
 def test_disagreement_raises_the_same_error_on_every_process(all_run):
   (first, second), _ = all_run
   for key in ("agree/period", "agree/multisteps", "agree/params"):

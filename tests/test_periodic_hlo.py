@@ -24,6 +24,7 @@ import optax_dist
 N = 8
 PARAMS = {"b": np.zeros((N, 32), np.float32), "w": np.zeros((N, 64, 32), np.float32)}
 PARAMS_BYTES = (32 + 64 * 32) * 4
+COUNT_BYTES = 4  # The count of finite workers travels in the sync's own all-reduce.
 ADAM = optax.adam(1e-3)
 MIN_COPY = 32 * 4  # The smallest params leaf.
 
@@ -31,7 +32,7 @@ TRANSFORMS = {
   "elastic_simultaneous": (
     optax_dist.elastic_average(ADAM, axis_name=AXIS, communication_period=4),
     "all-reduce",
-    PARAMS_BYTES,
+    PARAMS_BYTES + COUNT_BYTES,
   ),
   "elastic_round_robin": (
     optax_dist.elastic_average(
@@ -43,7 +44,7 @@ TRANSFORMS = {
   "agn_simultaneous": (
     optax_dist.agn(ADAM, axis_name=AXIS, communication_period=4),
     "all-reduce",
-    PARAMS_BYTES,
+    PARAMS_BYTES + COUNT_BYTES,
   ),
   "agn_round_robin": (
     optax_dist.agn(ADAM, axis_name=AXIS, communication_period=4, ordering="round_robin"),
@@ -53,9 +54,13 @@ TRANSFORMS = {
   "model_average": (
     optax_dist.model_average(ADAM, axis_name=AXIS, interval_steps=4),
     "all-reduce",
-    PARAMS_BYTES,
+    PARAMS_BYTES + COUNT_BYTES,
   ),
-  "diloco": (optax_dist.diloco(ADAM, axis_name=AXIS, sync_period=4), "all-reduce", PARAMS_BYTES),
+  "diloco": (
+    optax_dist.diloco(ADAM, axis_name=AXIS, sync_period=4),
+    "all-reduce",
+    PARAMS_BYTES + COUNT_BYTES,
+  ),
 }
 DILOCO_BF16 = optax_dist.diloco(ADAM, axis_name=AXIS, sync_period=4, comm_dtype=jnp.bfloat16)
 
@@ -112,9 +117,10 @@ def test_bfloat16_communication_is_bfloat16_in_the_program():
   reduced = re.findall(
     r"stablehlo.all_reduce.*?\}\) : \(tensor<([^>]*)>\)", lowered.as_text(), re.S
   )
-  assert sorted(reduced) == ["32xbf16", "64x32xbf16"], reduced
+  assert sorted(reduced) == ["32xbf16", "64x32xbf16", "f32"], reduced
   found = hlo.collectives(lowered.compile().as_text())
-  assert [op.kind for op in found] == ["all-reduce"] and found[0].nbytes == PARAMS_BYTES
+  assert [op.kind for op in found] == ["all-reduce"]
+  assert found[0].nbytes == PARAMS_BYTES + COUNT_BYTES
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
