@@ -129,13 +129,16 @@ def test_flags_of_the_schedule_give_the_in_graph_results_bit_for_bit(name, mode)
 @pytest.mark.parametrize("algorithm", ["model_average", "diloco_int8"])
 @pytest.mark.parametrize("static", [False, True], ids=["in_graph", "static"])
 def test_a_sync_with_no_finite_worker_is_counted_as_skipped(algorithm, static):
-  # Every worker's gradient is NaN on call 2, a sync: no worker is finite, the center keeps its value and the
+  # Every worker's gradient is NaN on call 2, a sync: no worker is finite
+  # (plain SGD inside, so that no inner state keeps the NaN), the center keeps its value and the
   # sync counts in skipped_syncs, not in global_step; training goes on and
   # the later syncs count.
   params, grads = problem(5, steps=6)
   grads[1] = jax.tree.map(lambda g: np.full_like(g, np.nan), grads[1])
   tx = {
-    "model_average": lambda: optax_dist.model_average(SGD, axis_name=AXIS, interval_steps=2),
+    "model_average": lambda: optax_dist.model_average(
+      optax.sgd(0.1), axis_name=AXIS, interval_steps=2
+    ),
     "diloco_int8": lambda: optax_dist.diloco(
       optax.sgd(0.1), axis_name=AXIS, sync_period=2, comm_dtype=jnp.int8, error_feedback=True
     ),
