@@ -86,13 +86,16 @@ class Row(NamedTuple):
   ``INNER_FRACTIONS`` of DP's learning rate), ``"outer at M=8"`` (``OUTER_LRS``
   at the inner fraction chosen for DiLoCo M=8 H=32: half the trials, for the
   rows that vary it) or ``"inner"`` (the fractions only).
-  ``warmup_fraction`` sets ``sync_warmup`` to that fraction of the steps.
+  ``"same as <row>"`` runs that row's chosen trial, untuned.
+  ``warmup_fraction`` sets ``sync_warmup`` to that fraction of the steps;
+  ``seeds`` replaces the study's seeds.
   """
 
   name: str
   fields: dict
   grid: str = "outer"
   warmup_fraction: float = 0.0
+  seeds: tuple | None = None  # None: the study's.
 
 
 DILOCO = {"algorithm": "diloco", "outer_momentum": OUTER_MOMENTUM}
@@ -120,12 +123,27 @@ ROWS = (
 )
 
 
+# Diagnostics (``--diagnostics``, after ROWS): is the gap at M = 8 the small
+# per-worker batch? The same two runs at 4 times the global batch (8 windows
+# per worker instead of 2), with the learning rates chosen at the study's
+# batch, on seed 0.
+DIAGNOSTICS = (
+  Row("DP, batch x4", {"algorithm": "sync", "batch_size": 128}, "same as DP", seeds=(0,)),
+  Row(
+    "DiLoCo M=8 H=32, batch x4",
+    {**DILOCO, "period": 32, "batch_size": 128},
+    "same as DiLoCo M=8 H=32",
+    seeds=(0,),
+  ),
+)
+
+
 def row_config(row, steps, model):
   warmup = round(row.warmup_fraction * steps)
   return train_lm.Config(**{**model, **row.fields}, steps=steps, warmup=warmup)
 
 
-def trials(row, dp_lr, m8_fraction=None):
+def trials(row, dp_lr, m8_fraction=None, chosen=None):
   """The row's tuning grid: a list of ``{"learning_rate", "outer_learning_rate"}``."""
   if row.grid == AT_M8:
     if m8_fraction is None:
@@ -133,6 +151,8 @@ def trials(row, dp_lr, m8_fraction=None):
     return [{"learning_rate": m8_fraction * dp_lr, "outer_learning_rate": lr} for lr in OUTER_LRS]
   if row.grid == "dp":
     return [{"learning_rate": lr} for lr in DP_LRS]
+  if row.grid.startswith("same as "):
+    return [chosen[row.grid.removeprefix("same as ")]]
   if row.grid == "inner":
     return [{"learning_rate": f * dp_lr} for f in INNER_FRACTIONS]
   return [
@@ -280,7 +300,9 @@ def package_commit():
 def study(results, path, rows, steps, seeds, model, eval_every, log):
   """Tunes and runs every row, saving ``results`` to ``path`` after every program."""
   start_all = time.perf_counter() - results.get("seconds", 0.0)
+  study_seeds = seeds
   for row in rows:
+    seeds = row.seeds or study_seeds
     config = row_config(row, steps, model)
     entry = results["rows"].setdefault(row.name, {"config": dataclasses.asdict(config)})
     dp = results["rows"].get("DP", {})
@@ -292,7 +314,8 @@ def study(results, path, rows, steps, seeds, model, eval_every, log):
     if "tuning" not in entry:
       begin = time.perf_counter()
       m8 = results["rows"].get("DiLoCo M=8 H=32", {}).get("chosen")
-      grid = trials(row, dp_lr, m8 and m8["learning_rate"] / dp_lr)
+      chosen = {k: v["chosen"] for k, v in results["rows"].items() if "chosen" in v}
+      grid = trials(row, dp_lr, m8 and m8["learning_rate"] / dp_lr, chosen)
       runs = simulate(config, grid, [seeds[0]] * len(grid), eval_every)
       best = int(np.argmin([r["final_val_loss"] for r in runs]))
       entry["tuning"] = {"trials": grid, "runs": runs, "seconds": time.perf_counter() - begin}
@@ -377,8 +400,9 @@ def summarize(results):
     "| row | validation loss | gap to DP | MB sent | fewer bytes | chosen |",
     "| --- | ---: | ---: | ---: | ---: | --- |",
   ]
+  diagnostic = {row.name for row in DIAGNOSTICS}
   for name, entry in rows.items():
-    if "final_mean" not in entry:
+    if "final_mean" not in entry or name in diagnostic:
       continue
     ratio = fewer_bytes(entry, dp)
     ratio_text = "no peers" if ratio == float("inf") else f"{ratio:.0f}x"
@@ -422,6 +446,21 @@ def summarize(results):
       f"| Streaming F=4 int8: within 0.5 points of M=8 H=32, 100x fewer bytes "
       f"| {points:+.2f} points | {ratio:.0f}x | {'yes' if met else 'no'} |"
     )
+  dp4, m8x4 = (rows.get(row.name, {}) for row in DIAGNOSTICS)
+  if "final_mean" in dp4 and "final_mean" in m8x4 and "final_mean" in plain:
+    lines += [
+      "",
+      "Diagnostic, seed 0, the learning rates chosen above: the same DP and DiLoCo M=8 "
+      "H=32 runs at 4 times the global batch (16 windows per worker instead of 4).",
+      "",
+      "| global batch | DP | DiLoCo M=8 H=32 | gap to DP |",
+      "| ---: | ---: | ---: | ---: |",
+    ]
+    for label, a, b in (("32 windows", dp, plain), ("128 windows", dp4, m8x4)):
+      first = lambda e: e["seeds"]["0"]["final_val_loss"]  # noqa: E731
+      lines.append(
+        f"| {label} | {first(a):.4f} | {first(b):.4f} | {100 * (first(b) / first(a) - 1):+.2f}% |"
+      )
   return "\n".join(lines) + "\n"
 
 
@@ -434,8 +473,9 @@ def plot(results, path):
   rows = results["rows"]
   fig, (ax_steps, ax_bytes) = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
   cmap = plt.get_cmap("tab10")
+  diagnostic = {row.name for row in DIAGNOSTICS}
   for i, (name, entry) in enumerate(rows.items()):
-    if "final_mean" not in entry:
+    if "final_mean" not in entry or name in diagnostic:
       continue
     seeds = list(entry["seeds"].values())
     curve = np.mean([s["val_loss"] for s in seeds], axis=0)
@@ -464,6 +504,9 @@ def main(argv=None):
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   parser.add_argument("--quick", action="store_true", help="a smoke run")
   parser.add_argument("--replot", action="store_true", help="redraw from the saved JSON")
+  parser.add_argument(
+    "--diagnostics", action="store_true", help="also run the diagnostic rows (after the study)"
+  )
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
   suffix = "_quick" if args.quick else ""
@@ -474,6 +517,8 @@ def main(argv=None):
     plot(results, out / f"lm{suffix}.png")
     return results
   steps, seeds, model, eval_every, rows = STEPS, SEEDS, MODEL, EVAL_EVERY, ROWS
+  if args.diagnostics:
+    rows += DIAGNOSTICS
   if args.quick:
     steps, seeds, eval_every = 64, (0, 1), 32
     model = {"width": 16, "depth": 1, "heads": 2, "context": 16, "batch_size": 16}
