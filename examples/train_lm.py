@@ -24,6 +24,12 @@ the workers talk:
   model every ``period / F`` steps (streaming DiLoCo), ``--comm-dtype``
   chooses the format of the pseudo-gradient on the wire.
 
+``--workers M`` (a divisor of 8, for the periodic algorithms) makes each worker
+a group of ``8 / M`` devices that all-reduce their gradients every step
+(``tower`` inside), the periodic transform running across the ``M`` groups on
+a ``(M, 8 / M)`` mesh; the global batch stays the same, split over all 8
+devices. With ``--workers 1`` DiLoCo is Lookahead with an outer Nesterov step.
+
 ``--warmup K`` makes the first ``K`` steps of a periodic algorithm synchronous
 (post-local SGD). DiLoCo's outer optimizer defaults to the paper's Nesterov
 SGD (learning rate 0.7, momentum 0.9), chosen for runs of many outer steps;
@@ -38,6 +44,7 @@ sent. The last line printed is ``validation loss: X``.
 
     python examples/train_lm.py --algorithm sync
     python examples/train_lm.py --algorithm diloco --period 20 --fragments 4
+    python examples/train_lm.py --algorithm diloco --workers 2 --period 32 --steps 3200
     python examples/train_lm.py --algorithm model_average --period 10 --warmup 40
 
 Other programs call :func:`train` with a :class:`Config`; it returns the
