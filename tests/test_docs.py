@@ -371,6 +371,13 @@ def tutorial(code):
   return run.namespace, run.out
 
 
+def test_tutorial_code_fits_the_page():
+  # Wider lines scroll sideways in the rendered page (the theme shows 88 columns).
+  for block in python_blocks(TUTORIAL):
+    for number, line in enumerate(block.code.splitlines(), block.line):
+      assert len(line) <= 88, f"{block.path}:{number} is {len(line)} columns wide"
+
+
 def test_tutorial_model_is_nnx_and_the_state_per_worker():
   from flax import nnx
 
