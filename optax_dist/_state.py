@@ -422,7 +422,10 @@ def sync_schedule(opt_state: optax.OptState) -> _schedule.SyncSchedule:
 
   The schedule is static (it lives in the state as a pytree node without
   arrays), so this reads nothing from the device. :func:`data_parallel_step`
-  does the same by itself.
+  does the same by itself. While writing such a loop, trace it inside
+  :func:`optax_dist.checking_sync_flags`: a flag that disagrees with the
+  transform's own call counter (a forgotten ``count += 1``) is then an
+  error.
 
   Args:
     opt_state: A state holding periodic transforms, anywhere inside

@@ -34,9 +34,7 @@ def test_data_parallel_step_checks_the_optimizers_axis_when_built():
   mesh = worker_mesh(N, "batch")
   tx = optax.chain(optax.clip(1.0), optax_dist.diloco(optax.adam(0.1), axis_name="data"))
   with pytest.raises(ValueError) as e:
-    optax_dist.data_parallel_step(
-      lsq, tx, mesh=mesh, axis_name="batch", params_layout="per_worker"
-    )
+    optax_dist.data_parallel_step(lsq, tx, mesh=mesh, axis_name="batch", params_layout="per_worker")
   assert str(e.value) == (
     "data_parallel_step: the optimizer binds the axis name 'data', but the workers are on "
     "('batch',) (mesh axes ('batch',)), so it would fail only at its first sync. Build the "
@@ -122,9 +120,7 @@ def test_warmup_flag_without_a_warmup():
 
 
 def test_numpy_bools_and_ints_are_flags():
-  tx = optax_dist.diloco(
-    optax.adam(0.1), axis_name=AXIS, sync_period=4, fragments={"w": 0, "v": 1}
-  )
+  tx = optax_dist.diloco(optax.adam(0.1), axis_name=AXIS, sync_period=4, fragments={"w": 0, "v": 1})
   params = stack({"w": np.ones(3, np.float32), "v": np.ones(2, np.float32)}, N)
   grads = jax.tree.map(lambda x: x * 0.5, params)
 
@@ -157,9 +153,7 @@ def test_checking_sync_flags_catches_a_loop_that_forgets_to_count():
     for _ in range(3):
       flag = schedule(count)
       if flag not in programs:
-        programs[flag] = map_workers(
-          lambda p, s, g, f=flag: tx.update(g, s, p, sync=f), N, "vmap"
-        )
+        programs[flag] = map_workers(lambda p, s, g, f=flag: tx.update(g, s, p, sync=f), N, "vmap")
       updates, state = jax.block_until_ready(programs[flag](params, state, GRADS))
       params = optax.apply_updates(params, updates)
       if counting:
