@@ -123,16 +123,24 @@ ROWS = (
 )
 
 
-# Diagnostics (``--diagnostics``, after ROWS): is the gap at M = 8 the small
-# per-worker batch? The same two runs at 4 times the global batch (8 windows
-# per worker instead of 2), with the learning rates chosen at the study's
-# batch, on seed 0.
+# Diagnostics (``--diagnostics``, after ROWS), on seed 0. Is the gap at M = 8
+# the small per-worker batch? The same two runs at 4 times the global batch
+# (16 windows per worker instead of 4), with the learning rates chosen at the
+# study's batch. Is M = 1's gap the outer grid's lower edge? Outer learning
+# rates below it, at DP's inner learning rate.
+LOW_OUTER_LRS = (0.1, 0.2)
 DIAGNOSTICS = (
   Row("DP, batch x4", {"algorithm": "sync", "batch_size": 128}, "same as DP", seeds=(0,)),
   Row(
     "DiLoCo M=8 H=32, batch x4",
     {**DILOCO, "period": 32, "batch_size": 128},
     "same as DiLoCo M=8 H=32",
+    seeds=(0,),
+  ),
+  Row(
+    "DiLoCo M=1 H=32, outer lr 0.1 or 0.2",
+    {**DILOCO, "workers": 1, "period": 32},
+    "low outer",
     seeds=(0,),
   ),
 )
@@ -151,6 +159,8 @@ def trials(row, dp_lr, m8_fraction=None, chosen=None):
     return [{"learning_rate": m8_fraction * dp_lr, "outer_learning_rate": lr} for lr in OUTER_LRS]
   if row.grid == "dp":
     return [{"learning_rate": lr} for lr in DP_LRS]
+  if row.grid == "low outer":
+    return [{"learning_rate": dp_lr, "outer_learning_rate": lr} for lr in LOW_OUTER_LRS]
   if row.grid.startswith("same as "):
     return [chosen[row.grid.removeprefix("same as ")]]
   if row.grid == "inner":
@@ -446,7 +456,26 @@ def summarize(results):
       f"| Streaming F=4 int8: within 0.5 points of M=8 H=32, 100x fewer bytes "
       f"| {points:+.2f} points | {ratio:.0f}x | {'yes' if met else 'no'} |"
     )
-  dp4, m8x4 = (rows.get(row.name, {}) for row in DIAGNOSTICS)
+  dp4, m8x4, low = (rows.get(row.name, {}) for row in DIAGNOSTICS)
+  m1 = rows.get("DiLoCo M=1 H=32", {})
+  if "final_mean" in low and "tuning" in m1:
+    lines += [
+      "",
+      "Diagnostic, seed 0: DiLoCo M=1 H=32 at DP's inner learning rate, for each outer "
+      "learning rate (Nesterov momentum 0.9), including two below the grid.",
+      "",
+      "| outer learning rate | validation loss | gap to DP (seed 0) |",
+      "| ---: | ---: | ---: |",
+    ]
+    dp0 = dp["seeds"]["0"]["final_val_loss"]
+    points = [
+      (t["outer_learning_rate"], r["final_val_loss"])
+      for entry in (low, m1)
+      for t, r in zip(entry["tuning"]["trials"], entry["tuning"]["runs"], strict=True)
+      if t["learning_rate"] == dp_lr
+    ]
+    for lr, loss in sorted(points):
+      lines.append(f"| {lr:g} | {loss:.4f} | {100 * (loss / dp0 - 1):+.2f}% |")
   if "final_mean" in dp4 and "final_mean" in m8x4 and "final_mean" in plain:
     lines += [
       "",
