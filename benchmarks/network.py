@@ -18,7 +18,9 @@ of a window of whole periods):
 * ``diloco_int8``: DiLoCo's pseudo-gradient through the int8 ring (with error
   feedback); at ``p = 1`` every step is a sync step;
 * ``diloco_f4``: streaming DiLoCo, one of 4 fragments every 4 steps at
-  ``p = 16``: the same bytes per period, a quarter in the heaviest step.
+  ``p = 16``: the same bytes per period, a quarter in the heaviest step;
+* ``diloco_int4``, ``diloco_int2`` (packed rings, error feedback) and
+  ``diloco_topk2_int4`` (top-k 2% with int4 values) at ``p = 1``.
 
 Next to each measured time is the model
 
@@ -322,6 +324,9 @@ def worker(out_path, windows, repeats, only=()):
       "diloco": {},
       "diloco_int8": {"comm_dtype": jnp.int8, "error_feedback": True},
       "diloco_f4": {"fragments": 4},
+      "diloco_int4": {"comm_dtype": jnp.int4, "error_feedback": True},
+      "diloco_int2": {"comm_dtype": jnp.int2, "error_feedback": True},
+      "diloco_topk2_int4": {"topk_fraction": 0.02, "comm_dtype": jnp.int4},
     }[name]
     return optax_dist.diloco(adam, axis_name=AXIS, sync_period=period, **variant)
 
@@ -343,6 +348,8 @@ def worker(out_path, windows, repeats, only=()):
   variants += [(a, 16, "in_graph") for a in ALGORITHMS]
   variants += [("diloco_int8", p, "static") for p in PERIODS]
   variants += [("diloco_f4", 16, "static")]
+  # Below 8 bits, at p = 1: every step is a sync step.
+  variants += [(a, 1, "static") for a in ("diloco_int4", "diloco_int2", "diloco_topk2_int4")]
   if only:  # The baselines stay: the model needs compute, the speedups sync.
     variants = [v for v in variants if v[0] in ("compute", "sync", *only)]
   results = []
