@@ -126,21 +126,24 @@ ROWS = (
 # Diagnostics (``--diagnostics``, after ROWS), on seed 0. Is the gap at M = 8
 # the small per-worker batch? The same two runs at 4 times the global batch
 # (16 windows per worker instead of 4), with the learning rates chosen at the
-# study's batch. Is M = 1's gap the outer grid's lower edge? Outer learning
-# rates below it, at DP's inner learning rate.
+# study's batch. Are the gaps of M = 1 and 2 the outer grid's lower edge?
+# Outer learning rates below it, at DP's inner learning rate.
 LOW_OUTER_LRS = (0.1, 0.2)
 DIAGNOSTICS = (
+  *(
+    Row(
+      f"DiLoCo M={m} H=32, outer lr 0.1 or 0.2",
+      {**DILOCO, "workers": m, "period": 32},
+      "low outer",
+      seeds=(0,),
+    )
+    for m in (1, 2)
+  ),
   Row("DP, batch x4", {"algorithm": "sync", "batch_size": 128}, "same as DP", seeds=(0,)),
   Row(
     "DiLoCo M=8 H=32, batch x4",
     {**DILOCO, "period": 32, "batch_size": 128},
     "same as DiLoCo M=8 H=32",
-    seeds=(0,),
-  ),
-  Row(
-    "DiLoCo M=1 H=32, outer lr 0.1 or 0.2",
-    {**DILOCO, "workers": 1, "period": 32},
-    "low outer",
     seeds=(0,),
   ),
 )
@@ -456,12 +459,15 @@ def summarize(results):
       f"| Streaming F=4 int8: within 0.5 points of M=8 H=32, 100x fewer bytes "
       f"| {points:+.2f} points | {ratio:.0f}x | {'yes' if met else 'no'} |"
     )
-  dp4, m8x4, low = (rows.get(row.name, {}) for row in DIAGNOSTICS)
-  m1 = rows.get("DiLoCo M=1 H=32", {})
-  if "final_mean" in low and "tuning" in m1:
+  dp4, m8x4 = (rows.get(name, {}) for name in ("DP, batch x4", "DiLoCo M=8 H=32, batch x4"))
+  for m in (1, 2):
+    low = rows.get(f"DiLoCo M={m} H=32, outer lr 0.1 or 0.2", {})
+    grid_row = rows.get(f"DiLoCo M={m} H=32", {})
+    if "final_mean" not in low or "tuning" not in grid_row:
+      continue
     lines += [
       "",
-      "Diagnostic, seed 0: DiLoCo M=1 H=32 at DP's inner learning rate, for each outer "
+      f"Diagnostic, seed 0: DiLoCo M={m} H=32 at DP's inner learning rate, for each outer "
       "learning rate (Nesterov momentum 0.9), including two below the grid.",
       "",
       "| outer learning rate | validation loss | gap to DP (seed 0) |",
@@ -470,7 +476,7 @@ def summarize(results):
     dp0 = dp["seeds"]["0"]["final_val_loss"]
     points = [
       (t["outer_learning_rate"], r["final_val_loss"])
-      for entry in (low, m1)
+      for entry in (low, grid_row)
       for t, r in zip(entry["tuning"]["trials"], entry["tuning"]["runs"], strict=True)
       if t["learning_rate"] == dp_lr
     ]
