@@ -145,8 +145,10 @@ def test_diloco_streams_fragments_after_a_warmup(train_lm, traces, tmp_path, cap
   # later step one of the two fragments of the pseudo-gradient, half the
   # params' bytes (the fragments are cut to nearly equal bytes).
   assert result["every_step_bytes"] == pytest.approx(RING * LOSS_BYTES)
+  # (A sync's all-reduce also carries the count of finite workers: a few
+  # float32 scalars in all.)
   assert (result["sync_bytes"], result["warmup_bytes"]) == pytest.approx(
-    (RING * PARAMS_BYTES, RING * PARAMS_BYTES)
+    (RING * PARAMS_BYTES, RING * PARAMS_BYTES), abs=RING * 16
   )
   per_call = [LOSS_BYTES + PARAMS_BYTES] * 2 + [LOSS_BYTES + PARAMS_BYTES / 2] * 6
   expected = [0, RING * sum(per_call[:4]), RING * sum(per_call)]
@@ -238,3 +240,14 @@ def test_study_rows_and_grids():
   assert {t["learning_rate"] for t in outer} == {0.004, 0.002}
   at_m8 = study.trials(study.ROWS[names.index("DiLoCo M=8 H=8")], 0.004, 0.5)
   assert [t["learning_rate"] for t in at_m8] == [0.002] * 4
+  diagnostics = {row.name: row for row in study.DIAGNOSTICS}
+  low = study.trials(diagnostics["DiLoCo M=1 H=32, outer lr 0.1 or 0.2"], 0.004)
+  assert low == [{"learning_rate": 0.004, "outer_learning_rate": lr} for lr in (0.1, 0.2)]
+  same = study.trials(diagnostics["DP, batch x4"], 0.004, chosen={"DP": {"learning_rate": 0.005}})
+  assert same == [{"learning_rate": 0.005}]
+  # The gap is relative to DP's mean loss; fewer bytes is DP's over the row's.
+  dp = {"final_mean": 2.0, "bytes": {"cumulative": [0.0, 700.0]}}
+  row = {"final_mean": 2.1, "bytes": {"cumulative": [0.0, 7.0]}}
+  assert study.gap(row, dp) == pytest.approx(5.0) and study.fewer_bytes(row, dp) == 100
+  alone = {"final_mean": 2.0, "bytes": {"cumulative": [0.0, 0.0]}}
+  assert study.fewer_bytes(alone, dp) == float("inf")
