@@ -147,14 +147,15 @@ def bytes_communicated(algorithm, period, steps, nbytes):
 
   ``sync`` all-reduces the gradients (params-sized) on every step; a periodic
   algorithm (in its default ``"simultaneous"`` ordering) all-reduces one
-  params-sized tree per sync, on steps ``period, 2 period, ...``. Sizes are
-  the all-reduced buffers, as :func:`optax_dist.communication_report` counts
+  params-sized tree per sync, on steps ``period, 2 period, ...``, with the
+  count of finite workers (4 bytes) in the same all-reduce. Sizes are the
+  all-reduced buffers, as :func:`optax_dist.communication_report` counts
   them.
   """
   if algorithm == "sync":
     return nbytes * steps
   if algorithm in BASE:
-    return nbytes * (steps // period)
+    return (nbytes + 4) * (steps // period)
   raise ValueError(f"unknown algorithm {algorithm!r}; one of {ALGORITHMS}")
 
 

@@ -151,10 +151,12 @@ def communication_report(
     >>> tx = optax_dist.elastic_average(optax.sgd(0.1), axis_name="w", communication_period=8)
     >>> step, state = train_step(tx)
     >>> report = optax_dist.communication_report(step, params, state, params)
+    >>> # The sync reduces the params and, in the same all-reduce, the count
+    >>> # of workers whose params are finite (4 bytes).
     >>> report.every_step_bytes, report.sync_bytes, report.bytes_per_step(8)
-    (0, 4000, 500.0)
-    >>> report.sync_wire_bytes  # A ring all-reduce over 8 devices: 2 * 7/8 * 4000.
-    7000.0
+    (0, 4004, 500.5)
+    >>> report.sync_wire_bytes  # A ring all-reduce over 8 devices: 2 * 7/8 * 4004.
+    7007.0
   """
   if not hasattr(step, "lower"):
     step = jax.jit(step)

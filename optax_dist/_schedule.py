@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 WARMUP = "warmup"
+APPLY = "apply"
 
-Flag = bool | int | str | None
+Flag = bool | int | str | tuple[str, int] | None
 
 
 def check_flag(sync: Any, num_fragments: int) -> Flag:
@@ -54,6 +55,19 @@ def check_flag(sync: Any, num_fragments: int) -> Flag:
       "`jax.jit(step, static_argnames='sync')`, or pass `sync=None` to let the program "
       "decide from its own counter."
     )
+  if (
+    isinstance(sync, tuple)
+    and len(sync) == 2
+    and sync[0] == APPLY
+    and isinstance(sync[1], numbers.Integral)
+    and not isinstance(sync[1], bool)
+  ):
+    if not 0 <= int(sync[1]) < num_fragments:
+      raise ValueError(
+        f"`sync={sync}` names fragment {sync[1]}, but this transform has {num_fragments} "
+        f"fragment(s): use an index in [0, {num_fragments})."
+      )
+    return (APPLY, int(sync[1]))
   if isinstance(sync, numbers.Integral):
     if not 0 <= int(sync) < num_fragments:
       raise ValueError(
@@ -61,7 +75,10 @@ def check_flag(sync: Any, num_fragments: int) -> Flag:
         f"fragment(s): use an index in [0, {num_fragments}), True for all of them, or False."
       )
     return int(sync)
-  raise TypeError(f"`sync` must be None, True, False, a fragment index or 'warmup', got {sync!r}.")
+  raise TypeError(
+    "`sync` must be None, True, False, a fragment index, ('apply', fragment) or 'warmup', "
+    f"got {sync!r}."
+  )
 
 
 @jax.tree_util.register_static
@@ -86,10 +103,19 @@ class SyncSchedule:
   restored state), it returns the static flag for the next call, to pass as
   ``update(..., sync=flag)``.
 
+  With a ``delay`` ``tau >= 1`` (see :func:`optax_dist.diloco`), the sync
+  scheduled on call ``s`` is split: its all-reduce runs on call ``s + 1`` and
+  its outer step lands on call ``s + tau``. The flag of the call that reduces
+  is the fragment's index (``True`` with one fragment); with ``tau = 1`` that
+  call also applies. With ``tau >= 2`` the call that applies fragment ``f``
+  has the flag ``("apply", f)``. The call ``s`` itself is a local call.
+
   Attributes:
     period: ``H``, calls between two syncs of the same fragment.
     warmup: Synchronous calls before the first local step.
     fragments: ``F``, the number of fragments (1: the whole model at once).
+    delay: ``tau``, calls from a fragment's scheduled sync to its outer step
+      (0: the sync happens on its call; at most ``H / F - 1``).
 
   Examples:
     >>> import optax_dist
@@ -99,14 +125,18 @@ class SyncSchedule:
     >>> streaming = optax_dist.SyncSchedule(period=4, fragments=2)
     >>> [streaming(count) for count in range(8)]
     [False, 0, False, 1, False, 0, False, 1]
+    >>> delayed = optax_dist.SyncSchedule(period=6, fragments=2, delay=2)
+    >>> [delayed(count) for count in range(8)]
+    [False, False, False, 0, ('apply', 0), False, 1, ('apply', 1)]
   """
 
   period: int
   warmup: int = 0
   fragments: int = 1
+  delay: int = 0
 
   def __post_init__(self) -> None:
-    for name in ("period", "warmup", "fragments"):
+    for name in ("period", "warmup", "fragments", "delay"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be a Python int (it is static), got {value!r}.")
@@ -117,6 +147,11 @@ class SyncSchedule:
         f"The period ({self.period}) must be a multiple of the number of fragments "
         f"({self.fragments}), so that each fragment syncs every {self.period} calls and "
         "one fragment every period / fragments calls."
+      )
+    if self.delay < 0 or (self.delay and self.delay >= self.period // self.fragments):
+      raise ValueError(
+        f"A schedule needs 0 <= delay < period / fragments, got {self}: one fragment at a "
+        "time may be in flight."
       )
 
   def __call__(self, count: int) -> bool | int | str:
@@ -135,6 +170,20 @@ class SyncSchedule:
     call = count + 1
     if call <= self.warmup:
       return WARMUP
+    if self.delay:
+      reduced = self._scheduled(call - 1)
+      if reduced is not False:
+        return reduced
+      applied = self._scheduled(call - self.delay)
+      if applied is not False and self.delay > 1:
+        return (APPLY, 0 if applied is True else applied)
+      return False
+    return self._scheduled(call)
+
+  def _scheduled(self, call: int) -> bool | int:
+    """The fragment whose sync is scheduled on ``call`` (True: the only one), or False."""
+    if call <= self.warmup:
+      return False
     since = call - self.warmup
     width = self.period // self.fragments
     if since % width:
@@ -160,6 +209,14 @@ class SyncSchedule:
       for f in range(self.fragments)
     ]
     return is_warm, syncs
+
+  def phases(self, step: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
+    """With a delay: for each fragment, whether the call that brings the counter to ``step``
+    reduces it (the call after its scheduled one) and whether it applies it (``delay``
+    calls after its scheduled one)."""
+    _, reduces = self.in_graph(step - 1)
+    _, applies = self.in_graph(step - self.delay)
+    return reduces, applies
 
 
 class SyncState(NamedTuple):
@@ -210,8 +267,15 @@ def checking_sync_flags() -> Iterator[None]:
   long runs. It applies to the steps traced inside the context (a jitted
   step traced before keeps its program).
 
-  Yields:
-    Nothing.
+  Args:
+    None: it is a context manager, entered with ``with``.
+
+  Returns:
+    The context manager; inside it, the checks are on.
+
+  Raises:
+    ValueError: from the program (as the runtime error that carries it),
+      when a call's static flag is not the one its counter gives.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_dist

@@ -15,6 +15,7 @@ N = 4
 # 4 workers; params of 3 + 5 * 6 = 33 float32 numbers: 132 bytes.
 PARAMS = {"b": np.zeros((N, 3), np.float32), "w": np.zeros((N, 5, 6), np.float32)}
 PARAMS_BYTES = 33 * 4
+COUNT_BYTES = 4  # A sync's count of finite workers, in the same all-reduce.
 
 
 def report(tx, mode="shard_map"):
@@ -39,9 +40,9 @@ def test_tower_all_reduces_the_gradients_every_step(mode):
 def test_simultaneous_sync_moves_the_params_once_per_period():
   r = report(optax_dist.elastic_average(optax.sgd(0.1), axis_name=AXIS, communication_period=8))
   assert r.every_step_bytes == 0
-  assert r.sync_bytes == PARAMS_BYTES
+  assert r.sync_bytes == PARAMS_BYTES + COUNT_BYTES
   assert not any(c.every_step for c in r.collectives)
-  assert r.bytes_per_step(8) == PARAMS_BYTES / 8
+  assert r.bytes_per_step(8) == (PARAMS_BYTES + COUNT_BYTES) / 8
 
 
 def test_round_robin_gathers_n_copies():
@@ -57,8 +58,8 @@ def test_a_wrapper_adds_its_own_every_step_collectives():
     optax_dist.tower(optax.sgd(0.1), axis_name=AXIS), axis_name=AXIS, interval_steps=4
   )
   r = report(tx)
-  assert (r.every_step_bytes, r.sync_bytes) == (PARAMS_BYTES, PARAMS_BYTES)
-  assert r.bytes_per_step(4) == PARAMS_BYTES * 1.25
+  assert (r.every_step_bytes, r.sync_bytes) == (PARAMS_BYTES, PARAMS_BYTES + COUNT_BYTES)
+  assert r.bytes_per_step(4) == PARAMS_BYTES + (PARAMS_BYTES + COUNT_BYTES) / 4
 
 
 def test_plain_functions_are_jitted_and_scalars_counted():

@@ -291,3 +291,41 @@ def test_restart_nonfinite():
   np.testing.assert_array_equal(out["b"], [-1.0])
   with pytest.raises(ValueError, match="no periodic optax_dist transform"):
     optax_dist.restart_nonfinite(params, optax.sgd(0.1).init(params))
+
+
+def nan_loss(params, batch):
+  x, y, factor = batch
+  return jnp.mean((x @ params["w"] + params["b"][0] - y) ** 2) * factor[0]
+
+
+@pytest.mark.parametrize("dispatch", ["static", "in_graph"])
+def test_data_parallel_step_restarts_a_poisoned_worker_on_sync_calls(dispatch):
+  # Worker 2's loss is NaN on call 2: its params are NaN on calls 2 and 3
+  # (local steps check nothing), and the sync on call 4 puts it back on the
+  # center, finite, with the others.
+  mesh = worker_mesh(N)
+  tx = optax_dist.diloco(optax.adam(LR), axis_name=AXIS, sync_period=PERIOD)
+  step = optax_dist.data_parallel_step(
+    nan_loss, tx, mesh=mesh, axis_name=AXIS, params_layout="per_worker", sync_dispatch=dispatch
+  )
+  params = jax.tree.map(lambda x: x[0], PARAMS)
+  p, s = optax_dist.per_worker((params, tx.init(params)), mesh=mesh, axis_name=AXIS)
+  rng = np.random.default_rng(3)
+  history = []
+  for call in range(1, CALLS + 1):
+    x = rng.normal(size=(2 * N, 3)).astype(np.float32)
+    y = rng.normal(size=2 * N).astype(np.float32)
+    factor = np.ones(2 * N, np.float32)
+    if call == BAD_CALL:
+      factor[2 * BAD : 2 * BAD + 2] = np.nan
+    p, s, _ = jax.block_until_ready(step(p, s, (x, y, factor)))
+    history.append(flat(jax.tree.map(np.asarray, p)))
+  assert np.isnan(history[BAD_CALL - 1][BAD]).any() and np.isnan(history[2][BAD]).any()
+  assert np.isfinite(np.delete(history[2], BAD, axis=0)).all()
+  center = flat(optax_dist.center_params(jax.device_get(s)))
+  for h in history[PERIOD - 1 :]:
+    assert np.isfinite(h).all()
+  np.testing.assert_array_equal(optax_dist.dropped_syncs(s), [int(k == BAD) for k in range(N)])
+  np.testing.assert_array_equal(optax_dist.global_step(s), [2] * N)
+  np.testing.assert_array_equal(optax_dist.skipped_syncs(s), [0] * N)
+  np.testing.assert_allclose(history[-1], center, rtol=1e-6, atol=1e-6)
