@@ -67,11 +67,15 @@ def apply_if_all_finite(
   step later than they do: under ``jax.shard_map``, ``pmap`` or several
   processes the others wait in the sync's collective for a worker that is not
   there (a deadlock, or a rendezvous timeout on CPU); under ``vmap`` the
-  workers silently drift apart, each with its own sync schedule. Wrapped the
-  other way, inside the periodic transform, the skip keeps the counters but a
-  NaN in the worker's params still reaches the center at the next sync.
-  Deciding on the all-reduced flag keeps every worker's counters, params and
-  center identical.
+  workers silently drift apart, each with its own sync schedule. Deciding on
+  the all-reduced flag keeps every worker's counters, params and center
+  identical.
+
+  Without any guard a periodic transform already keeps training going: a
+  worker whose params turned non-finite is left out of the next sync and
+  restarts on the center (see :func:`optax_dist.restart_nonfinite`). This
+  guard goes further: the bad step is skipped before it reaches any params,
+  so no worker loses the local steps until the sync.
 
   Cost: the one scalar all-reduce per step (the inner transform's own
   collectives are unchanged). The inner update is computed on every step and
