@@ -33,6 +33,7 @@ def train_digits():
 PARAMS_BYTES = 4 * (64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10)
 METRICS_BYTES = 3 * 4
 RING = 2 * 7 / 8  # A ring all-reduce over 8 workers sends this much per byte reduced.
+COUNT_BYTES = 4  # A sync's count of finite workers, in the same all-reduce.
 SHORT = ["--steps", "30", "--period", "4", "--hidden", "32", "--eval-every", "10"]
 
 
@@ -50,10 +51,12 @@ def test_train_digits_demo_learns(train_digits, algorithm, tmp_path, capsys):
   # differences) once per sync, and the metrics on every step, each through a
   # ring all-reduce over 8 workers (2 * 7 / 8 of its bytes).
   assert (result["every_step_bytes"], result["per_sync_bytes"]) == pytest.approx(
-    (RING * METRICS_BYTES, RING * PARAMS_BYTES)
+    (RING * METRICS_BYTES, RING * (PARAMS_BYTES + COUNT_BYTES))
   )
   assert result["syncs"] == 30 // 4
-  assert result["bytes"] == pytest.approx(RING * (30 * METRICS_BYTES + 7 * PARAMS_BYTES))
+  assert result["bytes"] == pytest.approx(
+    RING * (30 * METRICS_BYTES + 7 * (PARAMS_BYTES + COUNT_BYTES))
+  )
   assert plot.stat().st_size > 0
   out = capsys.readouterr().out
   assert f"{algorithm}: 8 workers, 30 steps" in out and "test accuracy" in out
@@ -74,7 +77,7 @@ def test_train_digits_demo_compares_sync_and_diloco_by_default(train_digits, tmp
     (RING * (PARAMS_BYTES + METRICS_BYTES), 0)
   )
   assert (diloco["every_step_bytes"], diloco["per_sync_bytes"]) == pytest.approx(
-    (RING * METRICS_BYTES, RING * PARAMS_BYTES)
+    (RING * METRICS_BYTES, RING * (PARAMS_BYTES + COUNT_BYTES))
   )
   assert (sync["syncs"], diloco["syncs"]) == (30, 30 // 4)
   # The bytes each worker had sent by each evaluation (steps 10, 20, 30):
@@ -83,7 +86,7 @@ def test_train_digits_demo_compares_sync_and_diloco_by_default(train_digits, tmp
     [RING * t * (PARAMS_BYTES + METRICS_BYTES) for t in (10, 20, 30)]
   )
   assert diloco["history"]["bytes"] == pytest.approx(
-    [RING * (t * METRICS_BYTES + (t // 4) * PARAMS_BYTES) for t in (10, 20, 30)]
+    [RING * (t * METRICS_BYTES + (t // 4) * (PARAMS_BYTES + COUNT_BYTES)) for t in (10, 20, 30)]
   )
   assert (sync["bytes"], diloco["bytes"]) == (
     sync["history"]["bytes"][-1],
@@ -108,12 +111,13 @@ def test_train_digits_demo_hierarchical(train_digits, tmp_path, capsys):
     assert accuracy[-1] > 0.3 and accuracy[-1] > accuracy[0], accuracy
   # easgd: every step the gradients within each host of 4 devices (a ring
   # sends 2 * 3 / 4 of them) and the metrics over all 8; per sync the params
-  # across the 2 hosts (2 * 1 / 2), and the 4 devices of a host agree that the
-  # synced params are finite (one int32 over 4: 1.5 * 4 bytes). sync: the
-  # gradients over all 8 devices.
+  # across the 2 hosts (2 * 1 / 2) with the count of finite hosts, and the 4
+  # devices of a host agree that their contribution, then the synced params,
+  # are finite (two int32s over 4: 2 * 1.5 * 4 bytes). sync: the gradients
+  # over all 8 devices.
   easgd = runs["easgd"]
   assert (easgd["every_step_bytes"], easgd["per_sync_bytes"]) == pytest.approx(
-    (1.5 * PARAMS_BYTES + RING * METRICS_BYTES, PARAMS_BYTES + 1.5 * 4)
+    (1.5 * PARAMS_BYTES + RING * METRICS_BYTES, PARAMS_BYTES + COUNT_BYTES + 2 * 1.5 * 4)
   )
   assert easgd["syncs"] == 30 // 4
   assert (runs["sync"]["every_step_bytes"], runs["sync"]["per_sync_bytes"]) == pytest.approx(
