@@ -38,7 +38,7 @@ def assert_identical(a, b):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", ["int2", "topk_int4"])
 def test_fragments_and_static_flags(fmt):
   params, grads = problem()
   tx = optax_dist.diloco(
@@ -59,7 +59,7 @@ def test_fragments_and_static_flags(fmt):
   assert int(optax_dist.global_step(static.state)[0]) == 4
 
 
-@pytest.mark.parametrize("fmt", ["int2", "topk_int4"])
+@pytest.mark.parametrize("fmt", ["int2"])
 def test_apply_if_all_finite_skips_the_step_on_every_worker(fmt):
   # A NaN on one worker at step 2: every worker skips it, counters included,
   # so the run is the run without that step, bit for bit.
@@ -83,7 +83,7 @@ def test_apply_if_all_finite_skips_the_step_on_every_worker(fmt):
     assert np.isfinite(x).all()
 
 
-@pytest.mark.parametrize("fmt", ["int4", "topk_int4"])
+@pytest.mark.parametrize("fmt", ["int4"])
 def test_host_offload_gives_the_same_bits(fmt):
   params, grads = problem(2, steps=4)
 
@@ -97,14 +97,6 @@ def test_host_offload_gives_the_same_bits(fmt):
 
 
 LOW_BIT = {
-  "diloco_int2_fragments": lambda: optax_dist.diloco(
-    optax.adam(0.05),
-    axis_name=AXIS,
-    sync_period=2 * test_orbax.PERIOD,
-    fragments=2,
-    comm_dtype=jnp.int2,
-    error_feedback=True,
-  ),
   "model_average_topk_int4": lambda: optax_dist.model_average(
     optax.adam(0.05),
     axis_name=AXIS,

@@ -169,7 +169,7 @@ def test_error_feedback_keeps_the_error_from_accumulating(dtype):
   assert with_feedback < without / 5, (with_feedback, without)
 
 
-@pytest.mark.parametrize("name", ["diloco", "model_average"])
+@pytest.mark.parametrize("name", ["model_average"])
 def test_topk_syncs_keep_the_center_identical(name):
   n = 4
   rng = np.random.default_rng(1)
