@@ -156,19 +156,39 @@ def run_transform(
 
     return map_workers(step, n, mode, axis_name)
 
-  state = map_workers(tx.init, n, mode, axis_name)(params)
-  programs: dict[Any, Callable] = {}
+  state = _program(
+    ("init", tx.init, n, mode, axis_name), lambda: map_workers(tx.init, n, mode, axis_name)
+  )(params)
   traj = Trajectory([], [], None, [])
   for i, batch in enumerate(batches):
     extra = {} if flags is None else {"sync": flags[i]}
-    key = repr(extra)
-    if key not in programs:
-      programs[key] = make_step(extra)
-    params, state, updates = jax.block_until_ready(programs[key](params, state, batch))
+    key = ("step", tx, n, mode, axis_name, grad_fn, repr(extra))
+    step = _program(key, lambda extra=extra: make_step(extra))
+    params, state, updates = jax.block_until_ready(step(params, state, batch))
     traj.params.append(jax.tree.map(np.asarray, params))
     traj.updates.append(jax.tree.map(np.asarray, updates))
     traj.states.append(state)
   return traj._replace(state=state)
+
+
+# The jitted programs of run_transform, by transformation, workers, mode and
+# flag: a transformation run again (e.g. by its in-graph and static runs, or
+# a test table's shared instance) reuses them, and jax.jit compiles each
+# once per shape. Bounded, oldest first out.
+_PROGRAMS: dict[Any, Callable] = {}
+_MAX_PROGRAMS = 256
+
+
+def _program(key: Any, make: Callable[[], Callable]) -> Callable:
+  try:
+    hash(key)
+  except TypeError:  # A transformation holding unhashable values: not kept.
+    return make()
+  if key not in _PROGRAMS:
+    if len(_PROGRAMS) >= _MAX_PROGRAMS:
+      del _PROGRAMS[next(iter(_PROGRAMS))]
+    _PROGRAMS[key] = make()
+  return _PROGRAMS[key]
 
 
 def stack(tree: Any, n: int) -> Any:
