@@ -122,10 +122,13 @@ def diloco(
   Raises:
     ValueError: for ``sync_period < 1``, ``sync_warmup < 0``, a period that
       is not a multiple of the number of fragments, bad fragment labels, a
-      ``comm_dtype`` that is neither a float nor int8, ``error_feedback``
-      without an 8-bit ``comm_dtype``, or ``params=None`` at update time.
+      ``comm_dtype`` that is neither a float nor int8, int4 or int2,
+      ``error_feedback`` without a quantized ``comm_dtype`` or
+      ``topk_fraction``, ``topk_fraction`` outside (0, 1), ``error_decay``
+      outside (0, 1] or without feedback, or ``params=None`` at update time.
     TypeError: if ``outer`` is not an optax transformation, for integer
-      params, or a traced ``sync`` flag.
+      params, a ``topk_fraction`` or ``error_decay`` that is not a float, or
+      a traced ``sync`` flag.
     NameError: at update time, if ``axis_name`` is not bound.
 
   Examples:

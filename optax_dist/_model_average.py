@@ -99,9 +99,12 @@ def model_average(
   Raises:
     ValueError: for ``interval_steps < 1``, ``sync_warmup < 0``, a period
       that is not a multiple of the number of fragments, bad fragment labels,
-      an unsupported ``comm_dtype``, ``error_feedback`` without an 8-bit
-      ``comm_dtype``, or ``params=None`` at update time.
-    TypeError: for integer params, or a traced ``sync`` flag.
+      an unsupported ``comm_dtype``, ``error_feedback`` without a quantized
+      ``comm_dtype`` or ``topk_fraction``, ``topk_fraction`` outside (0, 1),
+      ``error_decay`` outside (0, 1] or without feedback, or ``params=None``
+      at update time.
+    TypeError: for integer params, a ``topk_fraction`` or ``error_decay``
+      that is not a float, or a traced ``sync`` flag.
     NameError: at update time, if ``axis_name`` is not bound.
 
   Examples:
