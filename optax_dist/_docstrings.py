@@ -45,10 +45,9 @@ comm_dtype: The format on the wire (static): ``None`` (the center's
   travel through the quantized ring; each of its two roundings moves a
   number by at most half a step, ``absmax / (2 T)`` with ``T`` = 127, 7
   or 1 and ``absmax`` the largest magnitude of its block.
-error_feedback: With a quantized ``comm_dtype`` or ``topk_fraction``,
-  send again at the next sync what the compression dropped (static bool;
-  one params-sized buffer). ``None`` (the default) is on with
-  ``topk_fraction`` and off otherwise.""",
+error_feedback: With a quantized ``comm_dtype`` (or ``topk_fraction``,
+  where there is one), send again at the next sync what the compression
+  dropped (static bool; one params-sized buffer).""",
   "arg_topk": """\
 topk_fraction: Sparse top-k syncs (SparseLoCo), a float in (0, 1) or
   ``None`` (dense, the default): each worker cuts its contribution (plus
@@ -58,7 +57,8 @@ topk_fraction: Sparse top-k syncs (SparseLoCo), a float in (0, 1) or
   (``jnp.int8``, ``jnp.int4`` or ``jnp.int2``, with one float32 absmax
   scale per chunk), all in one ``all_gather``; every worker adds the N
   contributions in worker order (the same bits on every worker). What was
-  not sent stays in the error-feedback buffer.
+  not sent stays in the error-feedback buffer: ``error_feedback=None``
+  (the default) is on with ``topk_fraction`` and off without.
 error_decay: ``beta`` of the error-feedback rule
   :math:`a = \\Delta + \\beta e`, send :math:`s = Q(\\mathrm{{top}}_k(a))`,
   :math:`e \\leftarrow a - s` (static float in (0, 1]; ``None`` is 0.95
