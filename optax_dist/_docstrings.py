@@ -49,8 +49,9 @@ error_feedback: With a quantized ``comm_dtype`` (or ``topk_fraction``,
   where there is one), send again at the next sync what the compression
   dropped (static bool; one params-sized buffer).""",
   "arg_topk": """\
-topk_fraction: Sparse top-k syncs (SparseLoCo), a float in (0, 1) or
-  ``None`` (dense, the default): each worker cuts its contribution (plus
+topk_fraction: Sparse top-k syncs (SparseLoCo), a static float in (0, 1)
+  or ``None`` (dense, the default; under ``optax.inject_hyperparams`` list
+  it and ``error_decay`` in ``static_args``): each worker cuts its contribution (plus
   its error-feedback buffer) into chunks of 256 numbers and sends, for
   each chunk, the ``ceil(topk_fraction * 256)`` largest magnitudes with
   their positions (one byte each), in float32 or in ``comm_dtype``
