@@ -125,7 +125,8 @@ def make_wire(
   if sparse:
     if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, (int, float)):
       raise TypeError(
-        f"`topk_fraction` must be a Python float in (0, 1) (e.g. 0.02), got {topk_fraction!r}."
+        f"`topk_fraction` must be a Python float in (0, 1) (e.g. 0.02), got {topk_fraction!r}; "
+        "it is static: under optax.inject_hyperparams, list it in `static_args`."
       )
     if not 0.0 < topk_fraction < 1.0:
       raise ValueError(
@@ -140,7 +141,10 @@ def make_wire(
   if error_decay is None:
     error_decay = 0.95 if sparse else 1.0
   elif isinstance(error_decay, bool) or not isinstance(error_decay, (int, float)):
-    raise TypeError(f"`error_decay` must be a Python float in (0, 1], got {error_decay!r}.")
+    raise TypeError(
+      f"`error_decay` must be a Python float in (0, 1], got {error_decay!r}; it is static: "
+      "under optax.inject_hyperparams, list it in `static_args`."
+    )
   elif not 0.0 < error_decay <= 1.0:
     raise ValueError(f"`error_decay` must be in (0, 1], got {error_decay!r}.")
   elif not error_feedback:

@@ -264,3 +264,11 @@ def test_bad_topk_arguments(name, kwargs, error, match):
   make = getattr(optax_dist, name)
   with pytest.raises(error, match=match):
     make(optax.sgd(0.1), axis_name=AXIS, **kwargs)
+
+
+def test_inject_hyperparams_says_that_topk_fraction_is_static():
+  tx = optax.inject_hyperparams(optax_dist.model_average)(
+    optax.sgd(0.1), axis_name=AXIS, topk_fraction=0.1
+  )
+  with pytest.raises(TypeError, match="list it in `static_args`"):
+    tx.init({"w": jnp.zeros(3)})
