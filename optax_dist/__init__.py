@@ -18,6 +18,7 @@ from optax_dist._model_average import model_average
 from optax_dist._nonfinite import ApplyIfAllFiniteState
 from optax_dist._nonfinite import apply_if_all_finite
 from optax_dist._params import average_params
+from optax_dist._periodic import Pending
 from optax_dist._params import broadcast_params
 from optax_dist._placement import resize_workers
 from optax_dist._schedule import SyncSchedule
@@ -47,6 +48,7 @@ __all__ = (
   "DiLoCoState",
   "ElasticAverageState",
   "ModelAverageState",
+  "Pending",
   "SyncSchedule",
   "SyncState",
   "TowerState",

@@ -26,6 +26,7 @@ class DiLoCoState(NamedTuple):
     center: This worker's copy of the center (the global model, identical on
       every worker), in float32 for low-precision params.
     {{residual_field}}
+    {{pending_field}}
     {{sync_field}}
   """
 
@@ -33,6 +34,7 @@ class DiLoCoState(NamedTuple):
   outer_state: optax.OptState
   center: optax.Params
   residual: optax.Params | optax.EmptyState
+  pending: _periodic.Pending | optax.EmptyState
   sync: _schedule.SyncState
 
 
@@ -50,6 +52,8 @@ def diloco(
   sync_warmup: int | None = None,
   fragments: Any = None,
   host_offload: bool = False,
+  delay: int | None = None,
+  blend: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""DiLoCo: local inner steps, and every ``H`` calls an outer optimizer step.
 
@@ -106,6 +110,8 @@ def diloco(
 
   {{nonfinite_sync}}
 
+  {{delay}}
+
   Args:
     inner: The local optimizer (the paper uses AdamW).
     axis_name: The mapped axis (or tuple of axes) of the workers.
@@ -116,6 +122,7 @@ def diloco(
     host_offload: Keep the fields a sync alone reads (the center, the outer state, the residual) in the host's
       pinned memory between syncs; a sync brings them to the device and back
       (static bool).
+    {{arg_delay}}
 
   {{returns:DiLoCoState}}
 
@@ -161,7 +168,9 @@ def diloco(
   wire = _quantize.make_wire(
     comm_dtype, error_feedback, topk_fraction=topk_fraction, error_decay=error_decay
   )
-  options = _periodic.Options(sync_warmup, fragments, wire, wire.error_feedback, host_offload)
+  options = _periodic.Options(
+    sync_warmup, fragments, wire, wire.error_feedback, host_offload, delay, blend
+  )
   setup = _periodic.Setup.make("diloco", inner, axis_name, ("sync_period", sync_period), options)
   if outer is None:
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
@@ -181,7 +190,11 @@ def diloco(
     else:  # One outer state per fragment, over its own leaves.
       outer_state = tuple(outer.init(_fragments.view(center, m)) for m in masks)
     state = DiLoCoState(
-      outer_state=outer_state, center=center, residual=wire.residual_like(center), **fields
+      outer_state=outer_state,
+      center=center,
+      residual=wire.residual_like(center),
+      pending=setup.pending_like(center),
+      **fields,
     )
     return setup.placed(spec, state)
 
@@ -203,6 +216,30 @@ def diloco(
     dropped = jnp.logical_not(reduced.mine)
     return _periodic.Synced(local.moved_to(center), new, finite, dropped)
 
+  def reduce(x, carry):
+    # A delayed sync's collective: the pseudo-gradient of the params this call
+    # receives (the params after the scheduled call's inner step).
+    pseudo_gradient = jax.tree.map(lambda c, xi: c - xi, carry["center"], x)
+    reduced = _periodic.finite_sum(pseudo_gradient, axes, wire, carry["residual"])
+    delta = reduced.mean()
+    ok = reduced.finite(delta, axes)
+    residual = _periodic.keep_unless(ok, reduced.residual, carry["residual"])
+    return _periodic.Pending(delta, ok, reduced.mine), {**carry, "residual": residual}
+
+  def apply(local, carry, pending):
+    # A delayed sync's outer step, after this call's inner step.
+    center = carry["center"]
+    outer_updates, outer_state = outer.update(pending.value, carry["outer_state"], center)
+    center = _periodic.keep_unless(pending.ok, optax.apply_updates(center, outer_updates), center)
+    new = {
+      **carry,
+      "center": center,
+      "outer_state": _periodic.keep_unless(pending.ok, outer_state, carry["outer_state"]),
+    }
+    target = _periodic.blended(local.x, center, setup.blend, pending.mine)
+    dropped = jnp.logical_not(pending.mine)
+    return _periodic.Synced(local.moved_to(target), new, pending.ok, dropped)
+
   def restart(x, carry):
     return {**carry, "center": x}
 
@@ -212,6 +249,8 @@ def diloco(
     restart,
     per_fragment=("outer_state",),
     offload=("center", "outer_state", "residual"),
+    reduce=reduce,
+    apply=apply,
   )
 
   def update_fn(updates, state, params=None, *, sync=None, **extra_args):

@@ -87,6 +87,37 @@ sync with no finite worker leaves the center as it was; it counts in
 :func:`optax_dist.skipped_syncs`, and each drop in this worker's
 :func:`optax_dist.dropped_syncs`. A warm-up call averages the finite
 workers' gradients only.""",
+  "pending_field": """\
+pending: With ``delay >= 2``, the sync reduced and not yet applied
+  (:class:`optax_dist.Pending`: the reduced value shaped like the center,
+  only the leaves of the fragment in flight meaningful, whether it moves
+  the center, whether this worker took part); ``optax.EmptyState()``
+  otherwise.""",
+  "delay": """\
+``delay=tau`` and ``blend=alpha`` overlap a sync with compute (Streaming
+DiLoCo's overlapping communication; DESIGN 11.1). The sync scheduled on
+call ``s`` is reduced on call ``s + 1``, from the params that call receives
+(the params after ``s`` inner steps) and the state, never from its
+gradients, so inside a jitted train step the all-reduce can run while the
+forward and backward passes do (:func:`optax_dist.overlap_report` checks
+that it does not depend on them). The outer step lands on call ``s + tau``,
+after that call's inner step, and the workers land on
+:math:`\alpha x + (1 - \alpha) c` (``blend=0``: on the center ``c``).
+With ``tau >= 2`` the reduced value waits in the state (``pending``) for
+``tau - 1`` calls. ``tau < H / F``: one fragment is in flight at a time. The
+static flags (:class:`optax_dist.SyncSchedule`) name the call that reduces
+fragment ``f`` by ``f`` (``True`` with one fragment; with ``tau = 1`` it
+also applies) and, with ``tau >= 2``, the call that applies it by
+``("apply", f)``. :func:`optax_dist.resize_workers` drops a pending
+fragment (its apply call leaves the center as it was and counts as
+skipped).""",
+  "arg_delay": """\
+delay: ``tau``, calls from a sync's scheduled call to its outer step
+  (static int, ``0 <= tau < H / F``; ``None``, the default, is 0: the sync
+  on its scheduled call, as without it).
+blend: ``alpha`` in ``[0, 1)``: where the workers land when a delayed sync
+  is applied, :math:`\alpha x + (1 - \alpha) c` (static float; needs
+  ``delay >= 1``; ``None``, the default, is 0).""",
   "residual_field": """\
 residual: With ``error_feedback=True``, what the rounding of a quantized
   sync dropped (from this worker's contribution, and from the summed

@@ -23,12 +23,14 @@ class ModelAverageState(NamedTuple):
     center: The workers' mean params at the last sync (the params at init
       before the first), in float32 for low-precision params.
     {{residual_field}}
+    {{pending_field}}
     {{sync_field}}
   """
 
   inner_state: optax.OptState
   center: optax.Params
   residual: optax.Params | optax.EmptyState
+  pending: _periodic.Pending | optax.EmptyState
   sync: _schedule.SyncState
 
 
@@ -45,6 +47,8 @@ def model_average(
   topk_fraction: float | None = None,
   error_decay: float | None = None,
   host_offload: bool = False,
+  delay: int | None = None,
+  blend: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Periodic model averaging (local SGD): average the params every few steps.
 
@@ -85,6 +89,8 @@ def model_average(
 
   {{nonfinite_sync}}
 
+  {{delay}}
+
   Args:
     inner: The local optimizer (e.g. ``optax.sgd(0.1)``).
     axis_name: The mapped axis (or tuple of axes) of the workers.
@@ -93,6 +99,7 @@ def model_average(
     host_offload: Keep the fields a sync alone reads (the center, the residual) in the host's
       pinned memory between syncs; a sync brings them to the device and back
       (static bool).
+    {{arg_delay}}
 
   {{returns:ModelAverageState}}
 
@@ -138,28 +145,37 @@ def model_average(
   wire = _quantize.make_wire(
     comm_dtype, error_feedback, topk_fraction=topk_fraction, error_decay=error_decay
   )
-  options = _periodic.Options(sync_warmup, fragments, wire, wire.error_feedback, host_offload)
+  options = _periodic.Options(
+    sync_warmup, fragments, wire, wire.error_feedback, host_offload, delay, blend
+  )
   period_arg = ("interval_steps", interval_steps)
   setup = _periodic.Setup.make("model_average", inner, axis_name, period_arg, options)
   axes, wire = setup.axes, setup.wire
 
   def init_fn(params):
     center, fields = setup.start(params)
-    state = ModelAverageState(center=center, residual=wire.residual_like(center), **fields)
+    state = ModelAverageState(
+      center=center,
+      residual=wire.residual_like(center),
+      pending=setup.pending_like(center),
+      **fields,
+    )
     return setup.placed(spec, state)
+
+  def averaged(x, center, residual):
+    # The mean over the workers whose contribution is finite.
+    if wire.dtype is None and wire.topk_fraction is None:
+      reduced = _periodic.finite_sum(x, axes, wire, residual)
+      return reduced, reduced.mean()
+    # In a narrow format, the differences to the center (small, and the
+    # same scale on every worker) travel rather than the params.
+    diff = jax.tree.map(lambda xi, c: xi - c, x, center)
+    reduced = _periodic.finite_sum(diff, axes, wire, residual)
+    return reduced, jax.tree.map(lambda c, m: c + m, center, reduced.mean())
 
   def sync(local, carry):
     center, residual = carry["center"], carry["residual"]
-    # The mean over the workers whose contribution is finite.
-    if wire.dtype is None and wire.topk_fraction is None:
-      reduced = _periodic.finite_sum(local.x, axes, wire, residual)
-      mean = reduced.mean()
-    else:
-      # In a narrow format, the differences to the center (small, and the
-      # same scale on every worker) travel rather than the params.
-      diff = jax.tree.map(lambda xi, c: xi - c, local.x, center)
-      reduced = _periodic.finite_sum(diff, axes, wire, residual)
-      mean = jax.tree.map(lambda c, m: c + m, center, reduced.mean())
+    reduced, mean = averaged(local.x, center, residual)
     finite = reduced.finite(mean, axes)
     new = {
       "center": _periodic.keep_unless(finite, mean, center),
@@ -168,10 +184,32 @@ def model_average(
     dropped = jnp.logical_not(reduced.mine)
     return _periodic.Synced(local.moved_to(new["center"]), new, finite, dropped)
 
+  def reduce(x, carry):
+    # A delayed sync's collective: the mean of the params this call receives.
+    reduced, mean = averaged(x, carry["center"], carry["residual"])
+    ok = reduced.finite(mean, axes)
+    residual = _periodic.keep_unless(ok, reduced.residual, carry["residual"])
+    return _periodic.Pending(mean, ok, reduced.mine), {**carry, "residual": residual}
+
+  def apply(local, carry, pending):
+    # A delayed sync lands after this call's inner step.
+    center = _periodic.keep_unless(pending.ok, pending.value, carry["center"])
+    target = _periodic.blended(local.x, center, setup.blend, pending.mine)
+    dropped = jnp.logical_not(pending.mine)
+    new = {**carry, "center": center}
+    return _periodic.Synced(local.moved_to(target), new, pending.ok, dropped)
+
   def restart(x, carry):
     return {**carry, "center": x}
 
-  spec = _periodic.Spec(("center", "residual"), sync, restart, offload=("center", "residual"))
+  spec = _periodic.Spec(
+    ("center", "residual"),
+    sync,
+    restart,
+    offload=("center", "residual"),
+    reduce=reduce,
+    apply=apply,
+  )
 
   def update_fn(updates, state, params=None, *, sync=None, **extra_args):
     return setup.update(spec, state, updates, params, extra_args, sync)

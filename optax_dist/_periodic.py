@@ -70,6 +70,46 @@ def check_warmup(value: Any) -> int:
   return int(value)
 
 
+def check_delay(delay: Any, blend: Any) -> tuple[int, float]:
+  """``delay`` is a static Python int >= 0 and ``blend`` a static float in [0, 1).
+
+  ``None`` is 0 for either (the defaults, so that ``optax.inject_hyperparams``
+  does not take them for hyperparameters).
+  """
+  delay = 0 if delay is None else delay
+  blend = 0.0 if blend is None else blend
+  if isinstance(delay, bool) or not isinstance(delay, numbers.Integral):
+    raise TypeError(
+      f"`delay` must be a Python int (it is static), got {delay!r}. Under "
+      "`optax.inject_hyperparams`, list it in `static_args`."
+    )
+  if delay < 0:
+    raise ValueError(f"`delay` must be >= 0 (0: the outer step on the sync's call), got {delay}.")
+  if isinstance(blend, bool) or not isinstance(blend, numbers.Real):
+    raise TypeError(f"`blend` must be a Python float in [0, 1) (it is static), got {blend!r}.")
+  if not 0 <= float(blend) < 1:
+    raise ValueError(
+      f"`blend` must be in [0, 1), got {blend}: the workers land on "
+      "`blend * x + (1 - blend) * center` (0: on the center)."
+    )
+  if blend and not delay:
+    raise ValueError(
+      f"`blend={blend}` needs `delay >= 1`: without a delay the workers land on the center "
+      "they sent their pseudo-gradient to. Pass `delay=1` (or more), or `blend=0.0`."
+    )
+  return int(delay), float(blend)
+
+
+def check_delay_fits(delay: int, period: int, num: int, period_name: str) -> None:
+  """At most one fragment in flight: ``delay < period / fragments``."""
+  if delay and delay >= period // num:
+    raise ValueError(
+      f"`delay` ({delay}) must be < `{period_name}` / fragments ({period} / {num} = "
+      f"{period // num}), so that a fragment's outer step lands before the next fragment "
+      "syncs. Use a smaller delay, fewer fragments or a longer period."
+    )
+
+
 def check_schedule(period: int, warmup: int, fragments: Any, period_name: str) -> None:
   """Validates ``fragments`` and, when its count is known, that the period divides by it."""
   num = _fragments.check(fragments)
@@ -285,6 +325,39 @@ class Synced(NamedTuple):
   dropped: jax.Array
 
 
+class Pending(NamedTuple):
+  """A delayed sync between its reduction and its outer step.
+
+  Attributes:
+    value: What the reduction gave, in center precision (DiLoCo: the mean
+      pseudo-gradient; model averaging: the new center), shaped like the
+      center (only the leaves of the fragment in flight are meaningful).
+    ok: Whether the center moves when it is applied (some worker was finite,
+      and so is ``value``).
+    mine: Whether this worker's contribution was finite.
+  """
+
+  value: Any
+  ok: jax.Array
+  mine: jax.Array
+
+
+def blended(x: Any, center: Any, blend: float, mine: jax.Array) -> Any:
+  """Where a worker lands at an applied delayed sync: ``blend * x + (1 - blend) * center``.
+
+  A worker whose contribution was left out, or an element of ``x`` that is
+  not finite, lands on the center.
+  """
+  if not blend:
+    return center
+
+  def mix(xi: Any, c: Any) -> Any:
+    ok = jnp.logical_and(mine, jnp.isfinite(xi))
+    return jnp.where(ok, blend * xi + (1 - blend) * c, c)
+
+  return jax.tree.map(mix, x, center)
+
+
 class Spec(NamedTuple):
   """What an algorithm supplies to the engine.
 
@@ -299,6 +372,11 @@ class Spec(NamedTuple):
       shaped like the params.
     offload: The carry fields read only at a sync, which ``host_offload``
       keeps in the host's memory between syncs.
+    reduce: With a ``delay``: ``reduce(x, carry) -> (Pending, carry)``, the
+      sync's collective, given the params this call receives (in center
+      precision) and nothing computed from the gradients.
+    apply: With a ``delay``: ``apply(local, carry, pending) -> Synced``, the
+      outer step of a reduced sync, after this call's inner step.
   """
 
   carry: tuple[str, ...]
@@ -306,6 +384,8 @@ class Spec(NamedTuple):
   restart: Callable[[Any, dict[str, Any]], dict[str, Any]]
   per_fragment: tuple[str, ...] = ()
   offload: tuple[str, ...] = ()
+  reduce: Callable[[Any, dict[str, Any]], tuple["Pending", dict[str, Any]]] | None = None
+  apply: Callable[[Local, dict[str, Any], "Pending"], Synced] | None = None
 
 
 class Options(NamedTuple):
@@ -316,6 +396,8 @@ class Options(NamedTuple):
   comm_dtype: Any = None
   error_feedback: Any = False
   host_offload: Any = False
+  delay: Any = None
+  blend: Any = None
 
 
 class Setup(NamedTuple):
@@ -331,6 +413,10 @@ class Setup(NamedTuple):
     wire: How a sync's reduction travels (``comm_dtype``, error feedback).
     host_offload: Whether the fields read only at a sync live in the host's
       pinned memory between syncs.
+    delay: ``tau``: a fragment's sync is reduced on the call after its
+      scheduled one and applied ``tau`` calls after it (0: on its call).
+    blend: Where the workers land at an applied delayed sync:
+      ``blend * x + (1 - blend) * center``.
   """
 
   name: str
@@ -341,6 +427,8 @@ class Setup(NamedTuple):
   fragments: Any
   wire: _quantize.Wire
   host_offload: bool = False
+  delay: int = 0
+  blend: float = 0.0
 
   @classmethod
   def make(
@@ -352,7 +440,9 @@ class Setup(NamedTuple):
     options: "Options",
   ) -> "Setup":
     """Validates the settings; ``period`` is ``(argument name, value)``."""
-    sync_warmup, fragments, comm_dtype, error_feedback, host_offload = options
+    sync_warmup, fragments, comm_dtype = options.sync_warmup, options.fragments, options.comm_dtype
+    error_feedback, host_offload = options.error_feedback, options.host_offload
+    delay, blend = check_delay(options.delay, options.blend)
     if not isinstance(host_offload, bool):
       raise TypeError(f"`host_offload` must be a Python bool, got {host_offload!r}.")
     if host_offload:
@@ -361,10 +451,13 @@ class Setup(NamedTuple):
     value = check_period(value, period_name)
     warmup = check_warmup(sync_warmup)
     check_schedule(value, warmup, fragments, period_name)
+    num = _fragments.check(fragments)
+    if num is not None:
+      check_delay_fits(delay, value, num, period_name)
     wire = _quantize.make_wire(comm_dtype, error_feedback)
     axes = _collectives.axis_tuple(axis_name)
     inner = optax.with_extra_args_support(inner)
-    return cls(name, inner, axes, value, warmup, fragments, wire, host_offload)
+    return cls(name, inner, axes, value, warmup, fragments, wire, host_offload, delay, blend)
 
   def start(self, params: Any) -> tuple[Any, dict[str, Any]]:
     """The center of a fresh state, and the fields the engine owns in it.
@@ -374,8 +467,9 @@ class Setup(NamedTuple):
     """
     check_floating(params, self.name)
     _, num_fragments = _fragments.labels(self.fragments, params)
+    check_delay_fits(self.delay, self.period, num_fragments, "period")
     zero = jnp.zeros([], jnp.int32)
-    schedule = _schedule.SyncSchedule(self.period, self.warmup, num_fragments)
+    schedule = _schedule.SyncSchedule(self.period, self.warmup, num_fragments, self.delay)
     fields = {
       "inner_state": self.inner.init(params),
       "sync": _schedule.SyncState(zero, zero, zero, zero, schedule),
@@ -387,7 +481,7 @@ class Setup(NamedTuple):
     _, num_fragments = _fragments.labels(self.fragments, params)
     # Fields the engine does not set here (if any) are compared as they are.
     mine = dataclasses.replace(
-      schedule, period=self.period, warmup=self.warmup, fragments=num_fragments
+      schedule, period=self.period, warmup=self.warmup, fragments=num_fragments, delay=self.delay
     )
     if schedule != mine:
       raise ValueError(
@@ -401,7 +495,17 @@ class Setup(NamedTuple):
     """A fresh ``state`` with the fields read only at a sync in host memory, if offloaded."""
     if not self.host_offload:
       return state
-    return state._replace(**{f: _placement.to_host(getattr(state, f)) for f in spec.offload})
+    fields = {f: _placement.to_host(getattr(state, f)) for f in spec.offload}
+    if self.delay > 1:  # A reduced sync waits there too.
+      fields["pending"] = state.pending._replace(value=_placement.to_host(state.pending.value))
+    return state._replace(**fields)
+
+  def pending_like(self, center: Any) -> Any:
+    """The ``pending`` field of a fresh state: a buffer only when a reduced sync waits."""
+    if self.delay < 2:
+      return optax.EmptyState()
+    false = jnp.zeros([], bool)
+    return Pending(zeros_like(center), false, jnp.logical_not(false))
 
   def masks(self, params: Any) -> list[Any] | None:
     """One boolean mask tree per fragment, or None for one fragment."""
@@ -487,7 +591,110 @@ def periodic_update(
     new = moved(fence(out.carry), _placement.to_host)
     return fence(out.updates), new, out.finite.astype(jnp.int32), out.dropped
 
-  if flag is None:  # Decided in the program, from the counter.
+  # A delayed sync (delay >= 1): reduced before this call's inner step, from
+  # the params and the state only, and applied after it; with delay >= 2 the
+  # reduced value waits in the state's `pending` field.
+  delay = setup.delay
+  pending: Any = state.pending if delay > 1 else None
+  offload_pending = setup.host_offload and delay > 1
+
+  def reduce_fragment(params_f: Any, carry_f: dict[str, Any]) -> tuple[Pending, dict]:
+    assert spec.reduce is not None
+    carry_f = fence(moved(carry_f, _placement.to_device))
+    x = jax.tree.map(lambda p: p.astype(center_dtype(p.dtype)), params_f)
+    red, new = spec.reduce(x, carry_f)
+    red = fence(red)
+    if offload_pending:
+      red = red._replace(value=_placement.to_host(red.value))
+    return red, moved(fence(new), _placement.to_host)
+
+  def apply_fragment(params_f: Any, updates_f: Any, carry_f: dict[str, Any], red: Any) -> tuple:
+    assert spec.apply is not None
+    carry_f = fence(moved(carry_f, _placement.to_device))
+    if offload_pending:
+      red = red._replace(value=_placement.to_device(red.value))
+    out = spec.apply(local_view(params_f, updates_f), carry_f, fence(red))
+    new = moved(fence(out.carry), _placement.to_host)
+    return fence(out.updates), new, out.finite.astype(jnp.int32), out.dropped
+
+  def pending_view(f: int) -> Pending:
+    return Pending(views.tree(pending.value, f), pending.ok, pending.mine)
+
+  def pending_merge(red: Pending) -> Pending:
+    return Pending(views.merge_tree(pending.value, red.value), red.ok, red.mine)
+
+  def fresh_pending(params_f: Any) -> Pending:
+    value = jax.tree.map(lambda p: jnp.zeros(p.shape, center_dtype(p.dtype)), params_f)
+    false = jnp.zeros([], bool)
+    return Pending(value, false, jnp.logical_not(false))
+
+  if isinstance(flag, tuple) and delay < 2:
+    raise ValueError(
+      f"{setup.name}: `sync={flag}` names a call that applies a delayed sync, but this "
+      f"transform has `delay={delay}`"
+      + (": the call that reduces also applies (pass the fragment's index)." if delay else ".")
+    )
+  if flag is True and delay > 1 and schedule.fragments > 1:
+    raise ValueError(
+      f"{setup.name}: `sync=True` would reduce all {schedule.fragments} fragments at once, but "
+      f"with `delay={delay}` one fragment at a time waits for its outer step. Pass the "
+      "flags of `optax_dist.sync_schedule(state)`."
+    )
+
+  if flag is None and delay:  # Decided in the program, from the counter; delayed.
+    is_warm, _ = schedule.in_graph(step)
+    reduces, applies = schedule.phases(step)
+    if schedule.warmup:
+
+      def averaged(loop_carry: tuple, _: Any) -> tuple:
+        mean, out = finite_mean(loop_carry[0], axes)
+        return fence(mean), out.astype(jnp.int32)
+
+      grads, dropped = run_on_sync(is_warm, averaged, (grads, dropped), axes)
+    reduced = []
+    for f, is_reduce_f in enumerate(reduces):
+
+      def on_reduce(loop_carry: tuple, params_f: Any) -> tuple:
+        return reduce_fragment(params_f, loop_carry[1])
+
+      start = pending_view(f) if delay > 1 else fresh_pending(views.tree(params, f))
+      red, carry_f = run_on_sync(
+        is_reduce_f, on_reduce, (start, views.carry(carry, f)), axes, views.tree(params, f)
+      )
+      carry = views.merge_carry(carry, carry_f, f)
+      if delay > 1:
+        pending = pending_merge(red)
+      reduced.append(red)
+    updates, inner_state = inner_step(grads)
+    if schedule.warmup:
+
+      def on_warmup(loop_carry: tuple, params: Any) -> tuple:
+        updates, carry = loop_carry
+        return updates, warm(params, updates, carry)
+
+      updates, carry = run_on_sync(is_warm, on_warmup, (updates, carry), axes, params)
+    for f, is_apply_f in enumerate(applies):
+
+      def on_apply(loop_carry: tuple, inputs: Any) -> tuple:
+        updates_f, carry_f, _, inner_state, dropped = loop_carry
+        params_f, red = inputs
+        updates_f, carry_f, ok, out = apply_fragment(params_f, updates_f, carry_f, red)
+        inner_state = restarted(out, inner_state)
+        return updates_f, carry_f, ok, inner_state, dropped + out.astype(jnp.int32)
+
+      zero = jnp.zeros([], jnp.int32)
+      red = reduced[f] if delay == 1 else pending_view(f)
+      updates_f, carry_f, ok, inner_state, dropped = run_on_sync(
+        is_apply_f,
+        on_apply,
+        (views.tree(updates, f), views.carry(carry, f), zero, inner_state, dropped),
+        axes,
+        (views.tree(params, f), red),
+      )
+      updates = views.merge_tree(updates, updates_f)
+      carry = views.merge_carry(carry, carry_f, f)
+      synced, skipped = synced + ok, skipped + is_apply_f.astype(jnp.int32) - ok
+  elif flag is None:  # Decided in the program, from the counter.
     is_warm, is_sync = schedule.in_graph(step)
     if schedule.warmup:
 
@@ -528,6 +735,39 @@ def periodic_update(
     dropped = dropped + out.astype(jnp.int32)
     updates, inner_state = inner_step(fence(mean))
     carry = _vary_tree_like(warm(params, updates, carry), carry)
+  elif delay:
+    if flag is False:
+      reduce_fs: list[int] = []
+    elif flag is True:
+      reduce_fs = list(range(schedule.fragments))
+    elif isinstance(flag, tuple):
+      reduce_fs = []
+    else:
+      reduce_fs = [int(flag)]
+    if delay == 1:
+      apply_fs = reduce_fs
+    else:
+      apply_fs = [flag[1]] if isinstance(flag, tuple) else []
+    reduced_by = {}
+    for f in reduce_fs:
+      old_carry = views.carry(carry, f)
+      red, carry_f = reduce_fragment(views.tree(params, f), old_carry)
+      carry = views.merge_carry(carry, _vary_tree_like(carry_f, old_carry), f)
+      if delay > 1:
+        pending = _vary_tree_like(pending_merge(red), pending)
+      reduced_by[f] = red
+    updates, inner_state = inner_step(grads)
+    for f in apply_fs:
+      red = reduced_by[f] if delay == 1 else pending_view(f)
+      old_updates, old_carry = views.tree(updates, f), views.carry(carry, f)
+      updates_f, carry_f, ok, out = apply_fragment(
+        views.tree(params, f), old_updates, old_carry, red
+      )
+      updates = views.merge_tree(updates, _vary_tree_like(updates_f, old_updates))
+      carry = views.merge_carry(carry, _vary_tree_like(carry_f, old_carry), f)
+      inner_state = restarted(out, inner_state)
+      synced, skipped = synced + ok, skipped + 1 - ok
+      dropped = dropped + out.astype(jnp.int32)
   else:
     updates, inner_state = inner_step(grads)
     if flag is False:
@@ -535,7 +775,8 @@ def periodic_update(
     elif flag is True:
       to_sync = list(range(schedule.fragments))
     else:
-      to_sync = [int(flag)]
+      assert isinstance(flag, int)
+      to_sync = [flag]
     for f in to_sync:
       old_updates, old_carry = views.tree(updates, f), views.carry(carry, f)
       updates_f, carry_f, ok, out = sync_fragment(views.tree(params, f), old_updates, old_carry)
@@ -554,6 +795,7 @@ def periodic_update(
       num_dropped=counters.num_dropped + dropped,
     ),
     **carry,
+    **({"pending": pending} if delay > 1 else {}),
   )
   return updates, new_state
 
@@ -785,4 +1027,6 @@ def replay_commits(
       kept = jax.tree.map(lambda m, v, k=k: jnp.where(k == me, v, m), kept, mine(c))
   final = c
   moved = jnp.logical_and(jnp.any(oks), reduced_finite(final, axes))
-  return kept, final, moved, jnp.logical_not(oks[me])
+  # This worker's own flag, checked on its own contribution (the same value
+  # as its entry of `oks`, without indexing a gathered array by worker).
+  return kept, final, moved, jnp.logical_not(own_finite(contribution, axes))

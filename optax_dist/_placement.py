@@ -79,7 +79,10 @@ def resize_workers(
     0, and so are the leaves of any other state in ``opt_state`` (a chain's
     other transformations);
   * accumulators (AGN) and error-feedback residuals restart at zero, snapshots
-    (EASGD) at the center.
+    (EASGD) at the center;
+  * a delayed sync in flight (``delay >= 2``, reduced and not yet applied)
+    is dropped: its apply call leaves the center as it was and counts as a
+    skipped sync.
 
   Lay the result out on the new mesh with :func:`optax_dist.per_worker`'s
   sharding (``jax.device_put`` with a ``NamedSharding`` over the workers'
@@ -150,6 +153,10 @@ def resize_workers(
       value = getattr(state, name)
       if name == "sync":  # The counters go on; the new workers have dropped nothing.
         fields[name] = spread(value._replace(num_dropped=jnp.zeros_like(value.num_dropped)))
+      elif name == "pending" and jax.tree.leaves(value):
+        # A delayed sync in flight is dropped: its apply call keeps the center.
+        dropped = jax.tree.map(jnp.zeros_like, spread(value))
+        fields[name] = dropped._replace(mine=jnp.logical_not(dropped.mine))
       elif name in _KEPT:
         fields[name] = spread(value)
       elif name in _TO_CENTER and jax.tree.leaves(value):

@@ -154,7 +154,7 @@ class SyncSchedule:
         "time may be in flight."
       )
 
-  def __call__(self, count: int) -> bool | int | str:
+  def __call__(self, count: int) -> bool | int | str | tuple[str, int]:
     """The ``sync`` flag of the call made after ``count`` calls.
 
     Args:
@@ -305,6 +305,9 @@ def _flag_text(flag: Any) -> str:
   return repr(flag.item() if isinstance(flag, np.generic) else flag)
 
 
+_APPLIED = 1 << 16  # Codes of the calls that apply a delayed sync (see verify_flag).
+
+
 def verify_flag(flag: Flag, counter: jax.Array, schedule: SyncSchedule) -> None:
   """Inside :func:`checking_sync_flags`: a callback that raises if ``flag`` is not the counter's."""
   if not _VERIFY[0] or flag is None:
@@ -312,11 +315,23 @@ def verify_flag(flag: Flag, counter: jax.Array, schedule: SyncSchedule) -> None:
   is_warm, syncs = schedule.in_graph(counter + 1)
   # The flag as a code: -2 warm-up, -1 no sync, F every fragment, f fragment f.
   code = jnp.where(is_warm, -2, -1)
+  if schedule.delay:  # The calls that reduce (and, delay >= 2, apply): code _APPLIED + f.
+    syncs, applies = schedule.phases(counter + 1)
+    for f, a in enumerate(applies if schedule.delay > 1 else []):
+      code = jnp.where(a, _APPLIED + f, code)
   for f, s in enumerate(syncs):
     code = jnp.where(s, schedule.fragments if schedule.fragments == 1 else f, code)
-  given = {WARMUP: -2, False: -1, True: schedule.fragments}.get(flag, flag)
-  if flag is True and schedule.fragments == 1:
-    given = 1
+  # (Not a dict lookup: 0 == False would read fragment 0 as no sync.)
+  if isinstance(flag, tuple):
+    given: Any = _APPLIED + flag[1]
+  elif flag is False:
+    given = -1
+  elif flag is True:
+    given = schedule.fragments
+  elif flag == WARMUP:
+    given = -2
+  else:
+    given = flag
 
   def check(code: Any, counter: Any) -> None:
     code, counter = np.asarray(code).reshape(-1), np.asarray(counter).reshape(-1)
@@ -324,7 +339,9 @@ def verify_flag(flag: Flag, counter: jax.Array, schedule: SyncSchedule) -> None:
       return
     expected = int(code[code != given][0])
     count = int(counter[code != given][0])
-    want = {-2: WARMUP, -1: False}.get(expected, True if schedule.fragments == 1 else expected)
+    want: Any = {-2: WARMUP, -1: False}.get(expected, True if schedule.fragments == 1 else expected)
+    if expected >= _APPLIED:
+      want = (APPLY, expected - _APPLIED)
     raise ValueError(
       f"The static flag `sync={_flag_text(flag)}` disagrees with the transform's own call "
       f"counter: after {count} calls its schedule {schedule} gives `sync={want!r}`. A "
