@@ -255,9 +255,24 @@ def finite_sum(
   if wire.error_feedback:
     residual = zero_unless(mine, residual)
   total, residual, count = _quantize.psum(
-    contribution, axes, wire, residual, side=mine.astype(jnp.float32)
+    contribution, axes, wire, residual, side=count_operand(mine, axes)
   )
-  return FiniteSum(total, residual, count, mine)
+  return FiniteSum(total, residual, count[0], mine)
+
+
+def count_operand(mine: jax.Array, axes: tuple) -> jax.Array:
+  """This worker's 0/1 as the float32 vector the count is summed from.
+
+  One element, except under ``vmap`` with an ``spmd_axis_name`` on mesh axes
+  (the GSPMD path), where the partitioner shards the reduced result's first
+  dimension over the workers: there it takes one element per worker.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = getattr(mesh, "manual_axes", ())
+  names = getattr(mesh, "axis_names", ())
+  spmd = any(a in names and a not in manual for a in axes)
+  size = _collectives.num_workers(axes) if spmd else 1
+  return jnp.broadcast_to(mine.astype(jnp.float32), (size,))
 
 
 ORDERINGS = ("simultaneous", "round_robin")
@@ -835,8 +850,8 @@ def finite_mean(grads: Any, axes: tuple) -> tuple[Any, jax.Array]:
   # averaged as before.
   summed = [to_sum(g) == axes for g in leaves]
   sent = [jnp.where(mine, g, jnp.zeros_like(g)) for g, s in zip(leaves, summed, strict=True) if s]
-  sent_total, count = _collectives.psum((sent, mine.astype(jnp.float32)), axes)
-  count = jnp.maximum(count, 1.0)
+  sent_total, count = _collectives.psum((sent, count_operand(mine, axes)), axes)
+  count = jnp.maximum(count[0], 1.0)
   totals = iter(sent_total)
   out = []
   for g, s in zip(leaves, summed, strict=True):

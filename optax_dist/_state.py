@@ -398,7 +398,10 @@ def restart_nonfinite(params: optax.Params, opt_state: optax.OptState) -> optax.
     >>> optax_dist.restart_nonfinite(jnp.array([3.0, 0.5]), state)
     Array([3. , 0.5], dtype=float32)
   """
-  center = optax.tree.cast_like(center_params(opt_state, params), params)
+  center = center_params(opt_state, params)
+  # A center kept in host memory (host_offload) comes to the device first.
+  center = jax.tree.map(lambda c: jax.device_put(c, jax.memory.Space.Device), center)
+  center = optax.tree.cast_like(center, params)
   finite = _nonfinite.all_finite(params)
   return jax.tree.map(lambda p, c: jnp.where(finite, p, c), params, center)
 
