@@ -15,6 +15,7 @@ Two measurements, side by side in one run:
 
     python benchmarks/lowbit.py                 # about 12 minutes on 2 cores
     python benchmarks/lowbit.py --periods 16 --seeds 0   # a smoke run
+    python benchmarks/lowbit.py --muon          # MuLoCo rows: Muon inside, float32 or int2
 """
 
 import argparse
@@ -65,8 +66,33 @@ CONVERGENCE = (
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+# MuLoCo: Muon inside (Newton-Schulz on the matrices, Adam on the biases), float32 or
+# int2 with error feedback outside; Muon's own learning rates.
+MUON = {"diloco_muon": {}, "diloco_muon_int2_ef": FORMATS["diloco_int2_ef"]}
+MUON_LRS = (0.03, 0.1, 0.3)
+
+
+def trials(algorithm, period):
+  """The convergence benchmark's grid, with Muon's learning rates for the Muon rows."""
+  if algorithm in MUON:
+    return [
+      {"learning_rate": lr, "outer_learning_rate": o}
+      for lr in MUON_LRS
+      for o in convergence.OUTER_LRS
+    ]
+  return BENCHMARK_TRIALS(algorithm, period)
+
+
 def make_optimizer(algorithm, period, hp):
   """The convergence benchmark's optimizers, and DiLoCo with a plain outer SGD for ``*_sgd``."""
+  if algorithm in MUON:
+    return optax_dist.diloco(
+      optax.contrib.muon(hp["learning_rate"]),
+      axis_name=convergence.AXIS,
+      outer=optax.sgd(hp["outer_learning_rate"], momentum=0.9, nesterov=True),
+      sync_period=period,
+      **MUON[algorithm],
+    )
   if algorithm.endswith("_sgd"):
     return optax_dist.diloco(
       optax.adam(hp["learning_rate"]),
@@ -79,6 +105,7 @@ def make_optimizer(algorithm, period, hp):
 
 
 BENCHMARK_OPTIMIZER = convergence.make_optimizer
+BENCHMARK_TRIALS = convergence.trials
 
 
 def matrix_report(kwargs):
@@ -108,9 +135,15 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
   parser.add_argument("--periods", type=int, nargs="+", default=[16])
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument(
+    "--muon", action="store_true", help="only the MuLoCo rows, into lowbit_muon.{json,md}"
+  )
   args = parser.parse_args(argv)
   convergence.VARIANTS.update(FORMATS)
   convergence.make_optimizer = make_optimizer
+  convergence.trials = trials
+  if args.muon:
+    return muon_rows(args)
   start_all = time.perf_counter()
 
   data = convergence.load_data()
@@ -162,6 +195,48 @@ def main(argv=None):
   (out / "lowbit.json").write_text(json.dumps(results, indent=1) + "\n")
   (out / "lowbit.md").write_text(summarize(results, args))
   print(summarize(results, args))
+  print(f"{results['seconds']:.0f} s; results in {out}")
+
+
+def muon_rows(args):
+  """DiLoCo with Muon inside, float32 and int2 + error feedback outside (MuLoCo)."""
+  start_all = time.perf_counter()
+  data = convergence.load_data()
+  results = {"config": vars(args) | {"workers": N, "muon_lrs": MUON_LRS}, "runs": {}}
+  for name in MUON:
+    for period in args.periods:
+      start = time.perf_counter()
+      val, test = convergence.run(name, period, args.seeds, args.steps, args.eval_every, data)
+      best = int(np.argmax(val[-1].mean(axis=-1)))
+      hps = trials(name, period)
+      r = results["runs"].setdefault(name, {})[str(period)] = {
+        "chosen_hyperparameters": hps[best],
+        "test_mean": float(test[-1, best].mean()),
+        "test_std": float(test[-1, best].std(ddof=1 if len(args.seeds) > 1 else 0)),
+        "test_per_seed": test[-1, best].tolist(),
+        "seconds": time.perf_counter() - start,
+      }
+      print(
+        f"  {name:>20} p={period}: test {100 * r['test_mean']:.2f} ± "
+        f"{100 * r['test_std']:.2f} ({hps[best]}) in {r['seconds']:.0f} s",
+        flush=True,
+      )
+  results["seconds"] = time.perf_counter() - start_all
+  lines = [
+    "| inner / outer format | period | test accuracy (%) | chosen hyperparameters |",
+    "| --- | ---: | ---: | --- |",
+  ]
+  for name, runs in results["runs"].items():
+    for period, r in runs.items():
+      lines.append(
+        f"| {name} | {period} | {100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f} "
+        f"| {r['chosen_hyperparameters']} |"
+      )
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "lowbit_muon.json").write_text(json.dumps(results, indent=1) + "\n")
+  (out / "lowbit_muon.md").write_text("\n".join(lines) + "\n")
+  print("\n".join(lines))
   print(f"{results['seconds']:.0f} s; results in {out}")
 
 
