@@ -177,9 +177,11 @@ def test_a_sync_moves_one_fragment():
     fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
     reports[f] = optax_dist.communication_report(fn, params, jax.vmap(tx.init)(params), params)
   whole = 4 * 64 * 64 * 4
-  assert reports[1].sync_bytes == reports[4].sync_bytes == whole
-  assert reports[1].peak_sync_bytes == whole
-  assert reports[4].peak_sync_bytes == whole // 4
+  count = 4  # Each sync's all-reduce also carries the count of finite workers.
+  assert reports[1].sync_bytes == whole + count
+  assert reports[4].sync_bytes == whole + 4 * count
+  assert reports[1].peak_sync_bytes == whole + count
+  assert reports[4].peak_sync_bytes == whole // 4 + count
   assert len({c.loop for c in reports[4].collectives}) == 4
 
 

@@ -153,8 +153,9 @@ def test_hlo_every_step_inside_hosts_every_p_steps_across_them():
   }
   # Every step: the gradients, all-reduced over the devices of each host.
   assert found[False] == ("all-reduce", DIM * 4, [[0, 1, 2, 3], [4, 5, 6, 7]])
-  # In the sync loop only (every p steps): the params, across the hosts.
-  assert found[True] == ("all-reduce", DIM * 4, [[0, 4], [1, 5], [2, 6], [3, 7]])
+  # In the sync loop only (every p steps): the params across the hosts, and
+  # in the same all-reduce the count of finite hosts (4 bytes).
+  assert found[True] == ("all-reduce", DIM * 4 + 4, [[0, 4], [1, 5], [2, 6], [3, 7]])
 
 
 @pytest.mark.parametrize("layout", ["per_host", "per_device"])
