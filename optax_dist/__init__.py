@@ -17,9 +17,12 @@ from optax_dist._model_average import ModelAverageState
 from optax_dist._model_average import model_average
 from optax_dist._nonfinite import ApplyIfAllFiniteState
 from optax_dist._nonfinite import apply_if_all_finite
+from optax_dist._overlap import Dependence
+from optax_dist._overlap import OverlapReport
+from optax_dist._overlap import overlap_report
 from optax_dist._params import average_params
-from optax_dist._periodic import Pending
 from optax_dist._params import broadcast_params
+from optax_dist._periodic import Pending
 from optax_dist._placement import resize_workers
 from optax_dist._schedule import SyncSchedule
 from optax_dist._schedule import SyncState
@@ -45,9 +48,11 @@ __all__ = (
   "ApplyIfAllFiniteState",
   "Collective",
   "CommunicationReport",
+  "Dependence",
   "DiLoCoState",
   "ElasticAverageState",
   "ModelAverageState",
+  "OverlapReport",
   "Pending",
   "SyncSchedule",
   "SyncState",
@@ -72,6 +77,7 @@ __all__ = (
   "initialize_from_env",
   "minimize",
   "model_average",
+  "overlap_report",
   "per_worker",
   "resize_workers",
   "restart_nonfinite",

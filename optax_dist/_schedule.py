@@ -154,6 +154,14 @@ class SyncSchedule:
         "time may be in flight."
       )
 
+  def __repr__(self) -> str:
+    # A schedule without a delay reads as before delays existed.
+    delay = f", delay={self.delay}" if self.delay else ""
+    return (
+      f"SyncSchedule(period={self.period}, warmup={self.warmup}, "
+      f"fragments={self.fragments}{delay})"
+    )
+
   def __call__(self, count: int) -> bool | int | str | tuple[str, int]:
     """The ``sync`` flag of the call made after ``count`` calls.
 
