@@ -298,15 +298,13 @@ def save(results, path):
 
 
 def package_commit():
+  """The checkout's commit, and whether ``optax_dist`` differs from it (``None`` without git)."""
   try:
-    out = subprocess.run(
-      ["git", "-C", str(ROOT), "log", "-1", "--format=%H", "--", "optax_dist"],
-      capture_output=True,
-      text=True,
-      check=True,
-    )
-    return out.stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "optax_dist"], check=False)
+    return {"commit": head.stdout.strip(), "optax_dist_modified": dirty.returncode != 0}
+  except OSError:
     return None
 
 
@@ -373,6 +371,21 @@ def total_bytes(entry):
 def fewer_bytes(entry, dp):
   sent = total_bytes(entry)
   return total_bytes(dp) / sent if sent > 0 else float("inf")
+
+
+def bytes_to_reach(entry, loss):
+  """The bytes a row had sent when its mean validation curve first reached ``loss`` (or None)."""
+  curve = np.mean([s["val_loss"] for s in entry["seeds"].values()], axis=0)
+  steps = next(iter(entry["seeds"].values()))["eval_steps"]
+  sent = np.asarray(entry["bytes"]["cumulative"])[steps]
+  reached = np.nonzero(curve <= loss)[0]
+  if not len(reached):
+    return None
+  i = reached[0]
+  if i == 0:
+    return float(sent[0])
+  a, b = curve[i - 1], curve[i]
+  return float(sent[i - 1] + (a - loss) / (a - b) * (sent[i] - sent[i - 1]))
 
 
 def chosen_text(chosen, dp_lr):
@@ -458,6 +471,25 @@ def summarize(results):
     lines.append(
       f"| Streaming F=4 int8: within 0.5 points of M=8 H=32, 100x fewer bytes "
       f"| {points:+.2f} points | {ratio:.0f}x | {'yes' if met else 'no'} |"
+    )
+  lines += [
+    "",
+    "At equal loss instead of equal steps: *DP's MB to the same loss* is what DP had sent "
+    "when its validation loss (mean of seeds, linear between evaluations) first reached the "
+    "row's final loss; *bytes saved* is its ratio to the row's MB.",
+    "",
+    "| row | final loss | DP's MB to the same loss | row's MB | bytes saved |",
+    "| --- | ---: | ---: | ---: | ---: |",
+  ]
+  for name, entry in rows.items():
+    if "final_mean" not in entry or name in diagnostic or name == "DP" or not total_bytes(entry):
+      continue
+    needed = bytes_to_reach(dp, entry["final_mean"])
+    if needed is None:
+      continue
+    lines.append(
+      f"| {name} | {entry['final_mean']:.4f} | {needed / 1e6:.0f} "
+      f"| {total_bytes(entry) / 1e6:.1f} | {needed / total_bytes(entry):.1f}x |"
     )
   dp4, m8x4 = (rows.get(name, {}) for name in ("DP, batch x4", "DiLoCo M=8 H=32, batch x4"))
   for m in (1, 2):
