@@ -127,7 +127,8 @@ ROWS = (
 # the small per-worker batch? The same two runs at 4 times the global batch
 # (16 windows per worker instead of 4), with the learning rates chosen at the
 # study's batch. Are the gaps of M = 1 and 2 the outer grid's lower edge?
-# Outer learning rates below it, at DP's inner learning rate.
+# Outer learning rates below it, at DP's inner learning rate. Or the outer
+# momentum? Outer learning rates 0.5 and 1.0 at momentum 0.5 instead of 0.9.
 LOW_OUTER_LRS = (0.1, 0.2)
 DIAGNOSTICS = (
   *(
@@ -140,6 +141,15 @@ DIAGNOSTICS = (
     for m in (1, 2)
   ),
   Row("DP, batch x4", {"algorithm": "sync", "batch_size": 128}, "same as DP", seeds=(0,)),
+  *(
+    Row(
+      f"DiLoCo M={m} H=32, outer momentum 0.5",
+      {**DILOCO, "workers": m, "period": 32, "outer_momentum": 0.5},
+      "momentum 0.5",
+      seeds=(0,),
+    )
+    for m in (1, 8)
+  ),
   Row(
     "DiLoCo M=8 H=32, batch x4",
     {**DILOCO, "period": 32, "batch_size": 128},
@@ -162,6 +172,8 @@ def trials(row, dp_lr, m8_fraction=None, chosen=None):
     return [{"learning_rate": m8_fraction * dp_lr, "outer_learning_rate": lr} for lr in OUTER_LRS]
   if row.grid == "dp":
     return [{"learning_rate": lr} for lr in DP_LRS]
+  if row.grid == "momentum 0.5":
+    return [{"learning_rate": dp_lr, "outer_learning_rate": lr} for lr in (0.5, 1.0)]
   if row.grid == "low outer":
     return [{"learning_rate": dp_lr, "outer_learning_rate": lr} for lr in LOW_OUTER_LRS]
   if row.grid.startswith("same as "):
@@ -492,6 +504,19 @@ def summarize(results):
       f"| {total_bytes(entry) / 1e6:.1f} | {needed / total_bytes(entry):.1f}x |"
     )
   dp4, m8x4 = (rows.get(name, {}) for name in ("DP, batch x4", "DiLoCo M=8 H=32, batch x4"))
+  for m in (1, 8):
+    half = rows.get(f"DiLoCo M={m} H=32, outer momentum 0.5", {})
+    if "tuning" not in half:
+      continue
+    lines += ["", f"Diagnostic, seed 0: DiLoCo M={m} H=32 at outer momentum 0.5.", ""]
+    lines += ["| outer learning rate | validation loss | gap to DP (seed 0) |"]
+    lines += ["| ---: | ---: | ---: |"]
+    dp0 = dp["seeds"]["0"]["final_val_loss"]
+    for t, r in zip(half["tuning"]["trials"], half["tuning"]["runs"], strict=True):
+      loss = r["final_val_loss"]
+      lines.append(
+        f"| {t['outer_learning_rate']:g} | {loss:.4f} | {100 * (loss / dp0 - 1):+.2f}% |"
+      )
   for m in (1, 2):
     low = rows.get(f"DiLoCo M={m} H=32, outer lr 0.1 or 0.2", {})
     grid_row = rows.get(f"DiLoCo M={m} H=32", {})
