@@ -117,7 +117,7 @@ def test_bfloat16_communication_is_bfloat16_in_the_program():
   reduced = re.findall(
     r"stablehlo.all_reduce.*?\}\) : \(tensor<([^>]*)>\)", lowered.as_text(), re.S
   )
-  assert sorted(reduced) == ["32xbf16", "64x32xbf16", "f32"], reduced
+  assert sorted(reduced) == ["1xf32", "32xbf16", "64x32xbf16"], reduced
   found = hlo.collectives(lowered.compile().as_text())
   assert [op.kind for op in found] == ["all-reduce"]
   assert found[0].nbytes == PARAMS_BYTES + COUNT_BYTES
