@@ -158,8 +158,7 @@ class SyncSchedule:
     # A schedule without a delay reads as before delays existed.
     delay = f", delay={self.delay}" if self.delay else ""
     return (
-      f"SyncSchedule(period={self.period}, warmup={self.warmup}, "
-      f"fragments={self.fragments}{delay})"
+      f"SyncSchedule(period={self.period}, warmup={self.warmup}, fragments={self.fragments}{delay})"
     )
 
   def __call__(self, count: int) -> bool | int | str | tuple[str, int]:
