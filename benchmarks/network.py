@@ -327,6 +327,11 @@ def worker(out_path, windows, repeats, only=()):
       "diloco_int4": {"comm_dtype": jnp.int4, "error_feedback": True},
       "diloco_int2": {"comm_dtype": jnp.int2, "error_feedback": True},
       "diloco_topk2_int4": {"topk_fraction": 0.02, "comm_dtype": jnp.int4},
+      # At p = 2 every other call syncs: the sync call with delay 0 against
+      # the reducing call of delay 1 (its all-reduce independent of the
+      # gradients, DESIGN 11.1).
+      "diloco_delay0": {},
+      "diloco_delay1": {"delay": 1},
     }[name]
     return optax_dist.diloco(adam, axis_name=AXIS, sync_period=period, **variant)
 
@@ -350,6 +355,7 @@ def worker(out_path, windows, repeats, only=()):
   variants += [("diloco_f4", 16, "static")]
   # Below 8 bits, at p = 1: every step is a sync step.
   variants += [(a, 1, "static") for a in ("diloco_int4", "diloco_int2", "diloco_topk2_int4")]
+  variants += [(a, 2, "static") for a in ("diloco_delay0", "diloco_delay1")]
   if only:  # The baselines stay: the model needs compute, the speedups sync.
     variants = [v for v in variants if v[0] in ("compute", "sync", *only)]
   results = []
@@ -359,7 +365,9 @@ def worker(out_path, windows, repeats, only=()):
     p, s = stacked(params), stacked(tx.init(params))
     if dispatch == "static":
       schedule = optax_dist.sync_schedule(s)
-      programs = {repr(schedule(i)): build(tx, sync=schedule(i)) for i in range(period)}
+      # (A delay shifts the sync calls by up to H / F - 1 calls.)
+      calls = range(2 * period)
+      programs = {repr(schedule(i)): build(tx, sync=schedule(i)) for i in calls}
       wire = {
         key: optax_dist.communication_report(f, p, s, x, y).every_step_wire_bytes
         for key, f in programs.items()
@@ -367,7 +375,7 @@ def worker(out_path, windows, repeats, only=()):
       report = {
         "every_step_wire_bytes": min(wire.values()),
         "peak_wire_bytes": max(wire.values()),
-        "period_wire_bytes": sum(wire[repr(schedule(i))] for i in range(period)),
+        "period_wire_bytes": sum(wire[repr(schedule(i))] for i in calls[-period:]),
       }
 
       def step(p, s, x, y, count, programs=programs, schedule=schedule):
