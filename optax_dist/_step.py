@@ -135,7 +135,11 @@ def _restart_on_sync(params: Any, opt_state: Any, flag: Any, axes: tuple) -> Any
   if flag is not None:
     return _state.restart_nonfinite(params, opt_state)
   counters = periodic[0].sync
-  _, is_sync = counters.schedule.in_graph(counters.step)
+  if counters.schedule.delay:  # The calls that reduce or apply a delayed sync, as the flags.
+    reduces, applies = counters.schedule.phases(counters.step)
+    is_sync = reduces + applies
+  else:
+    _, is_sync = counters.schedule.in_graph(counters.step)
   return _periodic.run_on_sync(
     functools.reduce(jax.numpy.logical_or, is_sync),
     lambda p, _: _state.restart_nonfinite(p, opt_state),
