@@ -150,8 +150,9 @@ def test_diloco_streams_fragments_after_a_warmup(train_lm, traces, tmp_path, cap
   assert (result["sync_bytes"], result["warmup_bytes"]) == pytest.approx(
     (RING * PARAMS_BYTES, RING * PARAMS_BYTES), abs=RING * 16
   )
-  per_call = [LOSS_BYTES + PARAMS_BYTES] * 2 + [LOSS_BYTES + PARAMS_BYTES / 2] * 6
-  expected = [0, RING * sum(per_call[:4]), RING * sum(per_call)]
+  sync, warmup = result["sync_bytes"], result["warmup_bytes"]
+  per_call = [RING * LOSS_BYTES + warmup] * 2 + [RING * LOSS_BYTES + sync / 2] * 6
+  expected = [0, sum(per_call[:4]), sum(per_call)]
   assert result["bytes"] == pytest.approx(expected)
   assert result["syncs"] == 6  # One per fragment synced.
   # One program per kind of call (warm-up, each fragment's sync), one that
