@@ -577,7 +577,8 @@ def plot(results, path):
     style = {"color": "black" if name == "DP" else cmap(i % 10), "lw": 2 if warm else 1}
     style["ls"] = "-" if warm else "--"
     ax_steps.plot(steps, curve, label=name, **style)
-    ax_bytes.plot(np.maximum(sent, 1e-3), curve, label=name, marker="o", ms=2, **style)
+    if total_bytes(entry):  # One worker sends nothing: no curve against bytes.
+      ax_bytes.plot(sent, curve, marker="o", ms=2, **style)
   ax_steps.set(xlabel="step", ylabel="validation loss (nats per byte), mean of seeds")
   ax_bytes.set(xlabel="MB sent per worker (log)", xscale="log")
   ax_bytes.set_title("solid: DP, and M = 8, H = 32 with a warm-up of 0, 3, 5, 10%", fontsize=10)
@@ -585,7 +586,7 @@ def plot(results, path):
     ax.grid(alpha=0.3)
   low = min(e["final_mean"] for e in rows.values() if "final_mean" in e)
   ax_steps.set_ylim(low - 0.05, low + 1.0)
-  ax_bytes.legend(fontsize=8, ncol=2)
+  ax_steps.legend(fontsize=8, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
