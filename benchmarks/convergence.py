@@ -27,8 +27,9 @@ the model a checkpoint exports (``optax_dist.center_params``); every
 evaluation step is a multiple of 64, so every period has just synced.
 
 DiLoCo also runs streamed (``fragments=4``: one fragment syncs every
-``period / 4`` steps) and quantized (``comm_dtype=jnp.int8`` with error
-feedback) at periods 16 and 64, with DiLoCo's tuning grid.
+``period / 4`` steps), quantized (``comm_dtype=jnp.int8`` with error
+feedback) and delayed (``delay`` 1 and 2, ``blend`` 0 and 0.5) at periods 16
+and 64, with DiLoCo's tuning grid.
 
 Bytes. Each worker's bytes are the collectives of the compiled step under
 ``jax.shard_map`` on 8 devices, read with ``optax_dist.communication_report``:
@@ -75,6 +76,12 @@ BASE = ("sync", "easgd", "agn", "model_average", "diloco")
 VARIANTS = {
   "diloco_streaming": {"fragments": 4},
   "diloco_int8": {"comm_dtype": jnp.int8, "error_feedback": True},
+  # Delayed syncs (DESIGN 11.1): reduced on the call after the scheduled one,
+  # applied `delay` calls after it, the workers blended into the center.
+  "diloco_delay1": {"delay": 1},
+  "diloco_delay2": {"delay": 2},
+  "diloco_delay1_blend": {"delay": 1, "blend": 0.5},
+  "diloco_delay2_blend": {"delay": 2, "blend": 0.5},
 }
 ALGORITHMS = BASE + tuple(VARIANTS)
 PERIODIC = ALGORITHMS[1:]
