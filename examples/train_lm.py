@@ -83,7 +83,14 @@ AXIS = "workers"
 # transform runs across the groups (REPLICAS).
 REPLICAS, GROUP = "replicas", "group"
 ALGORITHMS = ("sync", "easgd", "agn", "model_average", "diloco")
-COMM_DTYPES = {"none": None, "bfloat16": jnp.bfloat16, "int8": jnp.int8}
+COMM_DTYPES = {
+  "none": None,
+  "bfloat16": jnp.bfloat16,
+  "int8": jnp.int8,
+  "int4": jnp.int4,
+  "int2": jnp.int2,
+}
+INNERS = ("adamw", "muon")
 VOCAB = 256  # Bytes.
 # Silent rank broadcasting hides shape bugs: make it an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -224,6 +231,11 @@ class Config:
   outer_momentum: float = 0.9
   error_feedback: bool = False
   moving_rate: float | None = None
+  delay: int | None = None
+  blend: float | None = None
+  topk_fraction: float | None = None
+  inner: str = "adamw"
+  adam_learning_rate: float | None = None
   eval_every: int = 20
   eval_windows: int = 128
 
@@ -233,9 +245,19 @@ class Config:
     if self.comm_dtype not in COMM_DTYPES:
       raise ValueError(f"unknown comm_dtype {self.comm_dtype!r}; one of {tuple(COMM_DTYPES)}")
     if self.algorithm != "diloco" and (
-      self.fragments or self.comm_dtype != "none" or self.error_feedback
+      self.fragments
+      or self.comm_dtype != "none"
+      or self.error_feedback
+      or self.delay
+      or self.blend
+      or self.topk_fraction
     ):
-      raise ValueError("--fragments, --comm-dtype and --error-feedback are options of diloco")
+      raise ValueError(
+        "--fragments, --comm-dtype, --error-feedback, --delay, --blend and --topk-fraction "
+        "are options of diloco"
+      )
+    if self.inner not in INNERS:
+      raise ValueError(f"unknown inner optimizer {self.inner!r}; one of {INNERS}")
     if self.moving_rate is not None and self.algorithm != "easgd":
       raise ValueError("--moving-rate is an option of easgd")
     if self.algorithm == "sync" and self.warmup:
@@ -285,7 +307,18 @@ def make_optimizer(config, *, group_axis=GROUP):
   )
   peak = config.learning_rate
   learning_rate = lambda count: peak * shape(count)  # noqa: E731
-  inner = optax.adamw(learning_rate, weight_decay=config.weight_decay)
+  if config.inner == "muon":
+    # Newton-Schulz on the matrices, Adam (at adam_learning_rate) on the rest.
+    adam_peak = config.adam_learning_rate
+    adam_learning_rate = None if adam_peak is None else (lambda count: adam_peak * shape(count))
+    inner = optax.contrib.muon(
+      learning_rate,
+      weight_decay=config.weight_decay,
+      adam_weight_decay=config.weight_decay,
+      adam_learning_rate=adam_learning_rate,
+    )
+  else:
+    inner = optax.adamw(learning_rate, weight_decay=config.weight_decay)
   period, warmup = config.period, config.warmup or None
   _, axes, axis = worker_axes(config)
   if config.algorithm == "sync":
@@ -317,6 +350,9 @@ def make_optimizer(config, *, group_axis=GROUP):
     error_feedback=config.error_feedback,
     sync_warmup=warmup,
     fragments=config.fragments,
+    topk_fraction=config.topk_fraction,
+    delay=config.delay,
+    blend=config.blend,
   )
 
 
@@ -575,6 +611,27 @@ def parse_args(argv=None):
     choices=tuple(COMM_DTYPES),
     default=defaults.comm_dtype,
     help="diloco: the pseudo-gradient's format on the wire",
+  )
+  parser.add_argument(
+    "--topk-fraction", type=float, default=None, help="diloco: sparse top-k syncs (SparseLoCo)"
+  )
+  parser.add_argument(
+    "--delay", type=int, default=None, help="diloco: calls from a sync to its outer step"
+  )
+  parser.add_argument(
+    "--blend", type=float, default=None, help="diloco: where a delayed sync lands the workers"
+  )
+  parser.add_argument(
+    "--inner",
+    choices=INNERS,
+    default=defaults.inner,
+    help="the inner optimizer: AdamW, or optax.contrib.muon",
+  )
+  parser.add_argument(
+    "--adam-learning-rate",
+    type=float,
+    default=None,
+    help="muon: the peak learning rate of its Adam on the non-matrix params (default: --learning-rate)",
   )
   parser.add_argument(
     "--warmup", type=int, default=defaults.warmup, help="synchronous steps before the local ones"
