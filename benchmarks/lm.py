@@ -457,6 +457,60 @@ TARGETS = (
 )
 
 
+TARGET_BY_M = {1: 0.5, 2: 2.0, 4: 4.0, 8: 8.0}
+
+
+def momentum_half_table(rows, dp):
+  """The M sweep at the outer momentum 0.5 next to 0.9's and the paper's, with the targets."""
+  if not any("final_mean" in rows.get(r.name, {}) for r in MOMENTUM_HALF):
+    return []
+  lines = [
+    "",
+    "**Outer momentum 0.5** (Nesterov), DiLoCo at H = 32: the outer learning rate chosen "
+    "from {0.5, 1.0} on seed 0 at DP's inner learning rate, then 3 seeds; next to the "
+    "study's rows at momentum 0.9 (outer learning rate from {0.4, 0.6, 0.8, 1.0}, inner "
+    "fraction from {1, 0.5}) and the paper's Table 4 (arXiv 2503.09799).",
+    "",
+    "| M | momentum 0.5: loss | gap to DP | outer lr | seed 0 at lr 0.5 / 1.0 "
+    "| momentum 0.9: gap | paper 35M | paper 2.4B | target | met at 0.5 |",
+    "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+  ]
+  for i, m in enumerate((1, 2, 4, 8)):
+    half = rows.get(f"DiLoCo M={m} H=32, outer momentum 0.5", {})
+    nine = rows.get(f"DiLoCo M={m} H=32", {})
+    nine_text = f"{gap(nine, dp):+.2f}%" if "final_mean" in nine else "not run"
+    if "final_mean" in half and len(half["seeds"]) >= 3:
+      g = gap(half, dp)
+      loss = f"{half['final_mean']:.4f} ± {half['final_std']:.4f}"
+      gap_text, met = f"{g:+.2f}%", "yes" if g <= TARGET_BY_M[m] else "no"
+      lr = f"{half['chosen']['outer_learning_rate']:g}"
+    else:
+      loss, gap_text, met, lr = "not run (3 seeds)", "", "", ""
+    trials = "/".join(f"{r['final_val_loss']:.4f}" for r in half.get("tuning", {}).get("runs", []))
+    lines.append(
+      f"| {m} | {loss} | {gap_text} | {lr} | {trials} | {nine_text} | {PAPER['35M'][i]:+.1f}% "
+      f"| {PAPER['2.4B'][i]:+.1f}% | +{TARGET_BY_M[m]:g}% | {met} |"
+    )
+  return lines
+
+
+def commits_note(results):
+  """Which rows ran at a later commit of the package than the study's first rows."""
+  first = (results.get("package_commit") or {}).get("commit")
+  later = {}
+  for name, entry in results["rows"].items():
+    for key in ("package_commit", "seeds_package_commit"):
+      commit = (entry.get(key) or {}).get("commit")
+      if commit and commit != first:
+        later.setdefault(commit[:7], []).append(name + (" (seeds 1, 2)" if "seeds" in key else ""))
+  if not later:
+    return []
+  lines = ["", f"The study's rows ran at commit {str(first)[:7]}; these at a later one:", ""]
+  for commit, names in later.items():
+    lines.append(f"- {commit}: " + "; ".join(dict.fromkeys(names)) + ".")
+  return lines
+
+
 def summarize(results):
   rows = results["rows"]
   dp = rows["DP"]
@@ -541,19 +595,7 @@ def summarize(results):
       f"| {total_bytes(entry) / 1e6:.1f} | {needed / total_bytes(entry):.1f}x |"
     )
   dp4, m8x4 = (rows.get(name, {}) for name in ("DP, batch x4", "DiLoCo M=8 H=32, batch x4"))
-  for m in (1, 8):
-    half = rows.get(f"DiLoCo M={m} H=32, outer momentum 0.5", {})
-    if "tuning" not in half:
-      continue
-    lines += ["", f"Diagnostic, seed 0: DiLoCo M={m} H=32 at outer momentum 0.5.", ""]
-    lines += ["| outer learning rate | validation loss | gap to DP (seed 0) |"]
-    lines += ["| ---: | ---: | ---: |"]
-    dp0 = dp["seeds"]["0"]["final_val_loss"]
-    for t, r in zip(half["tuning"]["trials"], half["tuning"]["runs"], strict=True):
-      loss = r["final_val_loss"]
-      lines.append(
-        f"| {t['outer_learning_rate']:g} | {loss:.4f} | {100 * (loss / dp0 - 1):+.2f}% |"
-      )
+  lines += momentum_half_table(rows, dp)
   for m in (1, 2):
     low = rows.get(f"DiLoCo M={m} H=32, outer lr 0.1 or 0.2", {})
     grid_row = rows.get(f"DiLoCo M={m} H=32", {})
@@ -590,6 +632,7 @@ def summarize(results):
       lines.append(
         f"| {label} | {first(a):.4f} | {first(b):.4f} | {100 * (first(b) / first(a) - 1):+.2f}% |"
       )
+  lines += commits_note(results)
   return "\n".join(lines) + "\n"
 
 
