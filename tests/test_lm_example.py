@@ -218,6 +218,7 @@ def test_one_worker_with_a_plain_outer_step_is_data_parallel(train_lm, tmp_path,
   [
     (["--workers", "3"], "must divide the 8 devices"),
     (["--algorithm", "sync", "--workers", "2"], "option of the periodic algorithms"),
+    (["--algorithm", "model_average", "--delay", "1"], "options of diloco"),
   ],
 )
 def test_bad_workers_are_refused(train_lm, argv, message, capsys):
@@ -252,3 +253,42 @@ def test_study_rows_and_grids():
   assert study.gap(row, dp) == pytest.approx(5.0) and study.fewer_bytes(row, dp) == 100
   alone = {"final_mean": 2.0, "bytes": {"cumulative": [0.0, 0.0]}}
   assert study.fewer_bytes(alone, dp) == float("inf")
+
+
+def test_muon_inside_int4_outside_with_a_delayed_sync(train_lm, tmp_path, capsys):
+  # MuLoCo's layout (Muon inside, an int4 pseudo-gradient with error feedback)
+  # with a sync delayed by one call: it learns, and a sync sends at most the
+  # int4 share of the float32 params (half a byte a number, a float32 scale
+  # per 64) plus the flags, far below float32's.
+  argv = ["--algorithm", "diloco", "--period", "4", "--inner", "muon", "--comm-dtype", "int4"]
+  argv += ["--error-feedback", "--delay", "1", "--blend", "0.5", "--learning-rate", "0.02"]
+  result = train_lm.main([*TINY, *argv, "--plot", str(tmp_path / "lm.png")])
+  check_learns_and_prints(result, capsys.readouterr().out)
+  assert result["config"]["inner"] == "muon" and result["config"]["delay"] == 1
+  assert 0 < result["sync_bytes"] < PARAMS_BYTES / 4
+
+
+def test_study_rows_of_later_features():
+  study = load_study()
+  rows = {row.name: row for row in study.ROWS + study.MOMENTUM_HALF}
+  delayed = study.row_config(rows["Delayed sync delay=1 blend=0.5 M=8 H=32"], 3200, {})
+  assert (delayed.delay, delayed.blend, delayed.fragments, delayed.period) == (1, 0.5, None, 32)
+  muloco = rows["MuLoCo (Muon inner) int4 + error feedback M=8 H=32"]
+  config = study.row_config(muloco, 3200, {})
+  assert (config.inner, config.comm_dtype, config.error_feedback) == ("muon", "int4", True)
+  grid = study.trials(muloco, 0.005)
+  # Muon's rates at outer 0.8, then the other outer rates at the middle one:
+  # 6 trials, Adam (on the non-matrix params) at DP's rate in all.
+  assert [(t["learning_rate"], t["outer_learning_rate"]) for t in grid] == [
+    (0.01, 0.8),
+    (0.02, 0.8),
+    (0.04, 0.8),
+    (0.02, 0.4),
+    (0.02, 0.6),
+    (0.02, 1.0),
+  ]
+  assert {t["adam_learning_rate"] for t in grid} == {0.005}
+  for m in (1, 2, 4, 8):
+    half = rows[f"DiLoCo M={m} H=32, outer momentum 0.5"]
+    assert study.row_config(half, 3200, {}).outer_momentum == 0.5 and half.seeds is None
+    assert [t["outer_learning_rate"] for t in study.trials(half, 0.005)] == [0.5, 1.0]
