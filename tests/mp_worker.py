@@ -58,6 +58,11 @@ def algorithms():
     "model_average_topk_int4": optax_dist.model_average(
       adam, axis_name=AXIS, interval_steps=3, topk_fraction=0.1, comm_dtype="int4"
     ),
+    # Delayed syncs: fragment 0 reduced and applied on calls 3 and 7,
+    # fragment 1 on call 5.
+    "diloco_delay1_fragments": optax_dist.diloco(
+      adam, axis_name=AXIS, sync_period=4, fragments=2, delay=1, blend=0.25
+    ),
   }
 
 
@@ -140,9 +145,10 @@ def run_algorithm(tx, m, x, y, static=False):
   schedule = optax_dist.sync_schedule(state) if static else None
   for t in range(len(x)):
     flag = schedule(t) if static else None
-    if flag not in steps:
-      steps[flag] = make_step(tx, m, **({"sync": flag} if static else {}))
-    params, state = jax.block_until_ready(steps[flag](params, state, put(x[t], m), put(y[t], m)))
+    key = repr(flag)  # Not the flag: 0 == False would share a program.
+    if key not in steps:
+      steps[key] = make_step(tx, m, **({"sync": flag} if static else {}))
+    params, state = jax.block_until_ready(steps[key](params, state, put(x[t], m), put(y[t], m)))
   return fetch(params), fetch(state)
 
 
