@@ -20,9 +20,12 @@ corpus, batches, AdamW schedule and optimizers, imported from it):
   The trial with the lowest final validation loss is then run with the seeds
   ``SEEDS[1:]`` (3 seeds in all).
 
-The rows of future features (a delayed sync, int4 or sparse pseudo-gradients)
-are one :class:`Row` each in :data:`ROWS`, once ``train_lm.Config`` has their
-options.
+Rows added once the package had the features (each JSON entry records the
+commit it ran at): a delayed sync (``delay=1``, ``blend=0.5``, no fragments),
+an int4 pseudo-gradient with error feedback, and MuLoCo (``optax.contrib.muon``
+inside, int4 with error feedback outside; Muon's learning rate in
+``MUON_LRS``). :data:`MOMENTUM_HALF` reruns DiLoCo at M = 1, 2, 4, 8 (H = 32)
+at outer momentum 0.5 (outer learning rate 0.5 or 1.0) with 3 seeds.
 
 How it runs fast on 2 CPU cores: a row's trials are one compiled program. The
 M workers are an axis of ``jax.vmap(axis_name=...)`` (the transforms run
@@ -356,6 +359,8 @@ def package_commit():
 def study(results, path, rows, steps, seeds, model, eval_every, log):
   """Tunes and runs every row, saving ``results`` to ``path`` after every program."""
   start_all = time.perf_counter() - results.get("seconds", 0.0)
+  # The package as this process loaded it (the checkout may move on meanwhile).
+  loaded = {**(package_commit() or {}), "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
   study_seeds = seeds
   for row in rows:
     seeds = row.seeds or study_seeds
@@ -375,7 +380,7 @@ def study(results, path, rows, steps, seeds, model, eval_every, log):
       runs = simulate(config, grid, [seeds[0]] * len(grid), eval_every)
       best = int(np.argmin([r["final_val_loss"] for r in runs]))
       entry["tuning"] = {"trials": grid, "runs": runs, "seconds": time.perf_counter() - begin}
-      entry["package_commit"] = package_commit()
+      entry["package_commit"] = loaded
       entry["chosen"] = grid[best]
       entry["seeds"] = {str(seeds[0]): runs[best]}
       results["seconds"] = time.perf_counter() - start_all
@@ -391,7 +396,7 @@ def study(results, path, rows, steps, seeds, model, eval_every, log):
       runs = simulate(config, [entry["chosen"]] * len(missing), missing, eval_every)
       entry["seeds"].update({str(s): r for s, r in zip(missing, runs, strict=True)})
       entry["seeds_seconds"] = time.perf_counter() - begin
-      entry["seeds_package_commit"] = package_commit()
+      entry["seeds_package_commit"] = loaded
     finals = [entry["seeds"][str(s)]["final_val_loss"] for s in seeds]
     entry["final_mean"] = float(np.mean(finals))
     entry["final_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
