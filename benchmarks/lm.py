@@ -158,6 +158,14 @@ MOMENTUM_HALF = tuple(
     "momentum 0.5",
   )
   for m in (1, 8, 2, 4)
+) + tuple(
+  Row(
+    f"DiLoCo M=8 H=32 warm-up {round(100 * w)}%, outer momentum 0.5",
+    {**DILOCO, "period": 32, "outer_momentum": 0.5},
+    "momentum 0.5",
+    warmup_fraction=w,
+  )
+  for w in (0.10, 0.03)
 )
 
 
@@ -495,6 +503,20 @@ def momentum_half_table(rows, dp):
     lines.append(
       f"| {m} | {loss} | {gap_text} | {lr} | {trials} | {nine_text} | {PAPER['35M'][i]:+.1f}% "
       f"| {PAPER['2.4B'][i]:+.1f}% | +{TARGET_BY_M[m]:g}% | {met} |"
+    )
+  for w in (10, 3):
+    half = rows.get(f"DiLoCo M=8 H=32 warm-up {w}%, outer momentum 0.5", {})
+    nine = rows.get(f"DiLoCo M=8 H=32 warm-up {w}%", {})
+    if "final_mean" not in half or len(half["seeds"]) < 3 or "final_mean" not in nine:
+      continue
+    most, fewer = {10: (0.5, 7), 3: (3.0, 15)}[w]
+    g, ratio = gap(half, dp), fewer_bytes(half, dp)
+    trials = "/".join(f"{r['final_val_loss']:.4f}" for r in half["tuning"]["runs"])
+    lines.append(
+      f"| 8, warm-up {w}% | {half['final_mean']:.4f} ± {half['final_std']:.4f} | {g:+.2f}% "
+      f"| {half['chosen']['outer_learning_rate']:g} | {trials} | {gap(nine, dp):+.2f}% | | "
+      f"| +{most:g}%, {fewer}x fewer bytes ({ratio:.1f}x) "
+      f"| {'yes' if g <= most and ratio >= fewer else 'no'} |"
     )
   return lines
 
