@@ -600,9 +600,16 @@ def periodic_update(
   def restarted(was_dropped: jax.Array, inner_state: Any) -> Any:
     return _vary_tree_like(keep_unless(was_dropped, fresh_inner(), inner_state), inner_state)
 
-  def sync_fragment(params_f: Any, updates_f: Any, carry_f: dict[str, Any]) -> tuple:
+  def sync_fragment(params_f: Any, updates_f: Any, carry_f: dict[str, Any], red: Any) -> tuple:
+    """A fragment's sync; with a delay (``red`` not None), the call that applies it."""
     carry_f = fence(moved(carry_f, _placement.to_device))
-    out = spec.sync(local_view(params_f, updates_f), carry_f)
+    if red is None:
+      out = spec.sync(local_view(params_f, updates_f), carry_f)
+    else:
+      assert spec.apply is not None
+      if offload_pending:
+        red = red._replace(value=_placement.to_device(red.value))
+      out = spec.apply(local_view(params_f, updates_f), carry_f, fence(red))
     new = moved(fence(out.carry), _placement.to_host)
     return fence(out.updates), new, out.finite.astype(jnp.int32), out.dropped
 
@@ -622,15 +629,6 @@ def periodic_update(
     if offload_pending:
       red = red._replace(value=_placement.to_host(red.value))
     return red, moved(fence(new), _placement.to_host)
-
-  def apply_fragment(params_f: Any, updates_f: Any, carry_f: dict[str, Any], red: Any) -> tuple:
-    assert spec.apply is not None
-    carry_f = fence(moved(carry_f, _placement.to_device))
-    if offload_pending:
-      red = red._replace(value=_placement.to_device(red.value))
-    out = spec.apply(local_view(params_f, updates_f), carry_f, fence(red))
-    new = moved(fence(out.carry), _placement.to_host)
-    return fence(out.updates), new, out.finite.astype(jnp.int32), out.dropped
 
   def pending_view(f: int) -> Pending:
     return Pending(views.tree(pending.value, f), pending.ok, pending.mine)
@@ -656,60 +654,14 @@ def periodic_update(
       "flags of `optax_dist.sync_schedule(state)`."
     )
 
-  if flag is None and delay:  # Decided in the program, from the counter; delayed.
-    is_warm, _ = schedule.in_graph(step)
-    reduces, applies = schedule.phases(step)
-    if schedule.warmup:
+  def reduced_for(f: int) -> Any:
+    """What fragment ``f``'s sync applies: ``None`` without a delay (it reduces)."""
+    if not delay:
+      return None
+    return reduced[f] if delay == 1 else pending_view(f)
 
-      def averaged(loop_carry: tuple, _: Any) -> tuple:
-        mean, out = finite_mean(loop_carry[0], axes)
-        return fence(mean), out.astype(jnp.int32)
-
-      grads, dropped = run_on_sync(is_warm, averaged, (grads, dropped), axes)
-    reduced = []
-    for f, is_reduce_f in enumerate(reduces):
-
-      def on_reduce(loop_carry: tuple, params_f: Any) -> tuple:
-        return reduce_fragment(params_f, loop_carry[1])
-
-      start = pending_view(f) if delay > 1 else fresh_pending(views.tree(params, f))
-      red, carry_f = run_on_sync(
-        is_reduce_f, on_reduce, (start, views.carry(carry, f)), axes, views.tree(params, f)
-      )
-      carry = views.merge_carry(carry, carry_f, f)
-      if delay > 1:
-        pending = pending_merge(red)
-      reduced.append(red)
-    updates, inner_state = inner_step(grads)
-    if schedule.warmup:
-
-      def on_warmup(loop_carry: tuple, params: Any) -> tuple:
-        updates, carry = loop_carry
-        return updates, warm(params, updates, carry)
-
-      updates, carry = run_on_sync(is_warm, on_warmup, (updates, carry), axes, params)
-    for f, is_apply_f in enumerate(applies):
-
-      def on_apply(loop_carry: tuple, inputs: Any) -> tuple:
-        updates_f, carry_f, _, inner_state, dropped = loop_carry
-        params_f, red = inputs
-        updates_f, carry_f, ok, out = apply_fragment(params_f, updates_f, carry_f, red)
-        inner_state = restarted(out, inner_state)
-        return updates_f, carry_f, ok, inner_state, dropped + out.astype(jnp.int32)
-
-      zero = jnp.zeros([], jnp.int32)
-      red = reduced[f] if delay == 1 else pending_view(f)
-      updates_f, carry_f, ok, inner_state, dropped = run_on_sync(
-        is_apply_f,
-        on_apply,
-        (views.tree(updates, f), views.carry(carry, f), zero, inner_state, dropped),
-        axes,
-        (views.tree(params, f), red),
-      )
-      updates = views.merge_tree(updates, updates_f)
-      carry = views.merge_carry(carry, carry_f, f)
-      synced, skipped = synced + ok, skipped + is_apply_f.astype(jnp.int32) - ok
-  elif flag is None:  # Decided in the program, from the counter.
+  reduced: list[Any] = []
+  if flag is None:  # Decided in the program, from the counter.
     is_warm, is_sync = schedule.in_graph(step)
     if schedule.warmup:
 
@@ -718,6 +670,21 @@ def periodic_update(
         return fence(mean), out.astype(jnp.int32)
 
       grads, dropped = run_on_sync(is_warm, averaged, (grads, dropped), axes)
+    if delay:
+      reduces, is_sync = schedule.phases(step)
+      for f, is_reduce_f in enumerate(reduces):
+
+        def on_reduce(loop_carry: tuple, params_f: Any) -> tuple:
+          return reduce_fragment(params_f, loop_carry[1])
+
+        start = pending_view(f) if delay > 1 else fresh_pending(views.tree(params, f))
+        red, carry_f = run_on_sync(
+          is_reduce_f, on_reduce, (start, views.carry(carry, f)), axes, views.tree(params, f)
+        )
+        carry = views.merge_carry(carry, carry_f, f)
+        if delay > 1:
+          pending = pending_merge(red)
+        reduced.append(red)
     updates, inner_state = inner_step(grads)
     if schedule.warmup:
 
@@ -728,9 +695,10 @@ def periodic_update(
       updates, carry = run_on_sync(is_warm, on_warmup, (updates, carry), axes, params)
     for f, is_sync_f in enumerate(is_sync):
 
-      def on_sync(loop_carry: tuple, params_f: Any) -> tuple:
+      def on_sync(loop_carry: tuple, inputs: Any) -> tuple:
         updates_f, carry_f, _, inner_state, dropped = loop_carry
-        updates_f, carry_f, ok, out = sync_fragment(params_f, updates_f, carry_f)
+        params_f, red = inputs
+        updates_f, carry_f, ok, out = sync_fragment(params_f, updates_f, carry_f, red)
         inner_state = restarted(out, inner_state)
         return updates_f, carry_f, ok, inner_state, dropped + out.astype(jnp.int32)
 
@@ -740,7 +708,7 @@ def periodic_update(
         on_sync,
         (views.tree(updates, f), views.carry(carry, f), zero, inner_state, dropped),
         axes,
-        views.tree(params, f),
+        (views.tree(params, f), reduced_for(f)),
       )
       updates = views.merge_tree(updates, updates_f)
       carry = views.merge_carry(carry, carry_f, f)
@@ -750,51 +718,31 @@ def periodic_update(
     dropped = dropped + out.astype(jnp.int32)
     updates, inner_state = inner_step(fence(mean))
     carry = _vary_tree_like(warm(params, updates, carry), carry)
-  elif delay:
-    if flag is False:
+  else:  # A static flag: `False`, `True`, a fragment, or ("apply", f) with delay >= 2.
+    if flag is False or isinstance(flag, tuple):
       reduce_fs: list[int] = []
     elif flag is True:
       reduce_fs = list(range(schedule.fragments))
-    elif isinstance(flag, tuple):
-      reduce_fs = []
     else:
       reduce_fs = [int(flag)]
-    if delay == 1:
-      apply_fs = reduce_fs
+    if delay > 1:
+      sync_fs = [flag[1]] if isinstance(flag, tuple) else []
     else:
-      apply_fs = [flag[1]] if isinstance(flag, tuple) else []
-    reduced_by = {}
-    for f in reduce_fs:
+      sync_fs = reduce_fs
+    reduced = [None] * schedule.fragments
+    for f in reduce_fs if delay else ():
       old_carry = views.carry(carry, f)
       red, carry_f = reduce_fragment(views.tree(params, f), old_carry)
       carry = views.merge_carry(carry, _vary_tree_like(carry_f, old_carry), f)
       if delay > 1:
         pending = _vary_tree_like(pending_merge(red), pending)
-      reduced_by[f] = red
+      reduced[f] = red
     updates, inner_state = inner_step(grads)
-    for f in apply_fs:
-      red = reduced_by[f] if delay == 1 else pending_view(f)
+    for f in sync_fs:
       old_updates, old_carry = views.tree(updates, f), views.carry(carry, f)
-      updates_f, carry_f, ok, out = apply_fragment(
-        views.tree(params, f), old_updates, old_carry, red
+      updates_f, carry_f, ok, out = sync_fragment(
+        views.tree(params, f), old_updates, old_carry, reduced_for(f)
       )
-      updates = views.merge_tree(updates, _vary_tree_like(updates_f, old_updates))
-      carry = views.merge_carry(carry, _vary_tree_like(carry_f, old_carry), f)
-      inner_state = restarted(out, inner_state)
-      synced, skipped = synced + ok, skipped + 1 - ok
-      dropped = dropped + out.astype(jnp.int32)
-  else:
-    updates, inner_state = inner_step(grads)
-    if flag is False:
-      to_sync: list[int] = []
-    elif flag is True:
-      to_sync = list(range(schedule.fragments))
-    else:
-      assert isinstance(flag, int)
-      to_sync = [flag]
-    for f in to_sync:
-      old_updates, old_carry = views.tree(updates, f), views.carry(carry, f)
-      updates_f, carry_f, ok, out = sync_fragment(views.tree(params, f), old_updates, old_carry)
       updates = views.merge_tree(updates, _vary_tree_like(updates_f, old_updates))
       carry = views.merge_carry(carry, _vary_tree_like(carry_f, old_carry), f)
       inner_state = restarted(out, inner_state)
