@@ -100,6 +100,8 @@ def test_train_digits_demo_compares_sync_and_diloco_by_default(train_digits, tmp
   diloco_line = f"  diloco         {diloco['test_accuracy']:.4f}"
   assert sync_line in out and diloco_line in out
   assert f"MB, {ratio:.1f}x fewer" in out
+  # The run's own saving is the summary's: one figure, in wire bytes.
+  assert f"  {ratio:.1f}x fewer bytes than all-reducing the gradients every step" in out
   assert plot.stat().st_size > 0
 
 
