@@ -671,7 +671,7 @@ def plot(results, path):
 
   rows = results["rows"]
   fig, (ax_steps, ax_bytes) = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-  cmap = plt.get_cmap("tab10")
+  cmap = plt.get_cmap("tab20")
   diagnostic = {row.name for row in DIAGNOSTICS + MOMENTUM_HALF}
   for i, (name, entry) in enumerate(rows.items()):
     if "final_mean" not in entry or name in diagnostic:
@@ -681,7 +681,7 @@ def plot(results, path):
     steps = np.asarray(seeds[0]["eval_steps"])
     sent = np.asarray(entry["bytes"]["cumulative"])[steps] / 1e6
     warm = "warm-up" in name or name == "DiLoCo M=8 H=32" or name == "DP"
-    style = {"color": "black" if name == "DP" else cmap(i % 10), "lw": 2 if warm else 1}
+    style = {"color": "black" if name == "DP" else cmap(i % 20), "lw": 2 if warm else 1}
     style["ls"] = "-" if warm else "--"
     ax_steps.plot(steps, curve, label=name, **style)
     if total_bytes(entry):  # One worker sends nothing: no curve against bytes.
