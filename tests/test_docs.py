@@ -313,9 +313,13 @@ def test_getting_started_nnx_optimizer_takes_the_flag():
 
 
 def scalar_bytes(shape):
-  """The bytes of the scalars in an HLO result type, e.g. 5 for ``(f32[16]{0}, f32[], pred[])``."""
+  """The bytes of the scalars in an HLO result type, one-element arrays included.
+
+  E.g. 9 for ``(f32[16]{0}, f32[1]{0}, pred[])``: a sync's count of finite
+  workers travels as an ``f32[1]`` beside the values it counts.
+  """
   sizes = {"pred": 1, "s8": 1, "u8": 1, "s32": 4, "u32": 4, "f32": 4}
-  return sum(sizes[dtype] for dtype in re.findall(r"\b([a-z]+\d*)\[\]", shape))
+  return sum(sizes[dtype] for dtype in re.findall(r"\b([a-z]+\d*)\[1?\]", shape))
 
 
 def test_large_models_fsdp_step_syncs_the_local_shard():
@@ -337,12 +341,15 @@ def test_large_models_fsdp_step_syncs_the_local_shard():
 def test_large_models_gspmd_path():
   ns = run_block("docs/large_models.md", 1)
   report = ns["report"]
-  # Nothing on local steps; per sync the 16 params of each replica, and
-  # scalar flags (the partitioner's predicate, the finite check).
+  # Nothing on local steps; per sync the 16 params of each replica, the count
+  # of finite workers in the same all-reduce (on this path one float per
+  # replica, f32[8], since the partitioner shards it over the replicas), and
+  # scalar flags (the partitioner's predicate).
   assert report.every_step_bytes == 0
   sync = [c for c in report.collectives if not c.every_step]
   assert [c.kind for c in sync if "f32[16]" in c.shape] == ["all-reduce"]
-  assert report.sync_bytes == 16 * 4 + sum(scalar_bytes(c.shape) for c in sync)
+  assert [c.shape for c in sync if "f32[16]" in c.shape] == ["(f32[16]{0}, f32[8]{0})"]
+  assert report.sync_bytes == 16 * 4 + 8 * 4 + sum(scalar_bytes(c.shape) for c in sync)
   assert ns["params"].sharding.spec == ns["P"]("replica")
   assert printed("docs/large_models.md", 1) == f"0 {report.sync_bytes}\n"
 
