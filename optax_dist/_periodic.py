@@ -56,18 +56,23 @@ def check_period(value: Any, name: str) -> int:
   return int(value)
 
 
-def check_warmup(value: Any) -> int:
-  """``sync_warmup`` is a static Python int >= 0 (None: 0)."""
+def _static_count(name: str, value: Any, meaning: str = "") -> int:
+  """A static Python int >= 0 named ``name`` (None: 0); ``meaning`` explains 0."""
   if value is None:
     return 0
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(
-      f"`sync_warmup` must be a Python int (it is static), got {value!r}. Under "
+      f"`{name}` must be a Python int (it is static), got {value!r}. Under "
       "`optax.inject_hyperparams`, list it in `static_args`."
     )
   if value < 0:
-    raise ValueError(f"`sync_warmup` must be >= 0, got {value}.")
+    raise ValueError(f"`{name}` must be >= 0{meaning}, got {value}.")
   return int(value)
+
+
+def check_warmup(value: Any) -> int:
+  """``sync_warmup`` is a static Python int >= 0 (None: 0)."""
+  return _static_count("sync_warmup", value)
 
 
 def check_delay(delay: Any, blend: Any) -> tuple[int, float]:
@@ -76,15 +81,8 @@ def check_delay(delay: Any, blend: Any) -> tuple[int, float]:
   ``None`` is 0 for either (the defaults, so that ``optax.inject_hyperparams``
   does not take them for hyperparameters).
   """
-  delay = 0 if delay is None else delay
+  delay = _static_count("delay", delay, " (0: the outer step on the sync's call)")
   blend = 0.0 if blend is None else blend
-  if isinstance(delay, bool) or not isinstance(delay, numbers.Integral):
-    raise TypeError(
-      f"`delay` must be a Python int (it is static), got {delay!r}. Under "
-      "`optax.inject_hyperparams`, list it in `static_args`."
-    )
-  if delay < 0:
-    raise ValueError(f"`delay` must be >= 0 (0: the outer step on the sync's call), got {delay}.")
   if isinstance(blend, bool) or not isinstance(blend, numbers.Real):
     raise TypeError(f"`blend` must be a Python float in [0, 1) (it is static), got {blend!r}.")
   if not 0 <= float(blend) < 1:
