@@ -7,12 +7,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _docstrings
 from optax_dist import _periodic
 from optax_dist import _schedule
 
 
-@_docstrings.fill
 class AGNState(NamedTuple):
   """State of the `GradientTransformation` returned by :func:`agn`.
 
@@ -23,7 +21,8 @@ class AGNState(NamedTuple):
     center: This worker's copy of the center variables (identical on every
       worker), in float32 for low-precision params.
     accumulator: The gradients summed since the last sync, in center precision.
-    {{sync_field}}
+    sync: The engine's counters and schedule (:class:`optax_dist.SyncState`);
+      :doc:`/sync_options` says more.
   """
 
   inner_state: optax.OptState
@@ -33,7 +32,6 @@ class AGNState(NamedTuple):
   sync: _schedule.SyncState
 
 
-@_docstrings.fill
 def agn(
   inner: optax.GradientTransformation,
   *,
@@ -83,13 +81,12 @@ def agn(
   :math:`\frac1N \sum_k a_k` instead (in round_robin each commit is scaled by
   :math:`1/N`).
 
-  {{sync_flag}}
-
-  {{sync_warmup}}
-
-  {{nonfinite_sync}}
-  A dropped worker's commit is left out of the sum (with
-  ``center_reduction="mean"``, the mean is over the finite workers).
+  The options AGN shares with the other periodic transforms are explained
+  once in :doc:`/sync_options`: the static ``sync`` flag of ``update``, the
+  synchronous warm-up ``sync_warmup=K`` (post-local SGD), and what a sync
+  does with a worker that is not finite: its commit is left out of the sum
+  (with ``center_reduction="mean"``, the mean is over the finite workers),
+  and it gets a fresh inner state and restarts on the center.
 
   A sync's update lands each worker on the center up to one float rounding
   (``params + (center - params)``). Non-sync steps run no collective. Each
@@ -107,12 +104,16 @@ def agn(
     ordering: ``"simultaneous"`` or ``"round_robin"`` (static).
     center_reduction: ``"sum"`` (the reference) or ``"mean"`` of the workers'
       normalized accumulated gradients (static).
-    {{arg_sync_warmup}}
-    host_offload: Keep the fields a sync alone reads (the center and its optimizer's state; the accumulator, added to on every call, stays) in the host's
-      pinned memory between syncs; a sync brings them to the device and back
-      (static bool).
+    sync_warmup: ``K``, synchronous calls before the local steps start
+      (post-local SGD; static int >= 0, ``None`` is 0).
+    host_offload: Keep the center and its optimizer's state, which a sync
+      alone reads, in the host's pinned memory between syncs; the
+      accumulator, added to on every call, stays on the device (static bool).
 
-  {{returns:AGNState}}
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is
+    :class:`optax_dist.AGNState`. Its ``update`` needs ``params`` and takes
+    the static extra argument ``sync`` (see :doc:`/sync_options`).
 
   Raises:
     ValueError: for a period < 1, an unknown ordering or center reduction, or

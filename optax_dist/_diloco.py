@@ -8,14 +8,12 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _docstrings
 from optax_dist import _fragments
 from optax_dist import _periodic
 from optax_dist import _quantize
 from optax_dist import _schedule
 
 
-@_docstrings.fill
 class DiLoCoState(NamedTuple):
   """State of the `GradientTransformation` returned by :func:`diloco`.
 
@@ -25,9 +23,14 @@ class DiLoCoState(NamedTuple):
       ``F > 1`` fragments, a tuple of ``F`` states, one per fragment.
     center: This worker's copy of the center (the global model, identical on
       every worker), in float32 for low-precision params.
-    {{residual_field}}
-    {{pending_field}}
-    {{sync_field}}
+    residual: With ``error_feedback``, what the compression of a sync dropped
+      (from this worker's pseudo-gradient, and from the summed chunk it owns),
+      sent again at the next sync; ``optax.EmptyState()`` otherwise.
+    pending: With ``delay >= 2``, the sync reduced and not yet applied (a
+      :class:`optax_dist.Pending`); ``optax.EmptyState()`` otherwise.
+    sync: The engine's counters and schedule (:class:`optax_dist.SyncState`).
+
+  :doc:`/sync_options` says more of the fields every periodic state shares.
   """
 
   inner_state: optax.OptState
@@ -38,7 +41,6 @@ class DiLoCoState(NamedTuple):
   sync: _schedule.SyncState
 
 
-@_docstrings.fill
 def diloco(
   inner: optax.GradientTransformation,
   *,
@@ -73,44 +75,23 @@ def diloco(
   momentum 0.9, the paper's choice. With ``outer=optax.sgd(1.0)`` DiLoCo is
   model averaging (:func:`optax_dist.model_average`) up to float rounding.
 
-  A sync is one all-reduce of the pseudo-gradient. ``comm_dtype`` chooses
-  its format on the wire; the center and the outer optimizer stay in float32
-  (at least the params' precision):
+  A sync is one all-reduce of the pseudo-gradient; non-sync steps run no
+  collective. ``comm_dtype`` chooses its format on the wire (half the bytes
+  in bfloat16, about a quarter through the int8 quantized ring, less in int4,
+  int2 or sparse top-k), while the center and the outer optimizer stay in
+  float32 (at least the params' precision); ``error_feedback`` sends again
+  what the compression dropped. Each worker holds the center and the outer
+  optimizer's state beside its own.
 
-  * ``jnp.bfloat16`` or ``jnp.float16``: cast for the all-reduce only, half
-    the bytes;
-  * ``jnp.int8`` (or a float8 type): a quantized ring (``all_to_all`` of
-    8-bit chunks with one float32 absmax scale per 256 numbers, a float32
-    sum of this worker's chunk, requantized, ``all_gather``): about a quarter
-    of the bytes of a float32 all-reduce whatever the number of workers, and
-    every worker gets the same bits. Each element of the averaged
-    pseudo-gradient is then within :math:`(\sum_k a_k + A)/(254 N)` of the
-    exact mean, :math:`a_k` being worker k's largest magnitude in that
-    element's block of 256 and :math:`A` the summed block's (XLA's CPU
-    backend widens float8 collectives to float16; int8 moves as int8).
-    ``error_feedback=True`` keeps, per worker, what the rounding dropped from
-    its pseudo-gradient and adds it to the next one (one more params-sized
-    buffer), so that the error does not accumulate over syncs.
-
-  Non-sync steps run no collective. Each worker holds the center and the
-  outer optimizer's state beside its own.
-
-  {{sync_flag}}
-
-  {{sync_warmup}}
-  The outer optimizer starts fresh at call ``K``.
-
-  ``fragments`` is Streaming DiLoCo (Douillard et al., 2025): the params are
-  cut into ``F`` fragments, each with its own outer optimizer state, and
-  fragment ``f`` takes its outer step on the calls ``s`` with
-  :math:`s \bmod H = ((f + 1) H / F) \bmod H` (after the warm-up): one
-  fragment every ``H / F`` calls, each every ``H`` calls, so the bytes of a
-  sync fall by ``F`` and the average stays one model per ``H`` calls. ``H``
-  must be a multiple of ``F``.
-
-  {{nonfinite_sync}}
-
-  {{delay}}
+  The options DiLoCo shares with the other periodic transforms are explained
+  once in :doc:`/sync_options`: the static ``sync`` flag of ``update``, the
+  synchronous warm-up ``sync_warmup=K`` (post-local SGD; here the outer
+  optimizer starts fresh at call ``K``), ``fragments`` (Streaming DiLoCo,
+  Douillard et al., 2025: one fragment takes its outer step every ``H / F``
+  calls, each with its own outer optimizer state), the formats on the wire
+  and their error bounds, delayed syncs (``delay``, ``blend``), and what a
+  sync does with a worker that is not finite: it is left out, the center
+  moves from the finite workers, and it restarts on the center.
 
   Args:
     inner: The local optimizer (the paper uses AdamW).
@@ -118,13 +99,40 @@ def diloco(
     outer: The optax transformation applied to the center with the averaged
       pseudo-gradient as its gradient; ``None`` for Nesterov SGD (0.7, 0.9).
     sync_period: ``H``, calls between outer steps (static int >= 1).
-    {{arg_comm}} {{arg_sync_warmup}} {{arg_fragments}} {{arg_topk}}
-    host_offload: Keep the fields a sync alone reads (the center, the outer state, the residual) in the host's
-      pinned memory between syncs; a sync brings them to the device and back
-      (static bool).
-    {{arg_delay}}
+    comm_dtype: The pseudo-gradient's format on the wire (static): ``None``
+      (the center's dtype), ``jnp.bfloat16``/``jnp.float16``, or the quantized
+      ring of ``jnp.int8``, a float8 type, ``jnp.int4`` or ``jnp.int2``. Bytes
+      and error bounds: :doc:`/sync_options`.
+    error_feedback: Send again at the next sync what the compression dropped
+      (static bool; one params-sized buffer). Needs a quantized ``comm_dtype``
+      or ``topk_fraction``; ``None`` is on with ``topk_fraction``, else off.
+    topk_fraction: Sparse top-k syncs (SparseLoCo): the fraction of each chunk
+      of 256 numbers a worker sends, with their positions, in one
+      ``all_gather`` (static float in (0, 1); ``None``, dense, by default).
+    error_decay: ``beta`` of the error-feedback rule
+      :math:`a = \Delta + \beta e` (static float in (0, 1], needs error
+      feedback; ``None`` is 0.95 with ``topk_fraction``, else 1).
+    sync_warmup: ``K``, synchronous calls before the local steps start
+      (post-local SGD; static int >= 0, ``None`` is 0); the outer optimizer
+      starts fresh at call ``K``.
+    fragments: Streaming DiLoCo's ``F`` fragments (static): ``None`` (the whole
+      model), an int ``F``, a pytree of int labels in ``[0, F)`` that is a
+      prefix of the params, or a callable ``params -> labels``. Each fragment
+      has its own outer state; ``sync_period`` must be a multiple of ``F``.
+    host_offload: Keep the center, the outer state, the residual (and with
+      ``delay >= 2`` the pending value), which a sync alone reads, in the
+      host's pinned memory between syncs (static bool).
+    delay: ``tau``, calls from a sync's scheduled call to its outer step, so
+      that the all-reduce overlaps compute (static int, ``0 <= tau < H / F``;
+      ``None`` is 0: the sync on its scheduled call).
+    blend: ``alpha``: a delayed sync lands the workers on
+      :math:`\alpha x + (1 - \alpha) c` (static float in ``[0, 1)``, needs
+      ``delay >= 1``; ``None`` is 0, the center).
 
-  {{returns:DiLoCoState}}
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is
+    :class:`optax_dist.DiLoCoState`. Its ``update`` needs ``params`` and takes
+    the static extra argument ``sync`` (see :doc:`/sync_options`).
 
   Raises:
     ValueError: for ``sync_period < 1``, ``sync_warmup < 0``, a period that

@@ -9,12 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _docstrings
 from optax_dist import _periodic
 from optax_dist import _schedule
 
 
-@_docstrings.fill
 class ElasticAverageState(NamedTuple):
   """State of the `GradientTransformation` returned by :func:`elastic_average`.
 
@@ -25,8 +23,12 @@ class ElasticAverageState(NamedTuple):
     snapshot: The center as this worker read it at its last sync (its stale
       copy), read by the ``rho`` term only: ``optax.EmptyState()`` when
       ``rho`` is a Python zero (the default), which needs no snapshot.
-    {{residual_field}}
-    {{sync_field}}
+    residual: With ``error_feedback``, what the compression of a sync dropped
+      (from this worker's difference to the center, and from the summed chunk
+      it owns), sent again at the next sync; ``optax.EmptyState()`` otherwise.
+    sync: The engine's counters and schedule (:class:`optax_dist.SyncState`).
+
+  :doc:`/sync_options` says more of the fields every periodic state shares.
   """
 
   inner_state: optax.OptState
@@ -36,7 +38,6 @@ class ElasticAverageState(NamedTuple):
   sync: _schedule.SyncState
 
 
-@_docstrings.fill
 def elastic_average(
   inner: optax.GradientTransformation,
   *,
@@ -87,19 +88,19 @@ def elastic_average(
   an elastic move below the params' resolution still reaches the center;
   updates come back in the params' dtype.
 
-  {{sync_flag}}
-
-  {{sync_warmup}}
-
   ``comm_dtype`` (``ordering="simultaneous"`` only) chooses the format of the
   summed differences on the wire: ``jnp.bfloat16``/``jnp.float16``, or the
   quantized ring of ``jnp.int8`` (or a float8 type), about a quarter of the
-  bytes of a float32 all-reduce, with optional ``error_feedback`` (see
-  :func:`optax_dist.diloco`).
+  bytes of a float32 all-reduce, or of ``jnp.int4``/``jnp.int2``, with
+  optional ``error_feedback``.
 
-  {{nonfinite_sync}}
-  The center moves by the finite workers' differences alone; the
-  dropped worker lands on the center as it stands after the sync.
+  The options EASGD shares with the other periodic transforms are explained
+  once in :doc:`/sync_options`: the static ``sync`` flag of ``update``, the
+  synchronous warm-up ``sync_warmup=K`` (post-local SGD), the formats on the
+  wire and their error bounds, and what a sync does with a worker that is not
+  finite: it is left out, the center moves by the finite workers' differences
+  alone, and the dropped worker gets a fresh inner state and lands on the
+  center as it stands after the sync.
 
   Start all workers from the same params (:func:`optax_dist.broadcast_params`,
   the reference's ``get_init_op``); ``init`` is local and the center starts as
@@ -121,12 +122,23 @@ def elastic_average(
       ``optax.inject_hyperparams``).
     rho: The elastic term's strength in the gradient, >= 0. May be traced.
     ordering: ``"simultaneous"`` or ``"round_robin"`` (static).
-    {{arg_sync_warmup}} {{arg_comm}}
-    host_offload: Keep the fields a sync alone reads (the center, the residual; the snapshot, read on every call, stays) in the host's
-      pinned memory between syncs; a sync brings them to the device and back
-      (static bool).
+    sync_warmup: ``K``, synchronous calls before the local steps start
+      (post-local SGD; static int >= 0, ``None`` is 0).
+    comm_dtype: The summed differences' format on the wire (static;
+      ``ordering="simultaneous"`` only): ``None`` (the center's dtype),
+      ``jnp.bfloat16``/``jnp.float16``, or the quantized ring of ``jnp.int8``,
+      a float8 type, ``jnp.int4`` or ``jnp.int2``. Bytes and error bounds:
+      :doc:`/sync_options`.
+    error_feedback: With a quantized ``comm_dtype``, send again at the next
+      sync what the rounding dropped (static bool; one params-sized buffer).
+    host_offload: Keep the center and the residual, which a sync alone reads,
+      in the host's pinned memory between syncs; the snapshot, read on every
+      call, stays on the device (static bool).
 
-  {{returns:ElasticAverageState}}
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is
+    :class:`optax_dist.ElasticAverageState`. Its ``update`` needs ``params``
+    and takes the static extra argument ``sync`` (see :doc:`/sync_options`).
 
   Raises:
     ValueError: for a period < 1, a moving rate outside (0, 1], a negative

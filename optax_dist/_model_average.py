@@ -8,13 +8,11 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _docstrings
 from optax_dist import _periodic
 from optax_dist import _quantize
 from optax_dist import _schedule
 
 
-@_docstrings.fill
 class ModelAverageState(NamedTuple):
   """State of the `GradientTransformation` returned by :func:`model_average`.
 
@@ -22,9 +20,14 @@ class ModelAverageState(NamedTuple):
     inner_state: State of the local (worker) optimizer.
     center: The workers' mean params at the last sync (the params at init
       before the first), in float32 for low-precision params.
-    {{residual_field}}
-    {{pending_field}}
-    {{sync_field}}
+    residual: With ``error_feedback``, what the compression of a sync dropped
+      (from this worker's difference to the center, and from the summed chunk
+      it owns), sent again at the next sync; ``optax.EmptyState()`` otherwise.
+    pending: With ``delay >= 2``, the average reduced and not yet applied (a
+      :class:`optax_dist.Pending`); ``optax.EmptyState()`` otherwise.
+    sync: The engine's counters and schedule (:class:`optax_dist.SyncState`).
+
+  :doc:`/sync_options` says more of the fields every periodic state shares.
   """
 
   inner_state: optax.OptState
@@ -34,7 +37,6 @@ class ModelAverageState(NamedTuple):
   sync: _schedule.SyncState
 
 
-@_docstrings.fill
 def model_average(
   inner: optax.GradientTransformation,
   *,
@@ -70,38 +72,60 @@ def model_average(
   :func:`optax_dist.global_step` counts the syncs. Start all workers from the
   same params (:func:`optax_dist.broadcast_params`).
 
-  {{sync_flag}}
-
-  {{sync_warmup}}
-
-  ``fragments`` streams the sync (Streaming DiLoCo): with ``F`` fragments,
-  fragment ``f`` is averaged on the calls ``s`` with
-  :math:`s \bmod H = ((f + 1) H / F) \bmod H` (after the warm-up), so one
-  fragment moves every ``H / F`` calls and the peak bytes of a sync fall by
-  ``F``. ``H`` must be a multiple of ``F``.
-
   ``comm_dtype`` chooses the format on the wire: ``None`` averages the params
   (float32 for low-precision params); otherwise each worker's difference to
-  the center travels, cast to ``jnp.bfloat16``/``jnp.float16``, or through
-  the quantized ring of ``jnp.int8`` (or a float8 type), about a quarter of
-  the bytes of a float32 all-reduce, with optional ``error_feedback`` (see
-  :func:`optax_dist.diloco`, whose pseudo-gradient travels the same way).
+  the center travels, cast to ``jnp.bfloat16``/``jnp.float16``, through the
+  quantized ring of ``jnp.int8``, a float8 type, ``jnp.int4`` or ``jnp.int2``
+  (about a quarter of the bytes of a float32 all-reduce with 8 bits), or as
+  sparse top-k chunks, with optional ``error_feedback`` (as DiLoCo's
+  pseudo-gradient travels).
 
-  {{nonfinite_sync}}
-
-  {{delay}}
+  The options model averaging shares with the other periodic transforms are
+  explained once in :doc:`/sync_options`: the static ``sync`` flag of
+  ``update``, the synchronous warm-up ``sync_warmup=K`` (post-local SGD),
+  ``fragments`` (Streaming DiLoCo: one fragment averaged every ``H / F``
+  calls, so the peak bytes of a sync fall by ``F``), the formats on the wire
+  and their error bounds, delayed syncs (``delay``, ``blend``), and what a
+  sync does with a worker that is not finite: it is left out, the center is
+  the finite workers' mean, and it restarts on the center.
 
   Args:
     inner: The local optimizer (e.g. ``optax.sgd(0.1)``).
     axis_name: The mapped axis (or tuple of axes) of the workers.
     interval_steps: ``H``, calls between averages (static int >= 1).
-    {{arg_sync_warmup}} {{arg_fragments}} {{arg_comm}} {{arg_topk}}
-    host_offload: Keep the fields a sync alone reads (the center, the residual) in the host's
-      pinned memory between syncs; a sync brings them to the device and back
-      (static bool).
-    {{arg_delay}}
+    sync_warmup: ``K``, synchronous calls before the local steps start
+      (post-local SGD; static int >= 0, ``None`` is 0).
+    fragments: ``F`` fragments averaged in turn (static): ``None`` (the whole
+      model), an int ``F``, a pytree of int labels in ``[0, F)`` that is a
+      prefix of the params, or a callable ``params -> labels``;
+      ``interval_steps`` must be a multiple of ``F``.
+    comm_dtype: The format on the wire (static): ``None`` (the params, in the
+      center's dtype), ``jnp.bfloat16``/``jnp.float16``, or the quantized ring
+      of ``jnp.int8``, a float8 type, ``jnp.int4`` or ``jnp.int2``. Bytes and
+      error bounds: :doc:`/sync_options`.
+    error_feedback: Send again at the next sync what the compression dropped
+      (static bool; one params-sized buffer). Needs a quantized ``comm_dtype``
+      or ``topk_fraction``; ``None`` is on with ``topk_fraction``, else off.
+    topk_fraction: Sparse top-k syncs (SparseLoCo): the fraction of each chunk
+      of 256 numbers a worker sends, with their positions, in one
+      ``all_gather`` (static float in (0, 1); ``None``, dense, by default).
+    error_decay: ``beta`` of the error-feedback rule
+      :math:`a = \Delta + \beta e` (static float in (0, 1], needs error
+      feedback; ``None`` is 0.95 with ``topk_fraction``, else 1).
+    host_offload: Keep the center and the residual (and with ``delay >= 2``
+      the pending value), which a sync alone reads, in the host's pinned
+      memory between syncs (static bool).
+    delay: ``tau``, calls from a sync's scheduled call to its average, so that
+      the all-reduce overlaps compute (static int, ``0 <= tau < H / F``;
+      ``None`` is 0: the sync on its scheduled call).
+    blend: ``alpha``: a delayed sync lands the workers on
+      :math:`\alpha x + (1 - \alpha) c` (static float in ``[0, 1)``, needs
+      ``delay >= 1``; ``None`` is 0, the mean).
 
-  {{returns:ModelAverageState}}
+  Returns:
+    A ``GradientTransformationExtraArgs`` whose state is
+    :class:`optax_dist.ModelAverageState`. Its ``update`` needs ``params`` and
+    takes the static extra argument ``sync`` (see :doc:`/sync_options`).
 
   Raises:
     ValueError: for ``interval_steps < 1``, ``sync_warmup < 0``, a period
