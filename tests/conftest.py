@@ -4,9 +4,9 @@ The device flag must be set before JAX initializes its backends, so this file
 sets it at import, before any test module imports jax.
 
 The suite runs on two processes (pytest-xdist's ``-n 2`` in pyproject.toml),
-each with its own 8 simulated devices; the tests of a module whose fixture
-is expensive and shared by them (``MODULE_GROUPS``) run in one process, so
-that the fixture runs once. ``OPTAX_DIST_COMPILE_STATS=1`` (with ``-n 0
+each with its own 8 simulated devices; the tests that share an expensive
+result (``GROUPS``) run in one process, so that it is computed once, and the
+slowest start first (``FIRST``). ``OPTAX_DIST_COMPILE_STATS=1`` (with ``-n 0
 -s``) prints the run's compilations and their time at the end.
 """
 
@@ -17,26 +17,99 @@ import pytest
 
 NUM_DEVICES = 8
 
-os.environ["XLA_FLAGS"] = " ".join(
-  [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={NUM_DEVICES}"]
-).strip()
+# The tests' programs are small and run a few steps each, so that compiling
+# them, not running them, takes most of the suite's time. XLA's LLVM backend
+# optimizes less (level 0): it compiles about 40% faster. The numbers are
+# IEEE arithmetic either way (no fast math), but the machine code differs
+# (e.g. which multiply-adds are contracted into one rounding), so that a value
+# may differ from the default level's in its last bits: the tests compare
+# programs compiled alike, or within a tolerance. `XLA_FLAGS=--xla_backend_optimization_level=3`
+# runs the suite at the default level. The processes the tests launch inherit
+# the flags.
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "--xla_backend_optimization_level" not in _FLAGS:
+  _FLAGS += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_force_host_platform_device_count={NUM_DEVICES}".strip()
 
 import jax  # noqa: E402
 
 # Silent rank broadcasting hides bugs in tree arithmetic: make it an error.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# Modules whose tests share a module-scoped fixture that takes long (the
-# multi-process launch of every scenario).
-MODULE_GROUPS = ("test_multiprocess.py",)
+# Tests that share an expensive result computed once per process (a module
+# fixture, a docs page run once and cached), by the start of their node id:
+# each group runs in one process, so that the result is computed once.
+GROUPS = {
+  # The module fixture launches every scenario on two processes.
+  "tests/test_multiprocess.py::": "multiprocess",
+  # The tests that read what a page's blocks computed (test_docs.run_page).
+  "tests/test_docs.py::test_every_python_block_runs[docs/tutorial.md]": "docs/tutorial.md",
+  "tests/test_docs.py::test_tutorial_": "docs/tutorial.md",
+  "tests/test_docs.py::test_every_python_block_runs[docs/getting_started.md]": "getting_started",
+  "tests/test_docs.py::test_getting_started_": "getting_started",
+  "tests/test_docs.py::test_every_python_block_runs[docs/large_models.md]": "large_models",
+  "tests/test_docs.py::test_large_models_": "large_models",
+  "tests/test_docs.py::test_every_python_block_runs[docs/migration.md]": "migration",
+  "tests/test_docs.py::test_migration_": "migration",
+  "tests/test_docs.py::test_every_python_block_runs[docs/index.md]": "index",
+  "tests/test_docs.py::test_landing_page_example_trains": "index",
+  # One synchronous run of the language-model example (a module fixture).
+  "tests/test_lm_example.py::test_sync_learns": "lm_sync",
+  "tests/test_lm_example.py::test_one_worker_with_a_plain_outer_step": "lm_sync",
+}
+
+# The slowest tests and groups (about 20 s of CPU or more each), started
+# first: a long one started last keeps one process busy while the other idles.
+FIRST = (
+  "tests/test_lm_example.py::",
+  "multiprocess",
+  "docs/tutorial.md",
+  "tests/test_examples.py::",
+  "getting_started",
+  "lm_sync",
+)
 
 
-def pytest_collection_modifyitems(config, items):
-  if not config.pluginmanager.hasplugin("xdist"):
-    return
-  for item in items:
-    if item.path.name in MODULE_GROUPS:
-      item.add_marker(pytest.mark.xdist_group(item.path.stem))
+def group_of(nodeid):
+  """The group a test runs in (its node id, for a test that shares nothing)."""
+  for start, group in GROUPS.items():
+    if nodeid.startswith(start):
+      return group
+  return nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """``--dist loadgroup`` with the groups above.
+
+  pytest-xdist's own loadgroup reads ``xdist_group`` marks by appending the
+  group to the test's node id, which pytest 9.2 no longer lets it change:
+  every test ran alone, and a group's shared fixture ran in both processes.
+  This scheduler groups by node id instead, and starts the slow ones first.
+  """
+  if config.getvalue("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class Scheduler(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      return group_of(nodeid)
+
+    def _assign_work_unit(self, node):
+      if not ranked:  # Before the first unit is sent: the slow ones first.
+        ranked.append(True)
+        order = sorted(self.workqueue, key=rank)
+        self.workqueue = type(self.workqueue)((scope, self.workqueue[scope]) for scope in order)
+      super()._assign_work_unit(node)
+
+  def rank(scope):
+    for i, start in enumerate(FIRST):
+      if scope.startswith(start):
+        return i
+    return len(FIRST)
+
+  ranked = []
+  return Scheduler(config, log)
 
 
 _STATS: collections.Counter = collections.Counter()
