@@ -11,7 +11,9 @@ slowest start first (``FIRST``). ``OPTAX_DIST_COMPILE_STATS=1`` (with ``-n 0
 """
 
 import collections
+import json
 import os
+import time
 
 import pytest
 
@@ -113,6 +115,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 _STATS: collections.Counter = collections.Counter()
+_PER_TEST: dict = {}  # Node id: [CPU seconds of this process, compilations].
+_COMPILE = "/jax/core/compile/backend_compile_duration"
 if os.environ.get("OPTAX_DIST_COMPILE_STATS"):
 
   def _count(event, duration, **kwargs):
@@ -121,7 +125,22 @@ if os.environ.get("OPTAX_DIST_COMPILE_STATS"):
 
   jax.monitoring.register_event_duration_secs_listener(_count)
 
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    cpu, compiles = time.process_time(), _STATS[_COMPILE]
+    yield
+    _PER_TEST[item.nodeid] = [time.process_time() - cpu, _STATS[_COMPILE] - compiles]
+
 
 def pytest_sessionfinish(session):
-  if _STATS:
-    print("\ncompile stats:", {k: round(v, 1) for k, v in sorted(_STATS.items())})
+  """With ``OPTAX_DIST_COMPILE_STATS=1``, prints the compilations; set to a
+  path, also writes each test's CPU seconds and compilations there as JSON
+  (one file per process: PATH.gw0.json, ...; PATH.json without xdist)."""
+  if not _STATS:
+    return
+  print("\ncompile stats:", {k: round(v, 1) for k, v in sorted(_STATS.items())})
+  path = os.environ["OPTAX_DIST_COMPILE_STATS"]
+  if path != "1":
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    with open(f"{path}.{worker}.json" if worker else f"{path}.json", "w") as f:
+      json.dump(_PER_TEST, f, indent=0)
