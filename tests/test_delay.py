@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import optax
 import orbax.checkpoint as ocp
 import pytest
@@ -29,7 +30,7 @@ def make(alg, tau, blend, **kw):
 
 
 def reference(alg, grads, *, tau, blend, n=N, h=H, warmup=WARMUP):
-  """DESIGN 11.1 in float64: the params of every worker after every call.
+  """DESIGN 11.1 in float64 (tests/numpy_reference.py): every worker's params after every call.
 
   Fragment f's sync is scheduled on the calls t with (t - warmup) mod H equal
   to its offset; it is reduced on call t + 1 from the params that call
@@ -39,45 +40,13 @@ def reference(alg, grads, *, tau, blend, n=N, h=H, warmup=WARMUP):
   x <- blend * x + (1 - blend) * center (a left-out worker, or a non-finite
   number, lands on the center).
   """
-  grads = np.asarray(grads, np.float64)
-  x = np.zeros((n, grads.shape[-1]))
-  c = np.zeros(grads.shape[-1])
-  trace = np.zeros_like(c)
-  num = FLAT_LABELS.max() + 1
-  offsets = [((f + 1) * h // num) % h for f in range(num)]
-
-  def scheduled(t):
-    return [f for f in range(num) if t > warmup and (t - warmup) % h == offsets[f]]
-
-  pending, out = {}, []
-  for t, g in enumerate(grads, start=1):
-    if t <= warmup:  # Synchronous data parallelism; the center follows.
-      x = x - LR * g.mean(0)
-      c = x[0].copy()
-      out.append(x.copy())
-      continue
-    for f in scheduled(t - 1):
-      m = FLAT_LABELS == f
-      mine = np.isfinite(x[:, m]).all(1)
-      mean = x[mine][:, m].mean(0) if mine.any() else np.zeros(m.sum())
-      pending[f] = ((c[m] - mean) if alg == "diloco" else mean, mine)
-    before = x.copy()
-    x = x - LR * g
-    for f in scheduled(t - tau):
-      value, mine = pending.pop(f)
-      m = FLAT_LABELS == f
-      if mine.any():
-        if alg == "diloco":
-          trace[m] = value + MOMENTUM * trace[m]
-          c[m] = c[m] - OUTER_LR * trace[m]
-        else:
-          c[m] = value
-      for k in range(n):
-        land = np.where(np.isfinite(x[k, m]) & mine[k], blend * x[k, m] + (1 - blend) * c[m], c[m])
-        # The updates are `target - params`: a non-finite worker stays so.
-        x[k, m] = np.where(np.isfinite(before[k, m]), land, np.nan)
-    out.append(x.copy())
-  return out
+  common = dict(n=n, p=h, inner="sgd", warmup=warmup, labels=FLAT_LABELS, delay=tau, blend=blend)
+  if alg == "diloco":
+    outer = dict(outer_lr=OUTER_LR, momentum=MOMENTUM, nesterov=False)
+    out = numpy_reference.diloco(np.zeros(3), grads, **common, **outer)
+  else:
+    out = numpy_reference.model_average(np.zeros(3), grads, **common)
+  return [x for x, _ in out]
 
 
 def gradients(seed=0, n=N, steps=T):
@@ -184,7 +153,7 @@ def test_bad_flags_and_callable_fragments_get_clear_errors():
   late = optax_dist.model_average(
     optax.sgd(0.1), axis_name=AXIS, interval_steps=4, fragments=lambda p: LABELS, delay=2
   )
-  with pytest.raises(ValueError, match=r"must be < `period` / fragments \(4 / 2 = 2\)"):
+  with pytest.raises(ValueError, match=r"must be < `interval_steps` / fragments \(4 / 2 = 2\)"):
     late.init(params)
   tx = optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS, sync_period=8, fragments=2, delay=1)
   state = tx.init(params)
