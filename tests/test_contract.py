@@ -7,7 +7,9 @@ dtypes, initializes from ``jax.ShapeDtypeStruct`` params, keeps bfloat16
 params in bfloat16, rejects bad arguments with a clear error, asks for
 params where it needs them and names an unbound axis; a periodic case syncs
 on exactly the calls its schedule gives (DESIGN section 10.1, written out in
-tests/numpy_reference.py). A new transform joins the suite by adding a
+tests/numpy_reference.py), and follows its equations in float64 NumPy. The
+cases cover delayed, blended fragment syncs (DESIGN 11.1) and Muon as the
+inner optimizer (DESIGN 11.2). A new transform joins the suite by adding a
 ``Case`` to ``CASES``.
 """
 
@@ -33,6 +35,14 @@ import pytest
 
 import optax_dist
 
+# The inner optimizers of the cases and of their references, by the name
+# numpy_reference.Inner knows them by.
+INNERS = {
+  "momentum": lambda learning_rate: optax.sgd(learning_rate, momentum=0.5),
+  "adam": lambda learning_rate: optax.adam(learning_rate, b2=0.99),
+  "muon": lambda learning_rate: optax.contrib.muon(learning_rate),
+}
+
 
 class Case(NamedTuple):
   name: str
@@ -46,18 +56,28 @@ class Case(NamedTuple):
   fragments: tuple[tuple[str, ...], ...] = (("b", "v", "w"),)
   # Periodic: the equations in float64 NumPy (tests/numpy_reference.py),
   # reference(x0, grads, n=, inner=) with the case's own settings, and the
-  # worker counts it is checked with.
+  # worker counts it is checked with (by default one worker and all eight:
+  # one of them meets Adam and the other momentum SGD in every mode).
   reference: Callable | None = None
-  reference_workers: tuple[int, ...] = (1, 2, 4, 8)
+  reference_workers: tuple[int, ...] = (1, 8)
+  # The inner optimizer (a key of INNERS). With "momentum" the reference check
+  # alternates it with Adam; any other is checked alone.
+  inner: str = "momentum"
+  # The reference check's rtol and atol (float32 against float64).
+  tolerance: float = 2e-6
+
+  @property
+  def delay(self) -> int:
+    return self.kwargs.get("delay", 0)
 
   def make(self, inner=None, **overrides):
     """The case's transformation; the default one is one instance, so that the
     checks that run it alike share its compiled programs."""
     if inner is None and not overrides:
       if self.name not in DEFAULT:
-        DEFAULT[self.name] = self.make(optax.sgd(0.1, momentum=0.5))
+        DEFAULT[self.name] = self.make(INNERS[self.inner](0.1))
       return DEFAULT[self.name]
-    inner = optax.sgd(0.1, momentum=0.5) if inner is None else inner
+    inner = INNERS[self.inner](0.1) if inner is None else inner
     return self.factory(inner, axis_name=AXIS, **{**self.kwargs, **self.numeric, **overrides})
 
 
@@ -77,6 +97,21 @@ def period_errors(name):
 EVERY_2ND = (False, True) * 4 + (False,)
 
 ORDERING_ERROR = ({"ordering": "sequential"}, ValueError, "ordering.*'simultaneous', 'round_robin'")
+
+# With fragments=2 the leaves (12, 16 and 24 bytes) fall in two groups, b and
+# v, then w: the coordinates of each, in the flat (b, v, w) order.
+TWO_FRAGMENTS = (("b", "v"), ("w",))
+FLAT_LABELS = np.repeat([0, 0, 1], [3, 4, 6])
+SHAPES = ((3,), (4,), (2, 3))  # The leaves' shapes in the flat order.
+
+# Muon's Newton-Schulz iteration runs in float32: its map X -> aX + bAX + cA^2X
+# has slope a = 3.4445 at small singular values, so a rounding error of the
+# normalized matrix (float32's 6e-8) can grow by up to a^5 ~ 480 over the 5
+# steps, about 3e-5 of an O(1) entry, 3e-6 of a step at learning rate 0.1.
+# Eight inner steps and the outer steps (at most 0.7 (1 + 0.9) ~ 1.3 times a
+# step) stay below 5e-5. One worker's Muon alone matches the reference to
+# 1.3e-6 absolute, 2e-5 relative per step (tests/test_muon.py).
+MUON_TOLERANCE = 5e-5
 
 CASES = [
   Case(
@@ -185,11 +220,46 @@ CASES = [
     {"sync_period": 4, "fragments": 2, "sync_warmup": 2},
     {},
     flags=("warmup", "warmup", False, 0, False, 1, False, 0, False),
-    fragments=(("b", "v"), ("w",)),
-    reference=functools.partial(
-      numpy_reference.diloco, p=4, warmup=2, labels=np.repeat([0, 0, 1], [3, 4, 6])
-    ),
+    fragments=TWO_FRAGMENTS,
+    reference=functools.partial(numpy_reference.diloco, p=4, warmup=2, labels=FLAT_LABELS),
     reference_workers=(2, 4),
+  ),
+  Case(
+    # Muon inside (MuLoCo, DESIGN 11.2: Newton-Schulz on w, Adam on b and v),
+    # with a delayed, blended fragment sync (DESIGN 11.1): fragment 0's sync is
+    # scheduled on call 3, reduced on call 4 (flag 0) and lands on call 5 (flag
+    # ("apply", 0)), blended halfway; fragment 1's on calls 6, 7 and 8.
+    "diloco_muon_delay2_blend",
+    optax_dist.diloco,
+    {"sync_period": 6, "fragments": 2, "delay": 2, "blend": 0.5},
+    {},
+    bad=(
+      ({"delay": 3}, ValueError, r"must be < `sync_period` / fragments \(6 / 2 = 3\)"),
+      ({"blend": 1.0}, ValueError, r"`blend` must be in \[0, 1\)"),
+    ),
+    flags=(False, False, False, 0, ("apply", 0), False, 1, ("apply", 1), False),
+    fragments=TWO_FRAGMENTS,
+    reference=functools.partial(
+      numpy_reference.diloco, p=6, labels=FLAT_LABELS, delay=2, blend=0.5, shapes=SHAPES
+    ),
+    reference_workers=(4,),
+    inner="muon",
+    tolerance=MUON_TOLERANCE,
+  ),
+  Case(
+    # Delay 1 (DESIGN 11.1): the call after the scheduled one reduces and
+    # lands, blend 0: on the center; after a one-call warm-up.
+    "model_average_delay1",
+    optax_dist.model_average,
+    {"interval_steps": 4, "fragments": 2, "delay": 1, "blend": 0.0, "sync_warmup": 1},
+    {},
+    bad=(({"delay": 1.0}, TypeError, "`delay` must be a Python int"),),
+    flags=("warmup", False, False, 0, False, 1, False, 0, False),
+    fragments=TWO_FRAGMENTS,
+    reference=functools.partial(
+      numpy_reference.model_average, p=4, warmup=1, labels=FLAT_LABELS, delay=1
+    ),
+    reference_workers=(2,),  # With Adam inside.
   ),
   Case("diloco_bf16_comm", optax_dist.diloco, {"sync_period": 2, "comm_dtype": jnp.bfloat16}, {}),
   Case(
@@ -273,7 +343,7 @@ def test_in_inject_hyperparams(case):
   static = ("axis_name", *(k for k, v in case.kwargs.items() if not isinstance(v, str)))
 
   def factory(learning_rate, **kwargs):
-    return case.factory(optax.sgd(learning_rate, momentum=0.5), **kwargs)
+    return case.factory(INNERS[case.inner](learning_rate), **kwargs)
 
   # The case's own signature, with the learning rate in place of `inner`.
   signature = inspect.signature(case.factory)
@@ -298,14 +368,14 @@ def test_in_inject_hyperparams(case):
 
   assert_trajectories_close(
     run_transform(injected._replace(init=init_changed), params, grads, mode="vmap"),
-    run_transform(case.make(optax.sgd(0.3, momentum=0.5), **changed), params, grads, mode="vmap"),
+    run_transform(case.make(INNERS[case.inner](0.3), **changed), params, grads, mode="vmap"),
   )
 
 
 def test_inner_learning_rate_injected_and_changed(case):
   # The inner optimizer's injected learning rate is read every step.
   params, grads = params_and_grads()
-  tx = case.make(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))
+  tx = case.make(optax.inject_hyperparams(INNERS[case.inner])(learning_rate=0.1))
   init = tx.init
 
   def init_with_lr_0_3(p):
@@ -313,7 +383,7 @@ def test_inner_learning_rate_injected_and_changed(case):
 
   changed = run_transform(tx._replace(init=init_with_lr_0_3), params, grads, mode="vmap")
   assert_trajectories_close(
-    changed, run_transform(case.make(optax.sgd(0.3)), params, grads, mode="vmap")
+    changed, run_transform(case.make(INNERS[case.inner](0.3)), params, grads, mode="vmap")
   )
 
 
@@ -419,34 +489,59 @@ def test_an_unbound_axis_is_named(case):
     jax.jit(tx.update)(jax.tree.map(jnp.ones_like, params), state, params)
 
 
+def landed(case, flag):
+  """The fragments whose outer step lands on a call with this flag.
+
+  Undelayed or with delay 1, the fragment a flag names (every one for True);
+  with a delay of 2 or more the call that reduces lands nothing and
+  ``("apply", f)`` lands fragment f (DESIGN 11.1).
+  """
+  if flag is False or flag == "warmup":
+    return ()
+  if isinstance(flag, tuple):
+    return (flag[1],)
+  if case.delay >= 2:
+    return ()
+  return tuple(range(len(case.fragments))) if flag is True else (flag,)
+
+
 def syncs(case, steps):
-  """Syncs in the first ``steps`` calls (global_step): one per fragment synced."""
-  return sum(
-    len(case.fragments) if f is True else 1 if type(f) is int else 0 for f in case.flags[:steps]
-  )
+  """Syncs in the first ``steps`` calls (global_step): one per fragment landed."""
+  return sum(len(landed(case, f)) for f in case.flags[:steps])
 
 
 @pytest.mark.parametrize("case", PERIODIC, ids=lambda c: c.name)
 @pytest.mark.parametrize("static", [False, True], ids=["in_graph", "static"])
 def test_syncs_on_the_calls_of_the_schedule(case, static):
   # The schedule gives the case's gold flags, and the calls do what they say,
-  # read from what a sync does: the center moves on the leaves of the synced
-  # fragment (all of them for True), and follows the params during a
-  # warm-up; it stays put on the other calls and leaves.
+  # read from what a sync does: the center moves on the leaves of the
+  # fragments that land (all of them for True, none on a delayed sync's
+  # reducing call, fragment f on ("apply", f)), and follows the params during
+  # a warm-up; it stays put on the other calls and leaves. The static flags
+  # give the in-graph results, bit for bit; with Muon inside, to Muon's
+  # tolerance: the two programs fuse its float32 Newton-Schulz products
+  # differently (they differ by 1.3e-6 after 8 calls).
   steps = len(case.flags)
   params, grads = params_and_grads(steps=steps, seed=3)
   tx = case.make()
   schedule = optax_dist.sync_schedule(tx.init(jax.tree.map(lambda x: x[0], params)))
   assert [schedule(t) for t in range(steps)] == list(case.flags)
-  run = run_transform(tx, params, grads, mode="vmap", flags=list(case.flags) if static else None)
+  run = run_transform(tx, params, grads, mode="vmap")
+  if static:
+    in_graph, run = run, run_transform(tx, params, grads, mode="vmap", flags=list(case.flags))
+    tol = {"rtol": MUON_TOLERANCE, "atol": MUON_TOLERANCE} if case.inner == "muon" else None
+    for t, (a, b) in enumerate(zip(in_graph.params, run.params, strict=True)):
+      if tol:
+        chex.assert_trees_all_close(a, b, **tol, custom_message=f"call {t + 1}")
+      else:
+        chex.assert_trees_all_equal(a, b, custom_message=f"call {t + 1}")
   init_state = map_workers(tx.init, N, "vmap")(params)
   centers = [optax_dist.center_params(s) for s in [init_state, *run.states]]
   moved = [
     {k for k in c1 if not np.array_equal(c0[k], c1[k])} for c0, c1 in itertools.pairwise(centers)
   ]
-  every = set(params)
   expected = [
-    set() if f is False else every if f is True or f == "warmup" else set(case.fragments[f])
+    set(params) if f == "warmup" else {k for i in landed(case, f) for k in case.fragments[i]}
     for f in case.flags
   ]
   assert moved == expected, (moved, expected)
@@ -475,22 +570,19 @@ def test_matches_numpy_reference(case, mode, n):
   # Every step's params of every worker and the final center, against the
   # equations in float64; the inner optimizer is Adam for half of the worker
   # counts and the case's momentum SGD for the others, so that every mode
-  # meets both.
-  inner = "adam" if (n in (2, 8)) == (CASES.index(case) % 2 == 0) else "momentum"
-  inner_tx = optax.adam(0.1, b2=0.99) if inner == "adam" else optax.sgd(0.1, momentum=0.5)
+  # meets both (a case with another inner optimizer runs that one).
+  inner = case.inner
+  if inner == "momentum":
+    inner = "adam" if (n in (2, 8)) == (CASES.index(case) % 2 == 0) else "momentum"
   steps = 8
   params, grads = params_and_grads(steps=steps, seed=100 + n, n=n)
-  traj = run_transform(case.make(inner_tx), params, grads, mode=mode)
+  traj = run_transform(case.make(INNERS[inner](0.1)), params, grads, mode=mode)
   expected = case.reference(flat(params)[0], np.stack([flat(g) for g in grads]), n=n, inner=inner)
+  tol = {"rtol": case.tolerance, "atol": case.tolerance}
   for t, (x, _) in enumerate(expected):
-    np.testing.assert_allclose(
-      flat(traj.params[t]), x, rtol=2e-6, atol=2e-6, err_msg=f"call {t + 1}"
-    )
+    np.testing.assert_allclose(flat(traj.params[t]), x, **tol, err_msg=f"call {t + 1}")
   np.testing.assert_allclose(
-    flat(optax_dist.center_params(traj.state)),
-    np.repeat(expected[-1][1][None], n, 0),
-    rtol=2e-6,
-    atol=2e-6,
+    flat(optax_dist.center_params(traj.state)), np.repeat(expected[-1][1][None], n, 0), **tol
   )
   np.testing.assert_array_equal(optax_dist.global_step(traj.state), [syncs(case, steps)] * n)
 
