@@ -1,6 +1,8 @@
 """The language-model example: its corpus split, its bytes accounting, and short runs that learn."""
 
+import contextlib
 import importlib.util
+import io
 import pathlib
 import re
 import sysconfig
@@ -40,8 +42,7 @@ def train_lm():
   return load("train_lm")
 
 
-@pytest.fixture
-def traces(train_lm, monkeypatch):
+def count_traces(train_lm, monkeypatch):
   """Counts the traces of the example's loss: one per compiled program that calls it."""
   count = []
   loss_fn = train_lm.loss_fn
@@ -52,6 +53,24 @@ def traces(train_lm, monkeypatch):
 
   monkeypatch.setattr(train_lm, "loss_fn", counted)
   return count
+
+
+@pytest.fixture
+def traces(train_lm, monkeypatch):
+  return count_traces(train_lm, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def sync_run(train_lm, tmp_path_factory):
+  """One synchronous run of the tiny model, read by two tests (tests/conftest.py
+  runs them in one process): its result, what it printed, the loss's traces
+  and its plot."""
+  plot = tmp_path_factory.mktemp("sync") / "lm.png"
+  out = io.StringIO()
+  with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(out):
+    traces = count_traces(train_lm, monkeypatch)
+    result = train_lm.main([*TINY, "--algorithm", "sync", "--plot", str(plot)])
+  return result, out.getvalue(), len(traces), plot
 
 
 def test_corpus_split_is_deterministic_and_disjoint(train_lm):
@@ -116,10 +135,9 @@ def check_learns_and_prints(result, out):
   assert last == f"validation loss: {result['final_val_loss']:.4f}"
 
 
-def test_sync_learns(train_lm, traces, tmp_path, capsys):
-  plot = tmp_path / "lm.png"
-  result = train_lm.main([*TINY, "--algorithm", "sync", "--plot", str(plot)])
-  check_learns_and_prints(result, capsys.readouterr().out)
+def test_sync_learns(sync_run):
+  result, out, traces, plot = sync_run
+  check_learns_and_prints(result, out)
   assert plot.stat().st_size > 0
   assert result["num_params"] == NUM_PARAMS
   # The gradients all-reduced on every step, with the loss: a ring all-reduce
@@ -134,7 +152,7 @@ def test_sync_learns(train_lm, traces, tmp_path, capsys):
   assert result["syncs"] == 8
   # At most one trace each for the steps, the communication report (the same
   # program) and the evaluations: not one per step.
-  assert len(traces) <= 3, len(traces)
+  assert traces <= 3, traces
 
 
 def test_diloco_streams_fragments_after_a_warmup(train_lm, traces, tmp_path, capsys):
@@ -195,16 +213,15 @@ def test_two_workers_of_four_devices(train_lm, tmp_path, capsys):
   np.testing.assert_allclose(run["val_loss"], result["val_loss"], rtol=2e-6)
 
 
-def test_one_worker_with_a_plain_outer_step_is_data_parallel(train_lm, tmp_path, capsys):
+def test_one_worker_with_a_plain_outer_step_is_data_parallel(train_lm, sync_run, tmp_path, capsys):
   # DiLoCo with one worker and outer SGD (1, 0) moves the center to where the
   # worker went: the center is synchronous training's params, up to rounding.
   # The global batch is the same: the 8 devices of the one worker split it.
   argv = ["--algorithm", "diloco", "--workers", "1", "--period", "2"]
   argv += ["--outer-learning-rate", "1", "--outer-momentum", "0"]
-  plot = ["--plot", str(tmp_path / "lm.png")]
-  result = train_lm.main([*TINY, *argv, *plot])
+  result = train_lm.main([*TINY, *argv, "--plot", str(tmp_path / "lm.png")])
   check_learns_and_prints(result, capsys.readouterr().out)
-  sync = train_lm.main([*TINY, "--algorithm", "sync", *plot])
+  sync = sync_run[0]  # The same model, data and steps, trained synchronously.
   np.testing.assert_allclose(result["val_loss"], sync["val_loss"], rtol=1e-5)
   np.testing.assert_allclose(result["train_loss"], sync["train_loss"], rtol=1e-5)
   # One worker has no peer: nothing is sent between workers; the outer step
