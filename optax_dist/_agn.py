@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _periodic
+from optax_dist import _declare
+from optax_dist import _engine
+from optax_dist import _reduce
 from optax_dist import _schedule
 
 
@@ -30,6 +32,16 @@ class AGNState(NamedTuple):
   center: optax.Params
   accumulator: optax.Params
   sync: _schedule.SyncState
+
+
+# The roles of the state's fields (the engine handles inner_state and sync). The
+# accumulator, added to on every call, stays on the device.
+FIELDS = _declare.Declaration(
+  AGNState,
+  center=_declare.CENTER,
+  center_state=_declare.Field(offloaded=True, shared=True),
+  accumulator=_declare.Field(restart="zeros"),
+)
 
 
 def agn(
@@ -141,32 +153,21 @@ def agn(
     Hermans, Spanakis, Möckel, `Accumulated Gradient Normalization
     <https://arxiv.org/abs/1710.02368>`_, ACML 2017.
   """
-  options = _periodic.Options(sync_warmup, host_offload=host_offload)
-  period_arg = ("communication_period", communication_period)
-  setup = _periodic.Setup.make("agn", inner, axis_name, period_arg, options)
-  _periodic.check_ordering(ordering)
+  period = _schedule.check_period(communication_period, "communication_period")
+  _reduce.check_ordering(ordering)
   _collectives.check_reduction(center_reduction, "center_reduction")
-  inner, axes, period = setup.inner, setup.axes, setup.period
+  axes = _collectives.axis_tuple(axis_name)
+  inner = optax.with_extra_args_support(inner)
 
-  def init_fn(params):
-    center, fields = setup.start(params)
-    state = AGNState(
-      center_state=inner.init(center),
-      center=center,
-      accumulator=_periodic.zeros_like(center),
-      **fields,
-    )
-    return setup.placed(spec, state)
-
-  def sync(local, carry):
-    center, center_state = carry["center"], carry["center_state"]
+  def on_sync(local, fields):
+    center, center_state = fields.center, fields.center_state
     scale = 1.0 / period
     if center_reduction == "mean":
       scale = scale / _collectives.num_workers(axes)
-    normalized = jax.tree.map(lambda a: a * scale, carry["accumulator"])
+    normalized = jax.tree.map(lambda a: a * scale, fields.accumulator)
     if ordering == "simultaneous":
       # The finite workers' commits; with "mean", their mean.
-      reduced = _periodic.finite_sum(normalized, axes)
+      reduced = _reduce.finite_sum(normalized, axes)
       total = reduced.total
       if center_reduction == "mean":
         n = _collectives.num_workers(axes)
@@ -185,32 +186,37 @@ def agn(
         u, c_state = inner.update(g_k, c_state, c)
         return optax.apply_updates(c, u), c_state
 
-      target, (new_center, new_center_state), finite, dropped = _periodic.replay_commits(
+      target, (new_center, new_center_state), finite, dropped = _reduce.replay_commits(
         commit, (center, center_state), normalized, axes, mine=lambda c: c[0], after=True
       )
-    target = _periodic.keep_unless(finite, target, center)
+    center = _reduce.where(finite, new_center, center)
     # A dropped worker lands on the center as it stands after every commit.
-    target = _periodic.keep_unless(
-      dropped, _periodic.keep_unless(finite, new_center, center), target
+    target = _reduce.where(dropped, center, _reduce.where(finite, target, fields.center))
+    new = fields._replace(
+      center=center,
+      center_state=_reduce.where(finite, new_center_state, center_state),
+      accumulator=_declare.zeros_like(fields.accumulator),
     )
-    new = {
-      "center": _periodic.keep_unless(finite, new_center, center),
-      "center_state": _periodic.keep_unless(finite, new_center_state, center_state),
-      "accumulator": _periodic.zeros_like(carry["accumulator"]),
-    }
-    return _periodic.Synced(local.moved_to(target), new, finite, dropped)
+    return _declare.Synced(local.moved_to(target), new, finite, dropped)
 
-  def restart(x, carry):
-    return {**carry, "center": x, "accumulator": _periodic.zeros_like(carry["accumulator"])}
+  def before(grads, state, params):
+    # Every call adds its gradient to the accumulator.
+    accumulator = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.accumulator, grads)
+    return grads, state._replace(accumulator=accumulator)
 
-  # The accumulator, added to on every call, stays on the device.
-  spec = _periodic.Spec(
-    ("center", "center_state", "accumulator"), sync, restart, offload=("center", "center_state")
+  return _engine.periodic(
+    "agn",
+    inner,
+    FIELDS,
+    axis_name=axis_name,
+    period_name="communication_period",
+    period=period,
+    init=lambda center: {
+      "center_state": inner.init(center),
+      "accumulator": _declare.zeros_like(center),
+    },
+    on_sync=on_sync,
+    before=before,
+    sync_warmup=sync_warmup,
+    host_offload=host_offload,
   )
-
-  def update_fn(updates, state, params=None, *, sync=None, **extra_args):
-    accumulator = jax.tree.map(lambda a, g: a + g.astype(a.dtype), state.accumulator, updates)
-    state = state._replace(accumulator=accumulator)
-    return setup.update(spec, state, updates, params, extra_args, sync)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 
 from optax_dist import _hlo
-from optax_dist import _periodic
+from optax_dist import _schedule
 
 
 class Collective(NamedTuple):
@@ -75,12 +75,12 @@ class CommunicationReport(NamedTuple):
 
   def bytes_per_step(self, period: int = 1) -> float:
     """Average bytes per call when every sync branch runs once every ``period`` calls."""
-    period = _periodic.check_period(period, "period")
+    period = _schedule.check_period(period, "period")
     return self.every_step_bytes + self.sync_bytes / period
 
   def wire_bytes_per_step(self, period: int = 1) -> float:
     """Average bytes one device sends per call, every sync branch once every ``period`` calls."""
-    period = _periodic.check_period(period, "period")
+    period = _schedule.check_period(period, "period")
     return self.every_step_wire_bytes + self.sync_wire_bytes / period
 
 

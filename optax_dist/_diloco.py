@@ -4,13 +4,13 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _fragments
-from optax_dist import _periodic
+from optax_dist import _declare
+from optax_dist import _engine
 from optax_dist import _quantize
+from optax_dist import _reduce
 from optax_dist import _schedule
 
 
@@ -37,8 +37,17 @@ class DiLoCoState(NamedTuple):
   outer_state: optax.OptState
   center: optax.Params
   residual: optax.Params | optax.EmptyState
-  pending: _periodic.Pending | optax.EmptyState
+  pending: _declare.Pending | optax.EmptyState
   sync: _schedule.SyncState
+
+
+# The roles of the state's fields (the engine handles inner_state, pending and sync).
+FIELDS = _declare.Declaration(
+  DiLoCoState,
+  center=_declare.CENTER,
+  outer_state=_declare.Field(per_fragment=True, offloaded=True, shared=True),
+  residual=_declare.RESIDUAL,
+)
 
 
 def diloco(
@@ -176,10 +185,6 @@ def diloco(
   wire = _quantize.make_wire(
     comm_dtype, error_feedback, topk_fraction=topk_fraction, error_decay=error_decay
   )
-  options = _periodic.Options(
-    sync_warmup, fragments, wire, wire.error_feedback, host_offload, delay, blend
-  )
-  setup = _periodic.Setup.make("diloco", inner, axis_name, ("sync_period", sync_period), options)
   if outer is None:
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
   if not (callable(getattr(outer, "init", None)) and callable(getattr(outer, "update", None))):
@@ -188,80 +193,39 @@ def diloco(
       f"nesterov=True)), got {outer!r}."
     )
   outer = optax.with_extra_args_support(outer)
-  axes, wire = setup.axes, setup.wire
+  axes = _collectives.axis_tuple(axis_name)
 
-  def init_fn(params):
-    center, fields = setup.start(params)
-    masks = setup.masks(params)
-    if masks is None:
-      outer_state = outer.init(center)
-    else:  # One outer state per fragment, over its own leaves.
-      outer_state = tuple(outer.init(_fragments.view(center, m)) for m in masks)
-    state = DiLoCoState(
-      outer_state=outer_state,
-      center=center,
-      residual=wire.residual_like(center),
-      pending=setup.pending_like(center),
-      **fields,
-    )
-    return setup.placed(spec, state)
+  def on_reduce(x, fields):
+    # The mean pseudo-gradient over the workers whose own is finite.
+    pseudo_gradient = jax.tree.map(lambda c, xi: c - xi, fields.center, x)
+    reduced = _reduce.finite_sum(pseudo_gradient, axes, wire, fields.residual)
+    pending, residual = reduced.pending(reduced.mean(), axes, fields.residual)
+    return pending, fields._replace(residual=residual)
 
-  def sync(local, carry):
-    center = carry["center"]
-    pseudo_gradient = jax.tree.map(lambda c, xi: c - xi, center, local.x)
-    # The mean over the workers whose pseudo-gradient is finite.
-    reduced = _periodic.finite_sum(pseudo_gradient, axes, wire, carry["residual"])
-    delta = reduced.mean()
-    finite = reduced.finite(delta, axes)
-    outer_updates, outer_state = outer.update(delta, carry["outer_state"], center)
+  def on_apply(fields, pending):
+    # The outer step moves the center, unless no worker was finite.
+    center, outer_state = fields.center, fields.outer_state
+    outer_updates, new_outer_state = outer.update(pending.value, outer_state, center)
     new_center = optax.apply_updates(center, outer_updates)
-    center = _periodic.keep_unless(finite, new_center, center)
-    new = {
-      "center": center,
-      "outer_state": _periodic.keep_unless(finite, outer_state, carry["outer_state"]),
-      "residual": _periodic.keep_unless(finite, reduced.residual, carry["residual"]),
-    }
-    dropped = jnp.logical_not(reduced.mine)
-    return _periodic.Synced(local.moved_to(center), new, finite, dropped)
+    return fields._replace(
+      center=_reduce.where(pending.ok, new_center, center),
+      outer_state=_reduce.where(pending.ok, new_outer_state, outer_state),
+    )
 
-  def reduce(x, carry):
-    # A delayed sync's collective: the pseudo-gradient of the params this call
-    # receives (the params after the scheduled call's inner step).
-    pseudo_gradient = jax.tree.map(lambda c, xi: c - xi, carry["center"], x)
-    reduced = _periodic.finite_sum(pseudo_gradient, axes, wire, carry["residual"])
-    delta = reduced.mean()
-    ok = reduced.finite(delta, axes)
-    residual = _periodic.keep_unless(ok, reduced.residual, carry["residual"])
-    return _periodic.Pending(delta, ok, reduced.mine), {**carry, "residual": residual}
-
-  def apply(local, carry, pending):
-    # A delayed sync's outer step, after this call's inner step.
-    center = carry["center"]
-    outer_updates, outer_state = outer.update(pending.value, carry["outer_state"], center)
-    center = _periodic.keep_unless(pending.ok, optax.apply_updates(center, outer_updates), center)
-    new = {
-      **carry,
-      "center": center,
-      "outer_state": _periodic.keep_unless(pending.ok, outer_state, carry["outer_state"]),
-    }
-    target = _periodic.blended(local.x, center, setup.blend, pending.mine)
-    dropped = jnp.logical_not(pending.mine)
-    return _periodic.Synced(local.moved_to(target), new, pending.ok, dropped)
-
-  def restart(x, carry):
-    return {**carry, "center": x}
-
-  spec = _periodic.Spec(
-    ("center", "outer_state", "residual"),
-    sync,
-    restart,
-    per_fragment=("outer_state",),
-    offload=("center", "outer_state", "residual"),
-    reduce=reduce,
-    apply=apply,
+  return _engine.periodic(
+    "diloco",
+    inner,
+    FIELDS,
+    axis_name=axis_name,
+    period_name="sync_period",
+    period=sync_period,
+    init=lambda center: {"residual": wire.residual_like(center)},
+    init_fragment=lambda center: {"outer_state": outer.init(center)},
+    on_reduce=on_reduce,
+    on_apply=on_apply,
+    sync_warmup=sync_warmup,
+    fragments=fragments,
+    host_offload=host_offload,
+    delay=delay,
+    blend=blend,
   )
-
-  def update_fn(updates, state, params=None, *, sync=None, **extra_args):
-    return setup.update(spec, state, updates, params, extra_args, sync)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _periodic
+from optax_dist import _declare
+from optax_dist import _engine
+from optax_dist import _quantize
+from optax_dist import _reduce
 from optax_dist import _schedule
 
 
@@ -36,6 +39,16 @@ class ElasticAverageState(NamedTuple):
   snapshot: optax.Params | optax.EmptyState
   residual: optax.Params | optax.EmptyState
   sync: _schedule.SyncState
+
+
+# The roles of the state's fields (the engine handles inner_state and sync). The
+# snapshot, which the rho term reads on every call, stays on the device.
+FIELDS = _declare.Declaration(
+  ElasticAverageState,
+  center=_declare.CENTER,
+  snapshot=_declare.Field(restart="center"),
+  residual=_declare.RESIDUAL,
+)
 
 
 def elastic_average(
@@ -168,15 +181,15 @@ def elastic_average(
     Zhang, Choromanska, LeCun, `Deep learning with Elastic Averaging SGD
     <https://arxiv.org/abs/1412.6651>`_, NeurIPS 2015.
   """
-  options = _periodic.Options(sync_warmup, None, comm_dtype, error_feedback, host_offload)
-  period_arg = ("communication_period", communication_period)
-  setup = _periodic.Setup.make("elastic_average", inner, axis_name, period_arg, options)
-  if moving_rate is not None:
-    _periodic.check_rate(moving_rate, "moving_rate")
+  period = _schedule.check_period(communication_period, "communication_period")
+  wire = _quantize.make_wire(comm_dtype, error_feedback)
+  # A traced rate (inject_hyperparams) is not checked.
+  if isinstance(moving_rate, numbers.Real) and not 0 < float(moving_rate) <= 1:
+    raise ValueError(f"`moving_rate` must be in (0, 1], got {moving_rate}.")
   if isinstance(rho, numbers.Real) and float(rho) < 0:
     raise ValueError(f"`rho` must be >= 0, got {rho}.")
-  _periodic.check_ordering(ordering)
-  axes, wire, period = setup.axes, setup.wire, setup.period
+  _reduce.check_ordering(ordering)
+  axes = _collectives.axis_tuple(axis_name)
   if wire.dtype is not None and ordering != "simultaneous":
     raise ValueError(
       "`comm_dtype` applies to ordering='simultaneous' (one summed reduction); "
@@ -187,27 +200,16 @@ def elastic_average(
   # (inject_hyperparams) may become non-zero and keeps one.
   use_rho = not (isinstance(rho, numbers.Real) and rho == 0)
 
-  def init_fn(params):
-    center, fields = setup.start(params)
-    state = ElasticAverageState(
-      center=center,
-      snapshot=center if use_rho else optax.EmptyState(),
-      residual=wire.residual_like(center),
-      **fields,
-    )
-    return setup.placed(spec, state)
-
-  def sync(local, carry):
-    center = carry["center"]
+  def on_sync(local, fields):
+    center, residual = fields.center, fields.residual
     alpha = moving_rate
     if alpha is None:
       alpha = 0.9 / period / _collectives.num_workers(axes)
-    residual = carry["residual"]
     if ordering == "simultaneous":
       snapshot = center
       diff = jax.tree.map(lambda xi, c: xi - c, local.x, center)
       # The finite workers' differences (a dropped one enters as zero).
-      reduced = _periodic.finite_sum(diff, axes, wire, residual)
+      reduced = _reduce.finite_sum(diff, axes, wire, residual)
       residual, total = reduced.residual, reduced.total
       finite = reduced.finite(total, axes)
       dropped = jnp.logical_not(reduced.mine)
@@ -218,41 +220,45 @@ def elastic_average(
       def commit(c, x_k):
         return jax.tree.map(lambda ci, xi: ci + alpha * (xi - ci), c, x_k)
 
-      snapshot, new_center, finite, dropped = _periodic.replay_commits(
+      snapshot, new_center, finite, dropped = _reduce.replay_commits(
         commit, center, local.x, axes, mine=lambda c: c, after=False
       )
     correction = jax.tree.map(lambda xi, s: -alpha * (xi - s), local.x, snapshot)
-    center = _periodic.keep_unless(finite, new_center, center)
-    new = {
-      "center": center,
-      "residual": _periodic.keep_unless(finite, residual, carry["residual"]),
-    }
+    center = _reduce.where(finite, new_center, center)
+    new = fields._replace(center=center, residual=_reduce.where(finite, residual, fields.residual))
     if use_rho:
-      snapshot = _periodic.keep_unless(dropped, center, snapshot)
-      new["snapshot"] = _periodic.keep_unless(finite, snapshot, carry["snapshot"])
-      new["snapshot"] = _periodic.keep_unless(dropped, center, new["snapshot"])
-    updates = _periodic.keep_unless(finite, local.corrected(correction), local.updates)
+      snapshot = _reduce.where(dropped, center, snapshot)
+      snapshot = _reduce.where(finite, snapshot, fields.snapshot)
+      new = new._replace(snapshot=_reduce.where(dropped, center, snapshot))
+    updates = _reduce.where(finite, local.corrected(correction), local.updates)
     # A dropped worker restarts on the center.
-    updates = _periodic.keep_unless(dropped, local.moved_to(center), updates)
-    return _periodic.Synced(updates, new, finite, dropped)
+    updates = _reduce.where(dropped, local.moved_to(center), updates)
+    return _declare.Synced(updates, new, finite, dropped)
 
-  def restart(x, carry):
-    return {**carry, "center": x, "snapshot": x} if use_rho else {**carry, "center": x}
-
-  fields = ("center", "snapshot", "residual") if use_rho else ("center", "residual")
-  # The snapshot, which the rho term reads on every call, stays on the device.
-  spec = _periodic.Spec(fields, sync, restart, offload=("center", "residual"))
-
-  def update_fn(updates, state, params=None, *, sync=None, **extra_args):
-    _periodic.require_params(params, "elastic_average")
+  def before(grads, state, params):
     if use_rho:
       # g' = g + rho (x - c_snap): the gradient of rho/2 ||x - c_snap||^2.
-      updates = jax.tree.map(
+      grads = jax.tree.map(
         lambda g, x, c: g + (rho * (x.astype(c.dtype) - c)).astype(g.dtype),
-        updates,
+        grads,
         params,
         state.snapshot,
       )
-    return setup.update(spec, state, updates, params, extra_args, sync)
+    return grads, state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _engine.periodic(
+    "elastic_average",
+    inner,
+    FIELDS,
+    axis_name=axis_name,
+    period_name="communication_period",
+    period=period,
+    init=lambda center: {
+      "snapshot": center if use_rho else optax.EmptyState(),
+      "residual": wire.residual_like(center),
+    },
+    on_sync=on_sync,
+    before=before,
+    sync_warmup=sync_warmup,
+    host_offload=host_offload,
+  )

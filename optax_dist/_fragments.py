@@ -126,3 +126,52 @@ def masks(full_labels: Any, num: int) -> list[Any] | None:
 def view(tree: Any, mask: Any) -> Any:
   """``tree`` with the leaves outside ``mask`` replaced by ``optax.MaskedNode``."""
   return jax.tree.map(lambda m, x: x if m else optax.MaskedNode(), mask, tree)
+
+
+def masks_of(fragments: Any, params: Any) -> list[Any] | None:
+  """One boolean mask tree per fragment of ``params``, or None for one fragment."""
+  return masks(*labels(fragments, params))
+
+
+class Views:
+  """One fragment's part of params-shaped trees and of the synced fields."""
+
+  def __init__(self, per_fragment: tuple[str, ...], masks: list[Any] | None):
+    self.per_fragment = per_fragment
+    self.masks = masks
+
+  def tree(self, tree: Any, f: int) -> Any:
+    if self.masks is None or not jax.tree.leaves(tree):
+      return tree
+    return view(tree, self.masks[f])
+
+  def merge_tree(self, tree: Any, part: Any) -> Any:
+    if self.masks is None or not jax.tree.leaves(tree):
+      return part
+    return jax.tree.map(
+      lambda old, new: old if isinstance(new, optax.MaskedNode) else new,
+      tree,
+      part,
+      is_leaf=lambda x: isinstance(x, optax.MaskedNode),
+    )
+
+  def fields(self, fields: Any, f: int) -> Any:
+    if self.masks is None:
+      return fields
+    return fields._replace(
+      **{
+        n: v[f] if n in self.per_fragment else self.tree(v, f) for n, v in fields._asdict().items()
+      }
+    )
+
+  def merge_fields(self, fields: Any, part: Any, f: int) -> Any:
+    if self.masks is None:
+      return part
+    out = {}
+    for name, value in fields._asdict().items():
+      new = getattr(part, name)
+      if name in self.per_fragment:
+        out[name] = (*value[:f], new, *value[f + 1 :])
+      else:
+        out[name] = self.merge_tree(value, new)
+    return fields._replace(**out)

@@ -15,6 +15,7 @@ A batch is split along dim 0 into N equal slices, one per worker.
 from collections.abc import Callable
 import math
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -150,3 +151,28 @@ def per_worker(tree: Any, *, mesh: jax.sharding.Mesh, axis_name: _collectives.Ax
     return jax.device_put(jnp.broadcast_to(x[None], (n, *x.shape)), sharding)
 
   return jax.tree.map(lay_out, tree)
+
+
+class StepLayout(NamedTuple):
+  """What a train and an eval step share: the workers and where things live."""
+
+  axes: tuple
+  n: int
+  workers: P
+  layout: P
+
+  @classmethod
+  def make(cls, mesh: Any, axis_name: Any, loss_reduction: str, params_layout: str) -> "StepLayout":
+    _collectives.check_reduction(loss_reduction, "loss_reduction")
+    check_layout_name(params_layout)
+    axes, n = mesh_workers(mesh, axis_name)
+    workers = P(axes[0] if len(axes) == 1 else axes)
+    return cls(axes, n, workers, workers if params_layout == "per_worker" else P())
+
+  def check(self, params: Any, opt_state: Any, batch: Any, params_layout: str) -> None:
+    check_batch(batch, self.n)
+    if opt_state is not None:
+      check_layout(opt_state, params_layout)
+    if params_layout == "per_worker":
+      check_per_worker(params, self.n, "params")
+      check_per_worker(opt_state, self.n, "optimizer state")

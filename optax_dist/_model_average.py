@@ -4,12 +4,13 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
-from optax_dist import _periodic
+from optax_dist import _declare
+from optax_dist import _engine
 from optax_dist import _quantize
+from optax_dist import _reduce
 from optax_dist import _schedule
 
 
@@ -33,8 +34,12 @@ class ModelAverageState(NamedTuple):
   inner_state: optax.OptState
   center: optax.Params
   residual: optax.Params | optax.EmptyState
-  pending: _periodic.Pending | optax.EmptyState
+  pending: _declare.Pending | optax.EmptyState
   sync: _schedule.SyncState
+
+
+# The roles of the state's fields (the engine handles inner_state, pending and sync).
+FIELDS = _declare.Declaration(ModelAverageState, center=_declare.CENTER, residual=_declare.RESIDUAL)
 
 
 def model_average(
@@ -169,73 +174,39 @@ def model_average(
   wire = _quantize.make_wire(
     comm_dtype, error_feedback, topk_fraction=topk_fraction, error_decay=error_decay
   )
-  options = _periodic.Options(
-    sync_warmup, fragments, wire, wire.error_feedback, host_offload, delay, blend
-  )
-  period_arg = ("interval_steps", interval_steps)
-  setup = _periodic.Setup.make("model_average", inner, axis_name, period_arg, options)
-  axes, wire = setup.axes, setup.wire
+  axes = _collectives.axis_tuple(axis_name)
 
-  def init_fn(params):
-    center, fields = setup.start(params)
-    state = ModelAverageState(
-      center=center,
-      residual=wire.residual_like(center),
-      pending=setup.pending_like(center),
-      **fields,
-    )
-    return setup.placed(spec, state)
-
-  def averaged(x, center, residual):
+  def on_reduce(x, fields):
     # The mean over the workers whose contribution is finite.
+    center = fields.center
     if wire.dtype is None and wire.topk_fraction is None:
-      reduced = _periodic.finite_sum(x, axes, wire, residual)
-      return reduced, reduced.mean()
-    # In a narrow format, the differences to the center (small, and the
-    # same scale on every worker) travel rather than the params.
-    diff = jax.tree.map(lambda xi, c: xi - c, x, center)
-    reduced = _periodic.finite_sum(diff, axes, wire, residual)
-    return reduced, jax.tree.map(lambda c, m: c + m, center, reduced.mean())
+      reduced = _reduce.finite_sum(x, axes, wire, fields.residual)
+      mean = reduced.mean()
+    else:
+      # In a narrow format, the differences to the center (small, and the
+      # same scale on every worker) travel rather than the params.
+      diff = jax.tree.map(lambda xi, c: xi - c, x, center)
+      reduced = _reduce.finite_sum(diff, axes, wire, fields.residual)
+      mean = jax.tree.map(lambda c, m: c + m, center, reduced.mean())
+    pending, residual = reduced.pending(mean, axes, fields.residual)
+    return pending, fields._replace(residual=residual)
 
-  def sync(local, carry):
-    center, residual = carry["center"], carry["residual"]
-    reduced, mean = averaged(local.x, center, residual)
-    finite = reduced.finite(mean, axes)
-    new = {
-      "center": _periodic.keep_unless(finite, mean, center),
-      "residual": _periodic.keep_unless(finite, reduced.residual, carry["residual"]),
-    }
-    dropped = jnp.logical_not(reduced.mine)
-    return _periodic.Synced(local.moved_to(new["center"]), new, finite, dropped)
+  def on_apply(fields, pending):
+    return fields._replace(center=_reduce.where(pending.ok, pending.value, fields.center))
 
-  def reduce(x, carry):
-    # A delayed sync's collective: the mean of the params this call receives.
-    reduced, mean = averaged(x, carry["center"], carry["residual"])
-    ok = reduced.finite(mean, axes)
-    residual = _periodic.keep_unless(ok, reduced.residual, carry["residual"])
-    return _periodic.Pending(mean, ok, reduced.mine), {**carry, "residual": residual}
-
-  def apply(local, carry, pending):
-    # A delayed sync lands after this call's inner step.
-    center = _periodic.keep_unless(pending.ok, pending.value, carry["center"])
-    target = _periodic.blended(local.x, center, setup.blend, pending.mine)
-    dropped = jnp.logical_not(pending.mine)
-    new = {**carry, "center": center}
-    return _periodic.Synced(local.moved_to(target), new, pending.ok, dropped)
-
-  def restart(x, carry):
-    return {**carry, "center": x}
-
-  spec = _periodic.Spec(
-    ("center", "residual"),
-    sync,
-    restart,
-    offload=("center", "residual"),
-    reduce=reduce,
-    apply=apply,
+  return _engine.periodic(
+    "model_average",
+    inner,
+    FIELDS,
+    axis_name=axis_name,
+    period_name="interval_steps",
+    period=interval_steps,
+    init=lambda center: {"residual": wire.residual_like(center)},
+    on_reduce=on_reduce,
+    on_apply=on_apply,
+    sync_warmup=sync_warmup,
+    fragments=fragments,
+    host_offload=host_offload,
+    delay=delay,
+    blend=blend,
   )
-
-  def update_fn(updates, state, params=None, *, sync=None, **extra_args):
-    return setup.update(spec, state, updates, params, extra_args, sync)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,25 +1,15 @@
-"""When the periodic transforms sync: their schedule, and the static ``sync`` flag.
+"""When the periodic transforms sync: their schedule, validated once.
 
 A periodic transform syncs on a fixed schedule of its calls (every ``period``
 calls, after ``warmup`` synchronous calls, one fragment at a time when the
-model is cut into ``fragments``). That schedule is static: it lives in the
-transform's state as a :class:`SyncSchedule`, a pytree node with no leaves,
-so that it survives ``optax.chain``, ``optax.masked``, orbax checkpoints and
-Flax, and a training loop can read it back with :func:`sync_schedule`.
-
-The flag a call takes (the ``sync`` extra argument of ``update``):
-
-* ``None``: the program decides from the call counter (one compiled program,
-  the sync inside a loop of zero or one trip);
-* ``False``: no sync (no sync code is compiled);
-* ``True``: sync now (every fragment);
-* an ``int`` ``f``: sync fragment ``f`` only;
-* ``"warmup"``: a synchronous data-parallel call (gradients averaged over the
-  workers before the inner step; the center follows the params).
+model is cut into ``fragments``, its outer step ``delay`` calls later). That
+schedule is static: it lives in the transform's state as a
+:class:`SyncSchedule`, a pytree node with no leaves, so that it survives
+``optax.chain``, ``optax.masked``, orbax checkpoints and Flax, and a training
+loop can read it back with :func:`optax_dist.sync_schedule`. The static flag
+that a call takes is :mod:`optax_dist._flags`'s.
 """
 
-from collections.abc import Iterator
-import contextlib
 import dataclasses
 import numbers
 import operator
@@ -28,57 +18,129 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-WARMUP = "warmup"
-APPLY = "apply"
-
-Flag = bool | int | str | tuple[str, int] | None
+from optax_dist import _flags
+from optax_dist import _fragments
 
 
-def check_flag(sync: Any, num_fragments: int) -> Flag:
-  """``sync`` if it is a static flag this transform understands, else a clear error."""
-  if sync is None or isinstance(sync, bool) or (isinstance(sync, str) and sync == WARMUP):
-    return sync
-  # NumPy scalars are host values, as Python's: a bool or an int.
-  if isinstance(sync, (np.generic, np.ndarray)) and not isinstance(sync, jax.Array):
-    if np.ndim(sync) == 0 and np.asarray(sync).dtype == np.bool_:
-      return bool(sync)
-    if np.ndim(sync) == 0 and np.issubdtype(np.asarray(sync).dtype, np.integer):
-      sync = int(sync)
-  if isinstance(sync, (jax.Array, np.ndarray, np.generic)) or isinstance(sync, jax.core.Tracer):
+def check_period(value: Any, name: str) -> int:
+  """A period is a static Python int >= 1."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"`{name}` must be a Python int (it is static), got {value!r}.")
+  if value < 1:
+    raise ValueError(f"`{name}` must be >= 1, got {value}.")
+  return int(value)
+
+
+def _static_count(name: str, value: Any, meaning: str = "") -> int:
+  """A static Python int >= 0 named ``name`` (None: 0); ``meaning`` explains 0."""
+  if value is None:
+    return 0
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
     raise TypeError(
-      "`sync` must be a static Python value (None, True, False, a fragment index or "
-      f"'warmup'), got {type(sync).__name__} {sync!r}: a traced or array flag cannot "
-      "choose which program to compile. Pass a Python bool (e.g. from "
-      "`optax_dist.sync_schedule(state)(count)`) and mark it static, e.g. "
-      "`jax.jit(step, static_argnames='sync')`, or pass `sync=None` to let the program "
-      "decide from its own counter."
+      f"`{name}` must be a Python int (it is static), got {value!r}. Under "
+      "`optax.inject_hyperparams`, list it in `static_args`."
     )
-  if (
-    isinstance(sync, tuple)
-    and len(sync) == 2
-    and sync[0] == APPLY
-    and isinstance(sync[1], numbers.Integral)
-    and not isinstance(sync[1], bool)
-  ):
-    if not 0 <= int(sync[1]) < num_fragments:
+  if value < 0:
+    raise ValueError(f"`{name}` must be >= 0{meaning}, got {value}.")
+  return int(value)
+
+
+def check_delay(delay: Any, blend: Any) -> tuple[int, float]:
+  """``delay`` is a static Python int >= 0 and ``blend`` a static float in [0, 1).
+
+  ``None`` is 0 for either (the defaults, so that ``optax.inject_hyperparams``
+  does not take them for hyperparameters).
+  """
+  delay = _static_count("delay", delay, " (0: the outer step on the sync's call)")
+  blend = 0.0 if blend is None else blend
+  if isinstance(blend, bool) or not isinstance(blend, numbers.Real):
+    raise TypeError(f"`blend` must be a Python float in [0, 1) (it is static), got {blend!r}.")
+  if not 0 <= float(blend) < 1:
+    raise ValueError(
+      f"`blend` must be in [0, 1), got {blend}: the workers land on "
+      "`blend * x + (1 - blend) * center` (0: on the center)."
+    )
+  if blend and not delay:
+    raise ValueError(
+      f"`blend={blend}` needs `delay >= 1`: without a delay the workers land on the center "
+      "they sent their pseudo-gradient to. Pass `delay=1` (or more), or `blend=0.0`."
+    )
+  return int(delay), float(blend)
+
+
+def check_fragments(period: int, num: int, delay: int, period_name: str) -> None:
+  """Each fragment syncs every ``period`` calls, and at most one is in flight."""
+  if period % num:
+    raise ValueError(
+      f"`{period_name}` ({period}) must be a multiple of the number of fragments ({num}), "
+      f"so that each fragment syncs every {period} calls."
+    )
+  check_delay_fits(period, num, delay, period_name)
+
+
+def check_delay_fits(period: int, num: int, delay: int, period_name: str) -> None:
+  """At most one fragment in flight: ``delay < period / fragments``."""
+  if delay and delay >= period // num:
+    raise ValueError(
+      f"`delay` ({delay}) must be < `{period_name}` / fragments ({period} / {num} = "
+      f"{period // num}), so that a fragment's outer step lands before the next fragment "
+      "syncs. Use a smaller delay, fewer fragments or a longer period."
+    )
+
+
+class Settings(NamedTuple):
+  """A periodic transform's schedule arguments, validated.
+
+  Attributes:
+    period: Calls between two syncs of the same fragment.
+    period_name: The argument that gave it (``sync_period``, ...), for errors.
+    warmup: Synchronous calls before the local steps.
+    fragments: The ``fragments`` argument (labels are computed per trace).
+    delay: ``tau``: calls from a fragment's scheduled sync to its outer step.
+    blend: Where the workers land at an applied delayed sync.
+  """
+
+  period: int
+  period_name: str
+  warmup: int
+  fragments: Any
+  delay: int
+  blend: float
+
+  @classmethod
+  def check(
+    cls, period_name: str, period: Any, sync_warmup: Any, fragments: Any, delay: Any, blend: Any
+  ) -> "Settings":
+    """Every schedule argument checked once, with an error that says what to pass."""
+    period = check_period(period, period_name)
+    warmup = _static_count("sync_warmup", sync_warmup)
+    delay, blend = check_delay(delay, blend)
+    num = _fragments.check(fragments)
+    if num is not None:
+      check_fragments(period, num, delay, period_name)
+    return cls(period, period_name, warmup, fragments, delay, blend)
+
+  def schedule(self, params: Any) -> "SyncSchedule":
+    """The schedule for ``params`` (whose tree gives the number of fragments)."""
+    _, num = _fragments.labels(self.fragments, params)
+    check_delay_fits(self.period, num, self.delay, self.period_name)
+    return SyncSchedule(self.period, self.warmup, num, self.delay)
+
+  def check_state(self, schedule: "SyncSchedule", params: Any, name: str) -> None:
+    """A state made by an optimizer with another schedule is refused (at trace time)."""
+    _, num = _fragments.labels(self.fragments, params)
+    # Fields not set here (if any) are compared as they are.
+    mine = dataclasses.replace(
+      schedule, period=self.period, warmup=self.warmup, fragments=num, delay=self.delay
+    )
+    if schedule != mine:
       raise ValueError(
-        f"`sync={sync}` names fragment {sync[1]}, but this transform has {num_fragments} "
-        f"fragment(s): use an index in [0, {num_fragments})."
+        f"{name}: this state was made with the schedule {schedule}, but this optimizer "
+        f"syncs on {mine}. Driving it would sync on the wrong calls. Make the state with "
+        "this optimizer's `init` (or restore it into a state made by that `init`), or "
+        "build the optimizer with the settings the state was made with."
       )
-    return (APPLY, int(sync[1]))
-  if isinstance(sync, numbers.Integral):
-    if not 0 <= int(sync) < num_fragments:
-      raise ValueError(
-        f"`sync={sync}` names a fragment, but this transform has {num_fragments} "
-        f"fragment(s): use an index in [0, {num_fragments}), True for all of them, or False."
-      )
-    return int(sync)
-  raise TypeError(
-    "`sync` must be None, True, False, a fragment index, ('apply', fragment) or 'warmup', "
-    f"got {sync!r}."
-  )
 
 
 @jax.tree_util.register_static
@@ -176,14 +238,14 @@ class SyncSchedule:
       raise ValueError(f"`count` must be >= 0, got {count}.")
     call = count + 1
     if call <= self.warmup:
-      return WARMUP
+      return _flags.WARMUP
     if self.delay:
       reduced = self._scheduled(call - 1)
       if reduced is not False:
         return reduced
       applied = self._scheduled(call - self.delay)
       if applied is not False and self.delay > 1:
-        return (APPLY, 0 if applied is True else applied)
+        return (_flags.APPLY, 0 if applied is True else applied)
       return False
     return self._scheduled(call)
 
@@ -253,108 +315,3 @@ class SyncState(NamedTuple):
   num_skipped_syncs: jax.Array
   num_dropped: jax.Array
   schedule: SyncSchedule
-
-
-_VERIFY = [False]
-
-
-@contextlib.contextmanager
-def checking_sync_flags() -> Iterator[None]:
-  """Checks, on every call, that a static ``sync`` flag agrees with the call counter.
-
-  A hand-written loop that passes ``update(..., sync=flag)`` itself (see
-  :func:`optax_dist.sync_schedule`) must count its calls: one that forgets
-  ``count += 1``, or counts a call it did not make, passes flags that no
-  longer follow the schedule, and the transform does what the flags say
-  (syncs never, or at the wrong calls) without a word. Inside this context,
-  every periodic transform traced with a static flag also computes, in the
-  program, the flag its own counter gives, and a host callback raises a
-  ``ValueError`` naming both when they differ. It costs a scalar comparison
-  and a host callback per call, so use it while writing the loop, not for
-  long runs. It applies to the steps traced inside the context (a jitted
-  step traced before keeps its program).
-
-  Args:
-    None: it is a context manager, entered with ``with``.
-
-  Returns:
-    The context manager; inside it, the checks are on.
-
-  Raises:
-    ValueError: from the program (as the runtime error that carries it),
-      when a call's static flag is not the one its counter gives.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax, optax_dist
-    >>> tx = optax_dist.model_average(optax.sgd(0.1), axis_name="w", interval_steps=2)
-    >>> def run(flags):
-    ...   def train(params):
-    ...     state = tx.init(params)
-    ...     for flag in flags:
-    ...       updates, state = tx.update(jnp.ones(2), state, params, sync=flag)
-    ...       params = optax.apply_updates(params, updates)
-    ...     return params
-    ...   return jax.block_until_ready(jax.vmap(train, axis_name="w")(jnp.zeros((2, 2))))
-    >>> with optax_dist.checking_sync_flags():
-    ...   run([False, True])  # The schedule's flags.
-    Array([[-0.2, -0.2],
-           [-0.2, -0.2]], dtype=float32)
-  """
-  previous = _VERIFY[0]
-  _VERIFY[0] = True
-  try:
-    yield
-  finally:
-    _VERIFY[0] = previous
-
-
-def _flag_text(flag: Any) -> str:
-  return repr(flag.item() if isinstance(flag, np.generic) else flag)
-
-
-_APPLIED = 1 << 16  # Codes of the calls that apply a delayed sync (see verify_flag).
-
-
-def verify_flag(flag: Flag, counter: jax.Array, schedule: SyncSchedule) -> None:
-  """Inside :func:`checking_sync_flags`: a callback that raises if ``flag`` is not the counter's."""
-  if not _VERIFY[0] or flag is None:
-    return
-  is_warm, syncs = schedule.in_graph(counter + 1)
-  # The flag as a code: -2 warm-up, -1 no sync, F every fragment, f fragment f.
-  code = jnp.where(is_warm, -2, -1)
-  if schedule.delay:  # The calls that reduce (and, delay >= 2, apply): code _APPLIED + f.
-    syncs, applies = schedule.phases(counter + 1)
-    for f, a in enumerate(applies if schedule.delay > 1 else []):
-      code = jnp.where(a, _APPLIED + f, code)
-  for f, s in enumerate(syncs):
-    code = jnp.where(s, schedule.fragments if schedule.fragments == 1 else f, code)
-  # (Not a dict lookup: 0 == False would read fragment 0 as no sync.)
-  if isinstance(flag, tuple):
-    given: Any = _APPLIED + flag[1]
-  elif flag is False:
-    given = -1
-  elif flag is True:
-    given = schedule.fragments
-  elif flag == WARMUP:
-    given = -2
-  else:
-    given = flag
-
-  def check(code: Any, counter: Any) -> None:
-    code, counter = np.asarray(code).reshape(-1), np.asarray(counter).reshape(-1)
-    if (code == given).all():
-      return
-    expected = int(code[code != given][0])
-    count = int(counter[code != given][0])
-    want: Any = {-2: WARMUP, -1: False}.get(expected, True if schedule.fragments == 1 else expected)
-    if expected >= _APPLIED:
-      want = (APPLY, expected - _APPLIED)
-    raise ValueError(
-      f"The static flag `sync={_flag_text(flag)}` disagrees with the transform's own call "
-      f"counter: after {count} calls its schedule {schedule} gives `sync={want!r}`. A "
-      "hand-written loop must count every call it makes (`count += 1` after each step), "
-      "starting from `optax_dist.call_count(state)` for a restored state; or pass "
-      "`sync=None` and let the program decide."
-    )
-
-  jax.debug.callback(check, code, counter)

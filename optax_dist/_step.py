@@ -11,47 +11,21 @@ each call (:class:`HostSchedule`).
 from collections.abc import Callable
 import functools
 from typing import Any
-from typing import NamedTuple
 
 import jax
 from jax.sharding import PartitionSpec as P
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _flags
 from optax_dist import _layout
 from optax_dist import _metrics
-from optax_dist import _periodic
-from optax_dist import _schedule
 from optax_dist import _settings
 from optax_dist import _state
+from optax_dist import _syncloop
 
 _DISPATCHES = ("static", "in_graph")
 _NO_FLAG = "no sync flag"  # The optimizer's update gets no `sync` argument.
-
-
-class _Setup(NamedTuple):
-  """What a train and an eval step share: the workers and where things live."""
-
-  axes: tuple
-  n: int
-  workers: P
-  layout: P
-
-  @classmethod
-  def make(cls, mesh: Any, axis_name: Any, loss_reduction: str, params_layout: str) -> "_Setup":
-    _collectives.check_reduction(loss_reduction, "loss_reduction")
-    _layout.check_layout_name(params_layout)
-    axes, n = _layout.mesh_workers(mesh, axis_name)
-    workers = P(axes[0] if len(axes) == 1 else axes)
-    return cls(axes, n, workers, workers if params_layout == "per_worker" else P())
-
-  def check(self, params: Any, opt_state: Any, batch: Any, params_layout: str) -> None:
-    _layout.check_batch(batch, self.n)
-    if opt_state is not None:
-      _layout.check_layout(opt_state, params_layout)
-    if params_layout == "per_worker":
-      _layout.check_per_worker(params, self.n, "params")
-      _layout.check_per_worker(opt_state, self.n, "optimizer state")
 
 
 class HostSchedule:
@@ -130,7 +104,7 @@ def _restart_on_sync(params: Any, opt_state: Any, flag: Any, axes: tuple) -> Any
   check runs in the sync branch only.
   """
   periodic = [s for s in _state.iter_states(opt_state) if _state.is_periodic(s)]
-  if len(periodic) != 1 or flag is False or flag == _schedule.WARMUP:
+  if len(periodic) != 1 or flag is False or flag == _flags.WARMUP:
     return params
   if flag is not None:
     return _state.restart_nonfinite(params, opt_state)
@@ -140,7 +114,7 @@ def _restart_on_sync(params: Any, opt_state: Any, flag: Any, axes: tuple) -> Any
     is_sync = reduces + applies
   else:
     _, is_sync = counters.schedule.in_graph(counters.step)
-  return _periodic.run_on_sync(
+  return _syncloop.run_on_sync(
     functools.reduce(jax.numpy.logical_or, is_sync),
     lambda p, _: _state.restart_nonfinite(p, opt_state),
     params,
@@ -286,7 +260,7 @@ def data_parallel_step(
     >>> float(c), float(metrics["loss"])
     (7.0, 27.0)
   """
-  setup = _Setup.make(mesh, axis_name, loss_reduction, params_layout)
+  setup = _layout.StepLayout.make(mesh, axis_name, loss_reduction, params_layout)
   if sync_dispatch not in _DISPATCHES:
     raise ValueError(f"`sync_dispatch` must be one of {_DISPATCHES}, got {sync_dispatch!r}.")
   axes = setup.axes
@@ -385,7 +359,7 @@ def data_parallel_eval_step(
     >>> float(metrics["loss"]), float(metrics["accuracy"]), metrics["predictions"].shape
     (0.0, 0.75, (4,))
   """
-  setup = _Setup.make(mesh, axis_name, loss_reduction, params_layout)
+  setup = _layout.StepLayout.make(mesh, axis_name, loss_reduction, params_layout)
 
   def body(params, opt_state, batch):
     if params_layout == "per_worker":

@@ -68,12 +68,12 @@ def test_one_ulp_is_a_difference(mesh):
 @pytest.mark.parametrize(
   "other, expected",
   [
-    (elastic(communication_period=5), "settings.spec.sync.period = 5 (process 0: 4)"),
+    (elastic(communication_period=5), "settings.engine.on_sync.period = 5 (process 0: 4)"),
     (
       elastic(ordering="round_robin"),
-      "settings.spec.sync.ordering = 'round_robin' (process 0: 'simultaneous')",
+      "settings.engine.on_sync.ordering = 'round_robin' (process 0: 'simultaneous')",
     ),
-    (elastic(moving_rate=0.5), "settings.spec.sync.moving_rate = 0.5 (process 0: None)"),
+    (elastic(moving_rate=0.5), "settings.engine.on_sync.moving_rate = 0.5 (process 0: None)"),
     (
       optax_dist.elastic_average(optax.adam(2e-3), axis_name="w", communication_period=4),
       "step_size = -0.002 (process 0: -0.001)",

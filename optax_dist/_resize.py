@@ -1,62 +1,18 @@
-"""Where a periodic transform's state lives, and how many workers hold it.
+"""Resizing: a checkpoint of N per-worker copies becomes one of M copies.
 
-* Host offload: the fields a periodic transform reads only at a sync (its
-  center, and the outer optimizer's state, snapshot or residual) can live in
-  the host's pinned memory between syncs; the sync brings them to the device
-  and puts the new values back. A local step passes them through untouched.
-* Resizing: a checkpoint of N per-worker copies becomes one of M copies, every
-  worker restarting from the center (:func:`resize_workers`).
+Every worker restarts from the center, and each field of a periodic state
+restarts as its algorithm's declaration says (:mod:`optax_dist._declare`).
 """
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from optax_dist import _declare
 from optax_dist import _schedule
 from optax_dist import _state
-
-HOST_MEMORY = "pinned_host"
-
-
-def check_host_memory() -> None:
-  """A clear error where the backend has no pinned host memory to offload to."""
-  device = jax.devices()[0]
-  kinds = sorted(m.kind for m in device.addressable_memories())
-  if HOST_MEMORY not in kinds:
-    raise ValueError(
-      f"`host_offload=True` keeps state in {HOST_MEMORY!r} memory, which this backend "
-      f"({device.platform}) does not offer (its memories: {kinds}). Pass host_offload=False."
-    )
-
-
-def _put(tree: Any, space: Any) -> Any:
-  def put(x: Any) -> Any:
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return x
-    return jax.device_put(x, space)
-
-  return jax.tree.map(put, tree)
-
-
-def to_host(tree: Any) -> Any:
-  """``tree`` in the host's pinned memory (inside or outside a jitted function)."""
-  return _put(tree, jax.memory.Space.Host)
-
-
-def to_device(tree: Any) -> Any:
-  """``tree`` in device memory."""
-  return _put(tree, jax.memory.Space.Device)
-
-
-# How each field of a periodic state restarts when every worker stands on the
-# center (a sync, or a resize): kept as it is (the same on every worker), set
-# to the center, or set to zeros. Inner states are averaged over the workers.
-_KEPT = ("center", "outer_state", "center_state", "sync")
-_TO_CENTER = ("snapshot",)
-_TO_ZEROS = ("accumulator", "residual")
 
 
 def resize_workers(
@@ -148,6 +104,7 @@ def resize_workers(
   center = periodic[0].center
 
   def restarted(state: Any) -> Any:
+    declared = _declare.declaration(state)
     fields = {}
     for name in state._fields:
       value = getattr(state, name)
@@ -157,14 +114,14 @@ def resize_workers(
         # A delayed sync in flight is dropped: its apply call keeps the center.
         dropped = jax.tree.map(jnp.zeros_like, spread(value))
         fields[name] = dropped._replace(mine=jnp.logical_not(dropped.mine))
-      elif name in _KEPT:
-        fields[name] = spread(value)
-      elif name in _TO_CENTER and jax.tree.leaves(value):
-        fields[name] = spread(center)
-      elif name in _TO_ZEROS:
-        fields[name] = jax.tree.map(jnp.zeros_like, spread(value))
-      else:
+      elif name in _declare.ENGINE_FIELDS:
         fields[name] = resize(value)
+      else:
+        field = declared.fields[name]
+        if field.restart == "keep":
+          fields[name] = spread(value) if field.shared else resize(value)
+        else:
+          fields[name] = declared.restart(name, spread(value), spread(center))
     return type(state)(**fields)
 
   def resize(tree: Any) -> Any:
@@ -190,13 +147,3 @@ def resize_workers(
 
 def _is_array(x: Any) -> bool:
   return hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def host_bytes(state: Any) -> int:
-  """Bytes of the leaves of ``state`` that live in the host's pinned memory."""
-  total = 0
-  for x in jax.tree.leaves(state):
-    sharding = getattr(x, "sharding", None)
-    if getattr(sharding, "memory_kind", None) == HOST_MEMORY:
-      total += math.prod(x.shape) * x.dtype.itemsize
-  return total

@@ -1,0 +1,224 @@
+"""What a sync computes over the workers, the non-finite contributions left out.
+
+A worker whose contribution to a sync is not finite (a NaN or an infinity in
+its pseudo-gradient, params or accumulator) must not stall the others: each
+worker checks its own contribution, a bad one enters the reduction as zeros,
+and the count of finite workers travels in the same collective
+(:func:`finite_sum`, :func:`finite_mean`). The round-robin orderings replay
+every worker's commit and leave a bad one out (:func:`replay_commits`).
+"""
+
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from optax_dist import _collectives
+from optax_dist import _nonfinite
+from optax_dist import _quantize
+from optax_dist import _syncloop
+from optax_dist._declare import Pending
+
+ORDERINGS = ("simultaneous", "round_robin")
+
+
+def check_ordering(ordering: Any) -> str:
+  if ordering not in ORDERINGS:
+    raise ValueError(f"`ordering` must be one of {ORDERINGS}, got {ordering!r}.")
+  return ordering
+
+
+def all_finite(tree: Any, axes: tuple) -> jax.Array:
+  """Whether ``tree`` is finite, as every device of this worker sees it.
+
+  No collective over the workers: a value reduced over them is the same on
+  each, and a worker's own contribution is its own business. When a worker
+  is several devices (params sharded over other mesh axes, FSDP), its devices
+  agree with one scalar all-reduce over those axes.
+  """
+  return _collectives.agree(_nonfinite.all_finite(tree), axes)
+
+
+def where(ok: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``ok``, ``old`` otherwise, leaf by leaf."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def zeros_unless(ok: jax.Array, tree: Any) -> Any:
+  """``tree`` where ``ok``, zeros otherwise (a dropped worker contributes nothing)."""
+  return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), tree)
+
+
+class FiniteSum(NamedTuple):
+  """The sum of the finite workers' contributions (see :func:`finite_sum`).
+
+  Attributes:
+    total: The sum over the workers whose contribution was finite.
+    residual: The new error-feedback residual (as :func:`_quantize.psum`).
+    num_finite: How many workers' contributions were finite (float32, exact,
+      the same on every worker).
+    mine: Whether this worker's contribution was finite.
+  """
+
+  total: Any
+  residual: Any
+  num_finite: jax.Array
+  mine: jax.Array
+
+  def mean(self) -> Any:
+    """The finite workers' mean (zeros when none was finite)."""
+    count = jnp.maximum(self.num_finite, 1.0)
+    mean = jax.tree.map(lambda t: t / count.astype(t.dtype), self.total)
+    # Rounded where it stands (the count is never negative), so that the two
+    # dispatches, and programs that differ around the sync, round alike.
+    return _syncloop.rounding_fence(mean, self.num_finite)
+
+  def finite(self, value: Any, axes: tuple) -> jax.Array:
+    """Whether the sync moves: some worker was finite, and ``value`` (its result) is."""
+    return jnp.logical_and(self.num_finite > 0, all_finite(value, axes))
+
+  def pending(self, value: Any, axes: tuple, residual: Any) -> tuple[Pending, Any]:
+    """``value`` (the sync's result) as a reduced sync, and the residual it leaves.
+
+    The new residual where the sync moves, ``residual`` (the old one) otherwise.
+    """
+    ok = self.finite(value, axes)
+    return Pending(value, ok, self.mine), where(ok, self.residual, residual)
+
+
+def finite_sum(
+  tree: Any, axes: tuple, wire: _quantize.Wire | None = None, residual: Any = None
+) -> FiniteSum:
+  """The workers' sum of their contributions ``tree``, the non-finite ones left out.
+
+  Each worker checks its own contribution; a non-finite one enters as zeros
+  (and its error-feedback residual restarts from zero), and the count of
+  finite workers travels in the same collective as the contribution: one
+  more float32 element of the all-reduce, or after the scales of the
+  quantized ring. No collective is added.
+  """
+  wire = _quantize.Wire() if wire is None else wire
+  mine = all_finite(tree, axes)
+  contribution = zeros_unless(mine, tree)
+  if wire.error_feedback:
+    residual = zeros_unless(mine, residual)
+  total, residual, count = _quantize.psum(
+    contribution, axes, wire, residual, side=count_operand(mine, axes)
+  )
+  return FiniteSum(total, residual, count[0], mine)
+
+
+def count_operand(mine: jax.Array, axes: tuple) -> jax.Array:
+  """This worker's 0/1 as the float32 vector the count is summed from.
+
+  One element, except under ``vmap`` with an ``spmd_axis_name`` on mesh axes
+  (the GSPMD path), where the partitioner shards the reduced result's first
+  dimension over the workers: there it takes one element per worker.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = getattr(mesh, "manual_axes", ())
+  names = getattr(mesh, "axis_names", ())
+  spmd = any(a in names and a not in manual for a in axes)
+  size = _collectives.num_workers(axes) if spmd else 1
+  return jnp.broadcast_to(mine.astype(jnp.float32), (size,))
+
+
+def finite_mean(grads: Any, axes: tuple) -> tuple[Any, jax.Array]:
+  """The finite workers' mean gradient (a warm-up call), and whether this worker's was not.
+
+  One collective, as the plain mean: the count of finite workers travels in
+  it. With no finite worker the mean is zero.
+  """
+  n = _collectives.num_workers(axes)
+  typed = _collectives.typed_axes(axes)
+  mine = all_finite(grads, axes)
+  leaves, treedef = jax.tree.flatten(grads)
+
+  def to_sum(g: Any) -> tuple:
+    if g.dtype == jax.dtypes.float0:
+      return ()
+    varying = _collectives.varying_axes(g)
+    return tuple(a for a in axes if a not in typed or a in varying)
+
+  # Leaves already summed over the workers (invariant under shard_map: the
+  # gradient of replicated params) cannot leave a worker out; they are
+  # averaged as before.
+  summed = [to_sum(g) == axes for g in leaves]
+  sent = [jnp.where(mine, g, jnp.zeros_like(g)) for g, s in zip(leaves, summed, strict=True) if s]
+  sent_total, count = _collectives.psum((sent, count_operand(mine, axes)), axes)
+  count = jnp.maximum(count[0], 1.0)
+  totals = iter(sent_total)
+  out = []
+  for g, s in zip(leaves, summed, strict=True):
+    if g.dtype == jax.dtypes.float0:
+      out.append(g)
+    elif s:
+      out.append(next(totals) / count.astype(g.dtype))
+    else:
+      part = to_sum(g)
+      g = lax.psum(g, part) if part else g
+      out.append(g / jnp.asarray(n, g.dtype) if n > 1 else g)
+  return jax.tree.unflatten(treedef, out), jnp.logical_not(mine)
+
+
+def blended(x: Any, center: Any, blend: float, mine: jax.Array) -> Any:
+  """Where a worker lands at an applied delayed sync: ``blend * x + (1 - blend) * center``.
+
+  A worker whose contribution was left out, or an element of ``x`` that is
+  not finite, lands on the center.
+  """
+  if not blend:
+    return center
+
+  def mix(xi: Any, c: Any) -> Any:
+    ok = jnp.logical_and(mine, jnp.isfinite(xi))
+    return jnp.where(ok, blend * xi + (1 - blend) * c, c)
+
+  return jax.tree.map(mix, x, center)
+
+
+def replay_commits(
+  commit: Callable[[Any, Any], Any],
+  carry: Any,
+  contribution: Any,
+  axes: tuple,
+  *,
+  mine: Callable[[Any], Any],
+  after: bool,
+) -> tuple[Any, Any, jax.Array, jax.Array]:
+  """The reference's parameter server: every worker's commit, in worker order.
+
+  Every worker receives all workers' ``contribution`` (one all-gather) and
+  runs ``carry = commit(carry, contribution_k)`` for k = 0, ..., N - 1, so all
+  workers end with the same final carry. A contribution that is not finite
+  is not committed (every worker sees which, in what it gathered). Returns
+  ``mine(carry)`` as this worker saw it just before (``after=False``) or just
+  after (``after=True``) its own commit, the final carry, whether the center
+  moved (some contribution was finite, and so is the final carry), and
+  whether this worker's own contribution was left out.
+  """
+  me = _collectives.worker_index(axes)
+  gathered = _collectives.all_gather(contribution, axes)
+  n = _collectives.num_workers(axes)
+  each = [_nonfinite.all_finite(jax.tree.map(lambda g, k=k: g[k], gathered)) for k in range(n)]
+  # A worker sharded over other mesh axes (FSDP) agrees on every flag at once.
+  oks = _collectives.agree(jnp.stack(each), axes)
+  # A Python loop over the N (static, few) commits: straight-line code, so a
+  # static sync step holds no loop.
+  c = _collectives.to_varying(carry, axes)
+  kept = mine(c)
+  for k in range(n):
+    if not after:
+      kept = jax.tree.map(lambda m, v, k=k: jnp.where(k == me, v, m), kept, mine(c))
+    committed = commit(c, jax.tree.map(lambda g, k=k: g[k], gathered))
+    c = where(oks[k], committed, c)
+    if after:
+      kept = jax.tree.map(lambda m, v, k=k: jnp.where(k == me, v, m), kept, mine(c))
+  final = c
+  moved = jnp.logical_and(jnp.any(oks), all_finite(final, axes))
+  # This worker's own flag, checked on its own contribution (the same value
+  # as its entry of `oks`, without indexing a gathered array by worker).
+  return kept, final, moved, jnp.logical_not(all_finite(contribution, axes))
