@@ -37,8 +37,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from optax_dist import _codec
 from optax_dist import _collectives
-from optax_dist import _quantize
 
 CHUNK = 256  # Numbers per chunk: a position fits in one byte (uint8).
 
@@ -66,9 +66,9 @@ def select(
     values = jnp.where(finite, picked, jnp.nan)
     scale, sent = None, values
   else:
-    values, scale = _quantize.quantize(picked, dtype)
+    values, scale = _codec.quantize(picked, dtype)
     scale = jnp.where(finite, scale, jnp.nan)
-    sent = _quantize.dequantize(values, scale)
+    sent = _codec.dequantize(values, scale)
   return positions, values, scale, _scatter(positions, sent)
 
 
@@ -84,12 +84,12 @@ def encode(positions: jax.Array, values: jax.Array, scale: Any, dtype: Any) -> j
   if dtype is None:
     parts.append(lax.bitcast_convert_type(values, jnp.uint8).reshape(-1))
   else:
-    width = _quantize.bits(dtype)
+    width = _codec.bits(dtype)
     codes = values.reshape(-1)
     per = 8 // width
     codes = jnp.pad(codes, (0, -codes.size % per))
     if width < 8:
-      parts.append(_quantize.pack(codes[None], width)[0])
+      parts.append(_codec.pack(codes[None], width)[0])
     else:
       parts.append(lax.bitcast_convert_type(codes, jnp.uint8))
     parts.append(lax.bitcast_convert_type(scale.reshape(-1), jnp.uint8).reshape(-1))
@@ -105,11 +105,11 @@ def decode(buffer: jax.Array, m: int, k: int, dtype: Any) -> tuple[jax.Array, ja
   if dtype is None:
     raw = rest[:, : 4 * count].reshape(lead, count, 4)
     return positions, lax.bitcast_convert_type(raw, jnp.float32).reshape(lead, m, k)
-  width = _quantize.bits(dtype)
+  width = _codec.bits(dtype)
   size = -(-count // (8 // width))
   data, scale_bytes = rest[:, :size], rest[:, size : size + 4 * m]
   if width < 8:
-    codes = _quantize.unpack(data, width)[:, :count]
+    codes = _codec.unpack(data, width)[:, :count]
   else:
     codes = lax.bitcast_convert_type(data, jnp.int8)
   scale = lax.bitcast_convert_type(scale_bytes.reshape(lead, m, 4), jnp.float32)
@@ -121,7 +121,7 @@ def wire_bytes(size: int, fraction: float, dtype: Any) -> int:
   m, k = math.ceil(size / CHUNK), keep(fraction)
   if dtype is None:
     return m * k * 5
-  width = _quantize.bits(dtype)
+  width = _codec.bits(dtype)
   per = 8 // width
   return m * k + -(-m * k // per) * width * per // 8 + 4 * m
 
@@ -139,22 +139,15 @@ def gather_sum(
   n = _collectives.num_workers(axes)
   size = sum(math.prod(jnp.shape(x)) for x in leaves)
   m, k = math.ceil(size / CHUNK), keep(fraction)
-  chunks = _quantize._flatten(leaves, m * CHUNK).reshape(m, CHUNK)
+  chunks = _codec.flatten(leaves, m * CHUNK).reshape(m, CHUNK)
   positions, values, scale, sent = select(chunks, k, dtype)
   dropped = (chunks - sent).reshape(-1)[:size]
   buffer = encode(positions, values, scale, dtype)
   if side is not None:
-    side_bytes = lax.bitcast_convert_type(jnp.asarray(side, jnp.float32).reshape(-1), jnp.uint8)
-    buffer = jnp.concatenate([buffer, side_bytes.reshape(-1)])
+    buffer = _codec.append_side(buffer[None], side)[0]
   gathered = _collectives.all_gather(buffer, axes)
   if side is not None:
-    width = 4 * math.prod(jnp.shape(side))
-    raw = gathered[:, -width:].reshape(n, -1, 4)
-    sides = lax.bitcast_convert_type(raw, jnp.float32).reshape(n, *jnp.shape(side))
-    gathered = gathered[:, :-width]
-    side_total = sides[0]
-    for j in range(1, n):
-      side_total = side_total + sides[j]
+    gathered, side_total = _codec.split_side(gathered, side)
   all_positions, all_values = decode(gathered, m, k, dtype)
   # Every worker adds the contributions in worker order: the same bits everywhere.
   rows = jnp.arange(m)[:, None]
@@ -162,5 +155,5 @@ def gather_sum(
   for j in range(n):
     total = total.at[rows, all_positions[j]].add(all_values[j], unique_indices=True)
   total = total.reshape(-1)[:size]
-  out = _quantize._unflatten(total, leaves, treedef), _quantize._unflatten(dropped, leaves, treedef)
+  out = _codec.unflatten(total, leaves, treedef), _codec.unflatten(dropped, leaves, treedef)
   return out if side is None else (*out, side_total)

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import optax_dist
+from optax_dist import _codec
 from optax_dist import _quantize
 
 # (bits, numbers per scale, largest value) of each format, as documented.
@@ -21,33 +22,33 @@ FORMATS = {"int4": (4, 64, 7), "int2": (2, 32, 1)}
 
 def test_block_sizes_and_bits_are_the_documented_ones():
   for name, (width, block, _) in FORMATS.items():
-    assert _quantize.bits(jnp.dtype(name)) == width
-    assert _quantize.block_size(jnp.dtype(name)) == block
-  assert (_quantize.bits(jnp.int8), _quantize.block_size(jnp.int8)) == (8, 256)
+    assert _codec.bits(jnp.dtype(name)) == width
+    assert _codec.block_size(jnp.dtype(name)) == block
+  assert (_codec.bits(jnp.int8), _codec.block_size(jnp.int8)) == (8, 256)
 
 
 def test_pack_gold_bytes_and_round_trip():
   codes = jnp.array([[1, -1, 7, -8], [0, -2, 3, 5]], jnp.int8)
   # Two's complement nibbles, code 0 in the low bits: 1 | 0xF << 4, 7 | 0x8 << 4, ...
   np.testing.assert_array_equal(
-    _quantize.pack(codes, 4), np.array([[0xF1, 0x87], [0xE0, 0x53]], np.uint8)
+    _codec.pack(codes, 4), np.array([[0xF1, 0x87], [0xE0, 0x53]], np.uint8)
   )
-  np.testing.assert_array_equal(_quantize.unpack(_quantize.pack(codes, 4), 4), codes)
+  np.testing.assert_array_equal(_codec.unpack(_codec.pack(codes, 4), 4), codes)
   two = jnp.array([[1, -1, 0, -2], [0, 0, 0, 1]], jnp.int8)
   # 01, 11, 00, 10 from the low bits up: 0b10_00_11_01; then 0b01_00_00_00.
-  np.testing.assert_array_equal(_quantize.pack(two, 2), np.array([[0x8D], [0x40]], np.uint8))
-  np.testing.assert_array_equal(_quantize.unpack(_quantize.pack(two, 2), 2), two)
+  np.testing.assert_array_equal(_codec.pack(two, 2), np.array([[0x8D], [0x40]], np.uint8))
+  np.testing.assert_array_equal(_codec.unpack(_codec.pack(two, 2), 2), two)
 
 
 def test_quantize_gold_on_hand_made_blocks():
   blocks = jnp.array([[0.0, 0.7, -1.4, 0.25], [0.0, 0.0, 0.0, 0.0]], jnp.float32)
-  values, scale = _quantize.quantize(blocks, jnp.int4)
+  values, scale = _codec.quantize(blocks, jnp.int4)
   np.testing.assert_allclose(np.asarray(scale)[:, 0], [0.2, 0.0], rtol=1e-7)
   np.testing.assert_array_equal(values, [[0, 4, -7, 1], [0, 0, 0, 0]])  # 0.7 / 0.2 = 3.5 -> 4
-  values, scale = _quantize.quantize(blocks, jnp.int2)
+  values, scale = _codec.quantize(blocks, jnp.int2)
   np.testing.assert_allclose(np.asarray(scale)[:, 0], [1.4, 0.0], rtol=1e-7)
   np.testing.assert_array_equal(values, [[0, 0, -1, 0], [0, 0, 0, 0]])  # 0.5 rounds to even: 0
-  values, scale = _quantize.quantize(jnp.array([[1.0, jnp.nan, 0.0, 0.0]]), jnp.int2)
+  values, scale = _codec.quantize(jnp.array([[1.0, jnp.nan, 0.0, 0.0]]), jnp.int2)
   assert np.isnan(np.asarray(scale)).all()
 
 
@@ -141,14 +142,14 @@ def test_ring_matches_the_float64_reference_on_every_worker_within_the_bound(nam
 def test_encode_sends_the_packed_bytes_then_the_scales():
   rng = np.random.default_rng(0)
   blocks = rng.normal(size=(2, 3, 64)).astype(np.float32)
-  values, scale = _quantize.quantize(jnp.asarray(blocks), jnp.int4)
-  buffer = np.asarray(_quantize.encode(values, scale, jnp.int4))
+  values, scale = _codec.quantize(jnp.asarray(blocks), jnp.int4)
+  buffer = np.asarray(_codec.encode(values, scale, jnp.int4))
   assert buffer.dtype == np.uint8 and buffer.shape == (2, 3 * 32 + 3 * 4)
   codes, np_scale = np_quantize(blocks.astype(np.float64), 7)
   np.testing.assert_array_equal(buffer[:, :96], np_pack(codes.reshape(2, -1), 4))
   np.testing.assert_array_equal(buffer[:, 96:].view(np.float32), np.asarray(scale).reshape(2, 3))
   np.testing.assert_allclose(np.asarray(scale)[..., 0], np_scale[..., 0], rtol=1e-7)
-  back_values, back_scale = _quantize.decode(jnp.asarray(buffer), jnp.int4, 3 * 64)
+  back_values, back_scale = _codec.decode(jnp.asarray(buffer), jnp.int4, 3 * 64)
   np.testing.assert_array_equal(back_values, values)
   np.testing.assert_array_equal(back_scale, scale)
 
@@ -268,7 +269,7 @@ def test_low_bit_syncs_send_packed_bytes_in_one_collective_per_phase(dtype, feed
   assert all(c.workers == n for c in q.collectives)
   # The bytes: P numbers of `bits` bits and a float32 scale per block, in
   # whole blocks per worker chunk; 2 (N - 1) / N of them on the wire.
-  width, block = _quantize.bits(jnp.dtype(dtype)), _quantize.block_size(jnp.dtype(dtype))
+  width, block = _codec.bits(jnp.dtype(dtype)), _codec.block_size(jnp.dtype(dtype))
   num = 64 * 1024 + 3 * 256
   chunk = -(-num // n // block) * block
   per_chunk = chunk * width // 8 + chunk // block * 4

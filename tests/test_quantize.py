@@ -13,9 +13,10 @@ import optax
 import pytest
 
 import optax_dist
+from optax_dist import _codec
 from optax_dist import _quantize
 
-BLOCK = _quantize.BLOCK
+BLOCK = _codec.BLOCK
 
 
 def values(n, seed=0):
@@ -248,7 +249,7 @@ def test_quantize_gold_blocks():
   blocks[0, :5] = [127.0, -3.5, 2.5, 0.4, -0.6]  # Scale 1.
   blocks[1, :4] = [-254.0, 1.0, 3.0, -5.0]  # Scale 2: -127, 0.5, 1.5, -2.5.
   blocks[3, :2] = [1.0, np.inf]
-  values, scale = _quantize.quantize(jnp.asarray(blocks), jnp.int8)
+  values, scale = _codec.quantize(jnp.asarray(blocks), jnp.int8)
   assert values.dtype == jnp.int8 and values.shape == (4, BLOCK)
   np.testing.assert_array_equal(scale[:3, 0], [1.0, 2.0, 0.0])
   assert scale.shape == (4, 1) and np.isnan(scale[3, 0])
@@ -257,7 +258,7 @@ def test_quantize_gold_blocks():
   np.testing.assert_array_equal(values[0, 5:], 0)
   np.testing.assert_array_equal(values[2], 0)
   np.testing.assert_array_equal(
-    _quantize.dequantize(values[:2], scale[:2])[:, :5],
+    _codec.dequantize(values[:2], scale[:2])[:, :5],
     [[127.0, -4.0, 2.0, 0.0, -1.0], [-254.0, 0.0, 4.0, -4.0, 0.0]],
   )
 
