@@ -15,7 +15,7 @@ Two measurements, side by side in one run:
 
     python benchmarks/lowbit.py                 # about 12 minutes on 2 cores
     python benchmarks/lowbit.py --periods 16 --seeds 0   # a smoke run
-    python benchmarks/lowbit.py --muon          # MuLoCo rows: Muon inside, float32 or int2
+    python benchmarks/lowbit.py --muon          # MuLoCo rows: Muon inside, float32, int4, int2
 """
 
 import argparse
@@ -66,9 +66,13 @@ CONVERGENCE = (
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-# MuLoCo: Muon inside (Newton-Schulz on the matrices, Adam on the biases), float32 or
-# int2 with error feedback outside; Muon's own learning rates.
-MUON = {"diloco_muon": {}, "diloco_muon_int2_ef": FORMATS["diloco_int2_ef"]}
+# MuLoCo: Muon inside (Newton-Schulz on the matrices, Adam on the biases), float32, int4
+# or int2 with error feedback outside; Muon's own learning rates.
+MUON = {
+  "diloco_muon": {},
+  "diloco_muon_int4": FORMATS["diloco_int4"],
+  "diloco_muon_int2_ef": FORMATS["diloco_int2_ef"],
+}
 MUON_LRS = (0.03, 0.1, 0.3)
 
 
@@ -138,6 +142,9 @@ def main(argv=None):
   parser.add_argument(
     "--muon", action="store_true", help="only the MuLoCo rows, into lowbit_muon.{json,md}"
   )
+  parser.add_argument(
+    "--only", nargs="+", help="with --muon: these rows only (default: every MuLoCo row)"
+  )
   args = parser.parse_args(argv)
   convergence.VARIANTS.update(FORMATS)
   convergence.make_optimizer = make_optimizer
@@ -199,11 +206,17 @@ def main(argv=None):
 
 
 def muon_rows(args):
-  """DiLoCo with Muon inside, float32 and int2 + error feedback outside (MuLoCo)."""
+  """DiLoCo with Muon inside, float32, int4 and int2 + error feedback outside (MuLoCo).
+
+  The results files are written after every row, so that a run stopped early
+  keeps the rows it finished.
+  """
   start_all = time.perf_counter()
   data = convergence.load_data()
   results = {"config": vars(args) | {"workers": N, "muon_lrs": MUON_LRS}, "runs": {}}
-  for name in MUON:
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  for name in args.only or MUON:
     for period in args.periods:
       start = time.perf_counter()
       val, test = convergence.run(name, period, args.seeds, args.steps, args.eval_every, data)
@@ -221,23 +234,28 @@ def muon_rows(args):
         f"{100 * r['test_std']:.2f} ({hps[best]}) in {r['seconds']:.0f} s",
         flush=True,
       )
-  results["seconds"] = time.perf_counter() - start_all
+      results["seconds"] = time.perf_counter() - start_all
+      (out / "lowbit_muon.json").write_text(json.dumps(results, indent=1) + "\n")
+      (out / "lowbit_muon.md").write_text(muon_table(results))
+  print(muon_table(results))
+  print(f"{results['seconds']:.0f} s; results in {out}")
+
+
+def muon_table(results):
   lines = [
-    "| inner / outer format | period | test accuracy (%) | chosen hyperparameters |",
-    "| --- | ---: | ---: | --- |",
+    f"Digits, {len(results['config']['seeds'])} seeds, {results['config']['steps']} steps, "
+    f"{results['seconds']:.0f} s.",
+    "",
+    "| inner / outer format | period | test accuracy (%) | chosen hyperparameters | seconds |",
+    "| --- | ---: | ---: | --- | ---: |",
   ]
   for name, runs in results["runs"].items():
     for period, r in runs.items():
       lines.append(
         f"| {name} | {period} | {100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f} "
-        f"| {r['chosen_hyperparameters']} |"
+        f"| {r['chosen_hyperparameters']} | {r['seconds']:.0f} |"
       )
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "lowbit_muon.json").write_text(json.dumps(results, indent=1) + "\n")
-  (out / "lowbit_muon.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
-  print(f"{results['seconds']:.0f} s; results in {out}")
+  return "\n".join(lines) + "\n"
 
 
 def summarize(results, args):
