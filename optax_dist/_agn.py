@@ -175,6 +175,8 @@ def agn(
         total = jax.tree.map(lambda t: t * rescale.astype(t.dtype), total)
       finite = reduced.finite(total, axes)
       dropped = jnp.logical_not(reduced.mine)
+      # Cleared after the all-reduce that read it, in its own buffer.
+      cleared = _reduce.zeros_after(fields.accumulator, reduced.num_finite)
       center_updates, new_center_state = inner.update(total, center_state, center)
       new_center = optax.apply_updates(center, center_updates)
       target = new_center
@@ -189,13 +191,14 @@ def agn(
       target, (new_center, new_center_state), finite, dropped = _reduce.replay_commits(
         commit, (center, center_state), normalized, axes, mine=lambda c: c[0], after=True
       )
+      cleared = _declare.zeros_like(fields.accumulator)
     center = _reduce.where(finite, new_center, center)
     # A dropped worker lands on the center as it stands after every commit.
     target = _reduce.where(dropped, center, _reduce.where(finite, target, fields.center))
     new = fields._replace(
       center=center,
       center_state=_reduce.where(finite, new_center_state, center_state),
-      accumulator=_declare.zeros_like(fields.accumulator),
+      accumulator=cleared,
     )
     return _declare.Synced(local.moved_to(target), new, finite, dropped)
 

@@ -47,6 +47,19 @@ def where(ok: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
+def zeros_after(tree: Any, count: jax.Array) -> Any:
+  """Zeros shaped like ``tree``, written once ``count`` is known.
+
+  ``count`` is a count that the sync's collective gives (never negative,
+  which XLA cannot prove). ``jnp.zeros_like`` depends on nothing, so XLA
+  cannot order its write into the donated buffer after the reads of the old
+  values (what the sync sent) and keeps both in copies. The select on
+  ``count >= 0`` orders the write after the collective: the buffer is
+  cleared in place.
+  """
+  return jax.tree.map(lambda x: jnp.where(count >= 0, jnp.zeros_like(x), x), tree)
+
+
 def zeros_unless(ok: jax.Array, tree: Any) -> Any:
   """``tree`` where ``ok``, zeros otherwise (a dropped worker contributes nothing)."""
   return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), tree)

@@ -151,6 +151,17 @@ def test_a_static_sync_step_has_no_loop(name):
   assert sum(op.nbytes for op in found) == nbytes
   report = optax_dist.communication_report(lowered_step_fn(tx, sync=True), *step_args(tx))
   assert (report.every_step_bytes, report.sync_bytes) == (nbytes, 0)
+  if name == "agn_simultaneous":
+    # The accumulator is cleared in its donated buffer after the all-reduce
+    # that read it: neither the old accumulator nor its zeros are copied.
+    body = entry(text)
+    accumulator = set(
+      re.findall(r"%(\S+) = \S+ parameter\(\d+\)[^\n]*op_name=\"s\.accumulator", body)
+    )
+    copied = re.findall(r"= \S+ copy\(%([^)\s]+)\)", body)
+    assert len(accumulator) == len(PARAMS), accumulator
+    assert not accumulator & set(copied), copied
+    assert not [c for c in copied if "broadcast" in c], copied
 
 
 def entry(text):
