@@ -12,7 +12,9 @@ optimizer update alone (gradients given), the strictest setting for overhead:
 The compiled HLO of each step is read for evidence: the bytes its collectives
 move on every step and per sync (``optax_dist.communication_report``), and the
 params-sized ``copy`` instructions in the entry computation beyond those of
-its baseline.
+its baseline. Below the table, each sync program's copies are named: a donated
+buffer that XLA copies before it is overwritten (its path in ``(params, state,
+grads)``), or a result computed elsewhere and copied into its donated output.
 
     python benchmarks/overhead.py --repeats 7
 """
@@ -21,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import re
 import statistics
 import time
 
@@ -91,9 +94,30 @@ def variants(adam):
 
 
 def entry_copies(fn, args, min_bytes):
+  """What the params-sized copies in the entry computation copy, one string each.
+
+  An entry parameter (a donated buffer kept alive past its overwrite) is
+  named by its path in ``args``; anything else is ``"result -> <path>"``, a
+  value computed outside its donated output buffer and copied into it.
+  """
   text = fn.lower(*args).compile().as_text()
   entry = text[text.index("\nENTRY") :]
-  return sum(1 for op in hlo.ops(entry) if op.kind == "copy" and op.nbytes >= min_bytes)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(args)]
+  params = dict(re.findall(r"%(\S+) = \S+ parameter\((\d+)\)", entry))
+  root = re.search(r"ROOT %\S+ = .* tuple\((.*)\)", entry)
+  outputs = re.findall(r"%([^,\s)]+)", root.group(1)) if root else []
+  copies = []
+  for op in hlo.ops(entry):
+    if op.kind != "copy" or op.nbytes < min_bytes:
+      continue
+    source = re.search(rf"%{re.escape(op.name)} = \S+ copy\(%([^)\s]+)\)", entry).group(1)
+    if source in params:
+      copies.append(paths[int(params[source])])
+    elif op.name in outputs:
+      copies.append(f"result -> {paths[outputs.index(op.name)]}")
+    else:
+      copies.append(f"{source} (intermediate)")
+  return copies
 
 
 def main(argv=None):
@@ -118,8 +142,9 @@ def main(argv=None):
     evidence[name] = {
       "every_step_bytes": report.every_step_bytes,
       "sync_bytes": report.sync_bytes,
-      "entry_copies": entry_copies(fn, (params, state, grads), smallest_matrix),
+      "copied": entry_copies(fn, (params, state, grads), smallest_matrix),
     }
+    evidence[name]["entry_copies"] = len(evidence[name]["copied"])
     for _ in range(3):  # Warm up.
       params, state = jax.block_until_ready(fn(params, state, grads))
     runs[name] = [fn, params, state]
@@ -162,6 +187,10 @@ def main(argv=None):
     f"\nparams: {num_params * 4:,} bytes per worker; 'extra copies' counts params-sized "
     "(>= smallest weight matrix) copy instructions in the entry computation beyond the baseline's"
   )
+  print("\nwhat the params-sized copies copy (path in (params, state, grads)):")
+  for name, ev in evidence.items():
+    if "static sync" in name or name == "pmean + adam":
+      print(f"  {name}: {', '.join(ev['copied']) or 'none'}")
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": jax.devices()[0].device_kind, "n": n, "results": results}, f, indent=1)
