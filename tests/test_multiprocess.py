@@ -31,8 +31,15 @@ WAIT_S = 180  # Bound on one launch; a normal one takes seconds.
 
 def _base_env():
   env = dict(os.environ)
-  # Not the 8 devices of conftest.py: 2 per process.
-  flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+  # Not the 8 devices of conftest.py: 2 per process. And XLA's default backend
+  # level, not conftest's level 0: the two-process tests check the static
+  # flags against the in-graph program bit for bit, as users compile them (at
+  # level 0 the two programs contract their multiply-adds differently there).
+  flags = re.sub(
+    r"--xla_(force_host_platform_device_count|backend_optimization_level)=\S+",
+    "",
+    env.get("XLA_FLAGS", ""),
+  )
   env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
   env["OPTAX_DIST_TIMEOUT"] = "30"
   for name in ("OPTAX_DIST_COORDINATOR", "OPTAX_DIST_PROCESS_ID", "OPTAX_DIST_RESTART"):
@@ -214,7 +221,7 @@ def test_disagreement_raises_the_same_error_on_every_process(all_run):
   assert "every_k_schedule = 3 (process 0: 2)" in multisteps, multisteps
   period = str(first["agree/period"])
   assert "process 1 (workers 2, 3) differs from process 0" in period
-  assert "settings.spec.sync.period = 4 (process 0: 3)" in period
+  assert "settings.engine.on_sync.period = 4 (process 0: 3)" in period
   params = str(first["agree/params"])
   assert "params['w'] on workers 2, 3 (process 1) differ from worker 0's" in params
   assert "params['b'] on workers 2, 3 (process 1)" in params
@@ -226,7 +233,7 @@ def test_disagreeing_processes_both_exit_with_the_error(tmp_path):
   assert all(code != 0 for code in codes), codes
   for output in outputs:
     assert "ValueError: check_agreement: the 4 workers on axis ('workers',) disagree" in output
-    assert "settings.spec.sync.period = 4 (process 0: 3)" in output
+    assert "settings.engine.on_sync.period = 4 (process 0: 3)" in output
 
 
 def test_crash_and_resume_is_bit_identical(all_run, tmp_path):
