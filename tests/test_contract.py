@@ -74,14 +74,21 @@ class Case(NamedTuple):
     """The case's transformation; the default one is one instance, so that the
     checks that run it alike share its compiled programs."""
     if inner is None and not overrides:
-      if self.name not in DEFAULT:
-        DEFAULT[self.name] = self.make(INNERS[self.inner](0.1))
-      return DEFAULT[self.name]
+      return self.shared(self.inner, 0.1)
     inner = INNERS[self.inner](0.1) if inner is None else inner
     return self.factory(inner, axis_name=AXIS, **{**self.kwargs, **self.numeric, **overrides})
 
+  def shared(self, inner, learning_rate, **numeric):
+    """The case with the inner optimizer ``INNERS[inner](learning_rate)`` and
+    the numeric hyperparameters changed by ``numeric``: one instance for the
+    checks that ask for the same, so that they share compiled programs."""
+    key = (self.name, inner, learning_rate, tuple(sorted(numeric.items())))
+    if key not in DEFAULT:
+      DEFAULT[key] = self.make(INNERS[inner](learning_rate), **numeric)
+    return DEFAULT[key]
 
-DEFAULT: dict[str, optax.GradientTransformation] = {}
+
+DEFAULT: dict[tuple, optax.GradientTransformation] = {}
 
 
 def period_errors(name):
@@ -368,7 +375,7 @@ def test_in_inject_hyperparams(case):
 
   assert_trajectories_close(
     run_transform(injected._replace(init=init_changed), params, grads, mode="vmap"),
-    run_transform(case.make(INNERS[case.inner](0.3), **changed), params, grads, mode="vmap"),
+    run_transform(case.shared(case.inner, 0.3, **changed), params, grads, mode="vmap"),
   )
 
 
@@ -383,7 +390,7 @@ def test_inner_learning_rate_injected_and_changed(case):
 
   changed = run_transform(tx._replace(init=init_with_lr_0_3), params, grads, mode="vmap")
   assert_trajectories_close(
-    changed, run_transform(case.make(INNERS[case.inner](0.3)), params, grads, mode="vmap")
+    changed, run_transform(case.shared(case.inner, 0.3), params, grads, mode="vmap")
   )
 
 
@@ -576,7 +583,7 @@ def test_matches_numpy_reference(case, mode, n):
     inner = "adam" if (n in (2, 8)) == (CASES.index(case) % 2 == 0) else "momentum"
   steps = 8
   params, grads = params_and_grads(steps=steps, seed=100 + n, n=n)
-  traj = run_transform(case.make(INNERS[inner](0.1)), params, grads, mode=mode)
+  traj = run_transform(case.shared(inner, 0.1), params, grads, mode=mode)
   expected = case.reference(flat(params)[0], np.stack([flat(g) for g in grads]), n=n, inner=inner)
   tol = {"rtol": case.tolerance, "atol": case.tolerance}
   for t, (x, _) in enumerate(expected):
