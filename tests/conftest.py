@@ -6,7 +6,8 @@ sets it at import, before any test module imports jax.
 The suite runs on two processes (pytest-xdist's ``-n 2`` in pyproject.toml),
 each with its own 8 simulated devices; the tests that share an expensive
 result (``GROUPS``) run in one process, so that it is computed once, and the
-slowest start first (``FIRST``). ``OPTAX_DIST_COMPILE_STATS=1`` (with ``-n 0
+slowest start first (``FIRST``). XLA compiles with settings that compile
+faster (``COMPILER_FLAGS``). ``OPTAX_DIST_COMPILE_STATS=1`` (with ``-n 0
 -s``) prints the run's compilations and their time at the end.
 """
 
@@ -20,17 +21,28 @@ import pytest
 NUM_DEVICES = 8
 
 # The tests' programs are small and run a few steps each, so that compiling
-# them, not running them, takes most of the suite's time. XLA's LLVM backend
-# optimizes less (level 0): it compiles about 40% faster. The numbers are
-# IEEE arithmetic either way (no fast math), but the machine code differs
-# (e.g. which multiply-adds are contracted into one rounding), so that a value
-# may differ from the default level's in its last bits: the tests compare
-# programs compiled alike, or within a tolerance. `XLA_FLAGS=--xla_backend_optimization_level=3`
-# runs the suite at the default level. The processes the tests launch inherit
-# the flags.
+# them, not running them, takes most of the suite's time. Three XLA CPU
+# settings make compiling about three times cheaper (BENCHMARKS.md, "Suite
+# time"): the older fusion emitters, which build no MLIR context per fused
+# kernel; one LLVM module per program (the two test processes already keep
+# both cores busy); and AVX code, without the fused multiply-add of AVX2,
+# so that the arithmetic is the same in every program. Without the last one,
+# XLA contracts a multiply and an add into one rounding in some fusions and
+# not in others: two programs that compute the same numbers (a static flag
+# and the in-graph sync) then part in their last bits, not from anything the
+# package does. The multi-process tests launch their processes with XLA's
+# default CPU settings, as users compile. A flag set in XLA_FLAGS wins:
+# `XLA_FLAGS="--xla_cpu_use_fusion_emitters=true --xla_cpu_max_isa=AVX512"`
+# runs the suite with the default emitters and FMA.
+COMPILER_FLAGS = {
+  "xla_cpu_use_fusion_emitters": "false",
+  "xla_cpu_parallel_codegen_split_count": "1",
+  "xla_cpu_max_isa": "AVX",
+}
 _FLAGS = os.environ.get("XLA_FLAGS", "")
-if "--xla_backend_optimization_level" not in _FLAGS:
-  _FLAGS += " --xla_backend_optimization_level=0"
+for _name, _value in COMPILER_FLAGS.items():
+  if f"--{_name}=" not in _FLAGS:
+    _FLAGS += f" --{_name}={_value}"
 os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_force_host_platform_device_count={NUM_DEVICES}".strip()
 
 import jax  # noqa: E402

@@ -31,12 +31,12 @@ WAIT_S = 180  # Bound on one launch; a normal one takes seconds.
 
 def _base_env():
   env = dict(os.environ)
-  # Not the 8 devices of conftest.py: 2 per process. And XLA's default backend
-  # level, not conftest's level 0: the two-process tests check the static
-  # flags against the in-graph program bit for bit, as users compile them (at
-  # level 0 the two programs contract their multiply-adds differently there).
+  # Not the 8 devices of conftest.py: 2 per process. And XLA's default CPU
+  # compiler, not conftest's faster-compiling settings: the two-process tests
+  # check the static flags against the in-graph program bit for bit, as users
+  # compile them.
   flags = re.sub(
-    r"--xla_(force_host_platform_device_count|backend_optimization_level)=\S+",
+    r"--xla_(force_host_platform_device_count|cpu_\w+|backend_optimization_level)=\S*",
     "",
     env.get("XLA_FLAGS", ""),
   )
