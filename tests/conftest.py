@@ -14,6 +14,7 @@ faster (``COMPILER_FLAGS``). ``OPTAX_DIST_COMPILE_STATS=1`` (with ``-n 0
 import collections
 import json
 import os
+import platform
 import time
 
 import pytest
@@ -33,12 +34,15 @@ NUM_DEVICES = 8
 # package does. The multi-process tests launch their processes with XLA's
 # default CPU settings, as users compile. A flag set in XLA_FLAGS wins:
 # `XLA_FLAGS="--xla_cpu_use_fusion_emitters=true --xla_cpu_max_isa=AVX512"`
-# runs the suite with the default emitters and FMA.
-COMPILER_FLAGS = {
-  "xla_cpu_use_fusion_emitters": "false",
-  "xla_cpu_parallel_codegen_split_count": "1",
-  "xla_cpu_max_isa": "AVX",
-}
+# runs the suite with the default emitters and FMA. The ISA names are x86's:
+# on other machines the suite compiles with XLA's defaults.
+COMPILER_FLAGS: dict[str, str] = {}
+if platform.machine().lower() in ("x86_64", "amd64"):
+  COMPILER_FLAGS = {
+    "xla_cpu_use_fusion_emitters": "false",
+    "xla_cpu_parallel_codegen_split_count": "1",
+    "xla_cpu_max_isa": "AVX",
+  }
 _FLAGS = os.environ.get("XLA_FLAGS", "")
 for _name, _value in COMPILER_FLAGS.items():
   if f"--{_name}=" not in _FLAGS:
