@@ -151,8 +151,6 @@ def finite_mean(grads: Any, axes: tuple) -> tuple[Any, jax.Array]:
   leaves, treedef = jax.tree.flatten(grads)
 
   def to_sum(g: Any) -> tuple:
-    if g.dtype == jax.dtypes.float0:
-      return ()
     varying = _collectives.varying_axes(g)
     return tuple(a for a in axes if a not in typed or a in varying)
 
@@ -166,9 +164,7 @@ def finite_mean(grads: Any, axes: tuple) -> tuple[Any, jax.Array]:
   totals = iter(sent_total)
   out = []
   for g, s in zip(leaves, summed, strict=True):
-    if g.dtype == jax.dtypes.float0:
-      out.append(g)
-    elif s:
+    if s:
       out.append(next(totals) / count.astype(g.dtype))
     else:
       part = to_sum(g)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from optax_dist import _collectives
+from optax_dist import _reduce
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -163,3 +164,27 @@ def test_bad_axis_arguments():
     _collectives.axis_tuple(())
   with pytest.raises(TypeError, match="axis name"):
     _collectives.axis_tuple(("a", None))
+
+
+def test_finite_mean_of_a_leaf_already_summed_over_some_axes():
+  # The warm-up's mean over the axes (hosts, local) of a 2 x 4 mesh. A leaf
+  # that varies on every device is summed over all 8 and divided by 8. A leaf
+  # typed invariant over "local" (already the sum of a host's 4 devices, as
+  # jax.grad gives it for params replicated on a host) is summed over the
+  # hosts only, then divided by the 8 workers.
+  mesh = jax.make_mesh((2, 4), ("hosts", "local"), axis_types=(AxisType.Auto,) * 2)
+  per_device = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+  per_host = np.array([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]], np.float32)
+
+  def body(a, b):
+    mean, left_out = _reduce.finite_mean({"a": a[0, 0], "b": b[0]}, ("hosts", "local"))
+    return mean, left_out[None, None]
+
+  specs = ({"a": P(), "b": P()}, P("hosts", "local"))
+  fn = jax.jit(
+    jax.shard_map(body, mesh=mesh, in_specs=(P("hosts", "local"), P("hosts")), out_specs=specs)
+  )
+  mean, left_out = fn(per_device, per_host)
+  np.testing.assert_allclose(mean["a"], per_device.reshape(8, 3).mean(0))
+  np.testing.assert_allclose(mean["b"], per_host.sum(0) / 8)
+  assert not np.asarray(left_out).any()

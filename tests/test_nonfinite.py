@@ -233,6 +233,24 @@ def test_a_sync_with_no_finite_worker_keeps_the_center(name):
   np.testing.assert_array_equal(optax_dist.dropped_syncs(traj.states[3]), [1] * N)
 
 
+def test_commits_that_overflow_keep_the_center():
+  # AGN round robin replays the workers' commits on the center one after the
+  # other. Each contribution (two gradients of 1e38, summed) is finite, but
+  # the second commit of SGD(1) takes the center past float32's largest value
+  # (3.4e38). The sync moves nothing: the center keeps its value, the sync
+  # counts as skipped and no worker as dropped, and the workers stay finite.
+  tx = optax_dist.agn(
+    optax.sgd(1.0), axis_name=AXIS, communication_period=2, ordering="round_robin"
+  )
+  grads = [{"w": np.full((N, 3), 1e38, np.float32)} for _ in range(2)]
+  traj = run_transform(tx, PARAMS, grads, mode="vmap")
+  np.testing.assert_array_equal(optax_dist.center_params(traj.state)["w"], PARAMS["w"])
+  assert np.isfinite(traj.params[1]["w"]).all()
+  np.testing.assert_array_equal(optax_dist.skipped_syncs(traj.state), [1] * N)
+  np.testing.assert_array_equal(optax_dist.dropped_syncs(traj.state), [0] * N)
+  np.testing.assert_array_equal(optax_dist.global_step(traj.state), [0] * N)
+
+
 @pytest.mark.parametrize("name", ["elastic_simultaneous", "agn_simultaneous", "diloco"])
 def test_the_guard_adds_no_collective(name):
   # Each worker checks its own contribution locally, and the count of

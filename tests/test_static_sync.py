@@ -245,6 +245,23 @@ def test_schedule_values():
     schedule(-1)
 
 
+def test_schedule_values_with_a_delay():
+  # DESIGN 11.1, one fragment: with delay 1 the call after the scheduled one
+  # (call 6) reduces and lands (call 7, True); with delay 2 it reduces (True)
+  # and the next call lands the one fragment, ("apply", 0).
+  delay_1 = optax_dist.SyncSchedule(period=6, delay=1)
+  assert [delay_1(i) for i in range(8)] == [False] * 6 + [True, False]
+  schedule = optax_dist.SyncSchedule(period=6, delay=2)
+  flags = [schedule(i) for i in range(14)]
+  assert flags == [False] * 6 + [True, ("apply", 0)] + [False] * 4 + [True, ("apply", 0)]
+  assert [type(f[1]) for f in flags if isinstance(f, tuple)] == [int, int]  # Not True.
+  assert repr(schedule) == "SyncSchedule(period=6, warmup=0, fragments=1, delay=2)"
+  # A schedule without a delay reads as before delays existed.
+  assert repr(optax_dist.SyncSchedule(period=6)) == "SyncSchedule(period=6, warmup=0, fragments=1)"
+  with pytest.raises(ValueError, match=r"^`delay` must be >= 0 \(0: the outer step on the sync's"):
+    optax_dist.diloco(SGD, axis_name=AXIS, sync_period=4, delay=-1)
+
+
 @pytest.mark.parametrize(
   ("kwargs", "error", "match"),
   [
