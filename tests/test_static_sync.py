@@ -258,8 +258,27 @@ def test_schedule_values_with_a_delay():
   assert repr(schedule) == "SyncSchedule(period=6, warmup=0, fragments=1, delay=2)"
   # A schedule without a delay reads as before delays existed.
   assert repr(optax_dist.SyncSchedule(period=6)) == "SyncSchedule(period=6, warmup=0, fragments=1)"
-  with pytest.raises(ValueError, match=r"^`delay` must be >= 0 \(0: the outer step on the sync's"):
-    optax_dist.diloco(SGD, axis_name=AXIS, sync_period=4, delay=-1)
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "match"),
+  [
+    ({"delay": -1}, r"^`delay` must be >= 0 \(0: the outer step on the sync's call\), got -1\.$"),
+    (
+      {"delay": 1, "blend": 1.5},
+      r"^`blend` must be in \[0, 1\), got 1\.5: the workers land on "
+      r"`blend \* x \+ \(1 - blend\) \* center` \(0: on the center\)\.$",
+    ),
+    (
+      {"blend": 0.5},
+      r"^`blend=0\.5` needs `delay >= 1`: without a delay the workers land on the center they "
+      r"sent their pseudo-gradient to\. Pass `delay=1` \(or more\), or `blend=0\.0`\.$",
+    ),
+  ],
+)
+def test_delay_and_blend_errors_say_what_to_do(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    optax_dist.diloco(SGD, axis_name=AXIS, sync_period=4, **kwargs)
 
 
 @pytest.mark.parametrize(
