@@ -269,6 +269,12 @@ def test_schedule_values_with_a_delay():
       r"^`blend` must be in \[0, 1\), got 1\.5: the workers land on "
       r"`blend \* x \+ \(1 - blend\) \* center` \(0: on the center\)\.$",
     ),
+    ({"sync_warmup": -1}, r"^`sync_warmup` must be >= 0, got -1\.$"),
+    (
+      {"sync_warmup": 1.5},
+      r"^`sync_warmup` must be a Python int \(it is static\), got 1\.5\. Under "
+      r"`optax\.inject_hyperparams`, list it in `static_args`\.$",
+    ),
     (
       {"blend": 0.5},
       r"^`blend=0\.5` needs `delay >= 1`: without a delay the workers land on the center they "
@@ -276,9 +282,16 @@ def test_schedule_values_with_a_delay():
     ),
   ],
 )
-def test_delay_and_blend_errors_say_what_to_do(kwargs, match):
-  with pytest.raises(ValueError, match=match):
+def test_schedule_errors_say_what_to_do(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
     optax_dist.diloco(SGD, axis_name=AXIS, sync_period=4, **kwargs)
+
+
+def test_explicit_zeros_are_the_defaults():
+  # sync_warmup=0 and delay=0 are the defaults, not errors.
+  explicit = optax_dist.diloco(SGD, axis_name=AXIS, sync_period=4, sync_warmup=0, delay=0)
+  schedule = optax_dist.sync_schedule(explicit.init(TWO_LEAVES))
+  assert schedule == optax_dist.SyncSchedule(period=4, warmup=0, fragments=1, delay=0)
 
 
 @pytest.mark.parametrize(
