@@ -22,24 +22,26 @@ import pytest
 NUM_DEVICES = 8
 
 # The tests' programs are small and run a few steps each, so that compiling
-# them, not running them, takes most of the suite's time. Three XLA CPU
+# them, not running them, takes most of the suite's time. Four XLA CPU
 # settings make compiling about three times cheaper (BENCHMARKS.md, "Suite
 # time"): the older fusion emitters, which build no MLIR context per fused
-# kernel; one LLVM module per program (the two test processes already keep
-# both cores busy); and AVX code, without the fused multiply-add of AVX2,
-# so that the arithmetic is the same in every program. Without the last one,
-# XLA contracts a multiply and an add into one rounding in some fusions and
-# not in others: two programs that compute the same numbers (a static flag
-# and the in-graph sync) then part in their last bits, not from anything the
-# package does. The multi-process tests launch their processes with XLA's
-# default CPU settings, as users compile. A flag set in XLA_FLAGS wins:
-# `XLA_FLAGS="--xla_cpu_use_fusion_emitters=true --xla_cpu_max_isa=AVX512"`
-# runs the suite with the default emitters and FMA. The ISA names are x86's:
-# on other machines the suite compiles with XLA's defaults.
+# kernel; LLVM's optimization level 0; one LLVM module per program (the two
+# test processes already keep both cores busy); and AVX code, without the
+# fused multiply-add of AVX2, so that the arithmetic is the same in every
+# program. Without the last one, XLA contracts a multiply and an add into one
+# rounding in some fusions and not in others: two programs that compute the
+# same numbers (a static flag and the in-graph sync) then part in their last
+# bits, not from anything the package does. The multi-process tests launch
+# their processes with XLA's default CPU settings, as users compile. A flag
+# set in XLA_FLAGS wins: `XLA_FLAGS="--xla_cpu_use_fusion_emitters=true
+# --xla_cpu_max_isa=AVX512 --xla_backend_optimization_level=3"` runs the suite
+# with XLA's defaults. The ISA names are x86's: on other machines the suite
+# compiles with XLA's defaults.
 COMPILER_FLAGS: dict[str, str] = {}
 if platform.machine().lower() in ("x86_64", "amd64"):
   COMPILER_FLAGS = {
     "xla_cpu_use_fusion_emitters": "false",
+    "xla_backend_optimization_level": "0",
     "xla_cpu_parallel_codegen_split_count": "1",
     "xla_cpu_max_isa": "AVX",
   }
