@@ -103,8 +103,8 @@ def test_collectives_run_only_in_the_sync_branch(name):
   assert sum(op.nbytes for op in found) == nbytes
   # No params-sized copy beyond the plain step's on the path every step takes
   # (copies inside the loop body run on sync steps only).
-  assert len(hlo.copies_of_at_least(entry(text), MIN_COPY)) == len(
-    hlo.copies_of_at_least(entry(compiled_step(ADAM)), MIN_COPY)
+  assert len(hlo.copies_of_at_least(hlo.entry(text), MIN_COPY)) == len(
+    hlo.copies_of_at_least(hlo.entry(compiled_step(ADAM)), MIN_COPY)
   )
 
 
@@ -132,8 +132,8 @@ def test_a_static_local_step_compiles_no_sync_code(name):
   kinds = {op.kind for op in hlo.ops(text)}
   assert not kinds & {"while", "conditional"}, kinds
   assert hlo.collectives(text) == []
-  assert len(hlo.copies_of_at_least(entry(text), MIN_COPY)) == len(
-    hlo.copies_of_at_least(entry(compiled_step(ADAM)), MIN_COPY)
+  assert len(hlo.copies_of_at_least(hlo.entry(text), MIN_COPY)) == len(
+    hlo.copies_of_at_least(hlo.entry(compiled_step(ADAM)), MIN_COPY)
   )
 
 
@@ -154,7 +154,7 @@ def test_a_static_sync_step_has_no_loop(name):
   if name == "agn_simultaneous":
     # The accumulator is cleared in its donated buffer after the all-reduce
     # that read it: neither the old accumulator nor its zeros are copied.
-    body = entry(text)
+    body = hlo.entry(text)
     accumulator = set(
       re.findall(r"%(\S+) = \S+ parameter\(\d+\)[^\n]*op_name=\"s\.accumulator", body)
     )
@@ -162,10 +162,6 @@ def test_a_static_sync_step_has_no_loop(name):
     assert len(accumulator) == len(PARAMS), accumulator
     assert not accumulator & set(copied), copied
     assert not [c for c in copied if "broadcast" in c], copied
-
-
-def entry(text):
-  return text[text.index("\nENTRY") :]
 
 
 def test_plain_inner_step_has_no_collective():
