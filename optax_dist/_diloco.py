@@ -131,12 +131,13 @@ def diloco(
     host_offload: Keep the center, the outer state, the residual (and with
       ``delay >= 2`` the pending value), which a sync alone reads, in the
       host's pinned memory between syncs (static bool).
-    delay: ``tau``, calls from a sync's scheduled call to its outer step, so
+    delay: ``tau``: a sync scheduled on call ``s`` is sent from the params
+      after ``s - tau`` calls and lands on call ``s``, so
       that the all-reduce overlaps compute (static int, ``0 <= tau < H / F``;
       ``None`` is 0: the sync on its scheduled call).
-    blend: ``alpha``: a delayed sync lands the workers on
-      :math:`\alpha x + (1 - \alpha) c` (static float in ``[0, 1)``, needs
-      ``delay >= 1``; ``None`` is 0, the center).
+    blend: ``alpha``: a sync, delayed or not, lands the workers on
+      :math:`\alpha x + (1 - \alpha) c` (static float in ``[0, 1]``; ``None``
+      is 0, the center; 1 leaves the workers' params as they are).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is
@@ -149,7 +150,8 @@ def diloco(
       ``comm_dtype`` that is neither a float nor int8, int4 or int2,
       ``error_feedback`` without a quantized ``comm_dtype`` or
       ``topk_fraction``, ``topk_fraction`` outside (0, 1), ``error_decay``
-      outside (0, 1] or without feedback, or ``params=None`` at update time.
+      outside (0, 1] or without feedback, ``delay < 0`` or ``delay >= H / F``,
+      ``blend`` outside [0, 1], or ``params=None`` at update time.
     TypeError: if ``outer`` is not an optax transformation, for integer
       params, a ``topk_fraction`` or ``error_decay`` that is not a float, or
       a traced ``sync`` flag.

@@ -120,12 +120,13 @@ def model_average(
     host_offload: Keep the center and the residual (and with ``delay >= 2``
       the pending value), which a sync alone reads, in the host's pinned
       memory between syncs (static bool).
-    delay: ``tau``, calls from a sync's scheduled call to its average, so that
+    delay: ``tau``: a sync scheduled on call ``s`` is sent from the params
+      after ``s - tau`` calls and lands on call ``s``, so that
       the all-reduce overlaps compute (static int, ``0 <= tau < H / F``;
       ``None`` is 0: the sync on its scheduled call).
-    blend: ``alpha``: a delayed sync lands the workers on
-      :math:`\alpha x + (1 - \alpha) c` (static float in ``[0, 1)``, needs
-      ``delay >= 1``; ``None`` is 0, the mean).
+    blend: ``alpha``: a sync, delayed or not, lands the workers on
+      :math:`\alpha x + (1 - \alpha) c` (static float in ``[0, 1]``; ``None``
+      is 0, the mean; 1 leaves the workers' params as they are).
 
   Returns:
     A ``GradientTransformationExtraArgs`` whose state is
@@ -137,8 +138,9 @@ def model_average(
       that is not a multiple of the number of fragments, bad fragment labels,
       an unsupported ``comm_dtype``, ``error_feedback`` without a quantized
       ``comm_dtype`` or ``topk_fraction``, ``topk_fraction`` outside (0, 1),
-      ``error_decay`` outside (0, 1] or without feedback, or ``params=None``
-      at update time.
+      ``error_decay`` outside (0, 1] or without feedback, ``delay < 0`` or
+      ``delay >= H / F``, ``blend`` outside [0, 1], or ``params=None`` at
+      update time.
     TypeError: for integer params, a ``topk_fraction`` or ``error_decay``
       that is not a float, or a traced ``sync`` flag.
     NameError: at update time, if ``axis_name`` is not bound.

@@ -174,7 +174,7 @@ def finite_mean(grads: Any, axes: tuple) -> tuple[Any, jax.Array]:
 
 
 def blended(x: Any, center: Any, blend: float, mine: jax.Array) -> Any:
-  """Where a worker lands at an applied delayed sync: ``blend * x + (1 - blend) * center``.
+  """Where a worker lands after a sync: ``blend * x + (1 - blend) * center``.
 
   A worker whose contribution was left out, or an element of ``x`` that is
   not finite, lands on the center.

@@ -47,24 +47,19 @@ def _static_count(name: str, value: Any, meaning: str = "") -> int:
 
 
 def check_delay(delay: Any, blend: Any) -> tuple[int, float]:
-  """``delay`` is a static Python int >= 0 and ``blend`` a static float in [0, 1).
+  """``delay`` is a static Python int >= 0 and ``blend`` a static float in [0, 1].
 
   ``None`` is 0 for either (the defaults, so that ``optax.inject_hyperparams``
   does not take them for hyperparameters).
   """
-  delay = _static_count("delay", delay, " (0: the outer step on the sync's call)")
+  delay = _static_count("delay", delay, " (0: the whole sync on its scheduled call)")
   blend = 0.0 if blend is None else blend
   if isinstance(blend, bool) or not isinstance(blend, numbers.Real):
-    raise TypeError(f"`blend` must be a Python float in [0, 1) (it is static), got {blend!r}.")
-  if not 0 <= float(blend) < 1:
+    raise TypeError(f"`blend` must be a Python float in [0, 1] (it is static), got {blend!r}.")
+  if not 0 <= float(blend) <= 1:
     raise ValueError(
-      f"`blend` must be in [0, 1), got {blend}: the workers land on "
-      "`blend * x + (1 - blend) * center` (0: on the center)."
-    )
-  if blend and not delay:
-    raise ValueError(
-      f"`blend={blend}` needs `delay >= 1`: without a delay the workers land on the center "
-      "they sent their pseudo-gradient to. Pass `delay=1` (or more), or `blend=0.0`."
+      f"`blend` must be in [0, 1], got {blend}: after a sync the workers land on "
+      "`blend * x + (1 - blend) * center` (0: on the center; 1: they keep their params)."
     )
   return int(delay), float(blend)
 
@@ -97,8 +92,8 @@ class Settings(NamedTuple):
     period_name: The argument that gave it (``sync_period``, ...), for errors.
     warmup: Synchronous calls before the local steps.
     fragments: The ``fragments`` argument (labels are computed per trace).
-    delay: ``tau``: calls from a fragment's scheduled sync to its outer step.
-    blend: Where the workers land at an applied delayed sync.
+    delay: ``tau``: calls by which a fragment's reduction precedes its outer step.
+    blend: Where the workers land after a sync.
   """
 
   period: int
@@ -166,18 +161,20 @@ class SyncSchedule:
   ``update(..., sync=flag)``.
 
   With a ``delay`` ``tau >= 1`` (see :func:`optax_dist.diloco`), the sync
-  scheduled on call ``s`` is split: its all-reduce runs on call ``s + 1`` and
-  its outer step lands on call ``s + tau``. The flag of the call that reduces
-  is the fragment's index (``True`` with one fragment); with ``tau = 1`` that
-  call also applies. With ``tau >= 2`` the call that applies fragment ``f``
-  has the flag ``("apply", f)``. The call ``s`` itself is a local call.
+  scheduled on call ``s`` still lands on call ``s``, but is sent ``tau`` calls
+  earlier: its all-reduce runs on call ``s - tau + 1``, from the params after
+  ``s - tau`` calls, and its outer step lands on call ``s``. The flag of the
+  call that reduces is the fragment's index (``True`` with one fragment); with
+  ``tau = 1`` that call is ``s`` itself and also applies. With ``tau >= 2`` the
+  call ``s`` that applies fragment ``f`` has the flag ``("apply", f)``.
 
   Attributes:
     period: ``H``, calls between two syncs of the same fragment.
     warmup: Synchronous calls before the first local step.
     fragments: ``F``, the number of fragments (1: the whole model at once).
-    delay: ``tau``, calls from a fragment's scheduled sync to its outer step
-      (0: the sync happens on its call; at most ``H / F - 1``).
+    delay: ``tau``, calls from a fragment's reduction (sent after ``s - tau``
+      calls) to its outer step on its scheduled call ``s`` (0: the whole sync
+      on call ``s``; at most ``H / F - 1``).
 
   Examples:
     >>> import optax_dist
@@ -189,7 +186,7 @@ class SyncSchedule:
     [False, 0, False, 1, False, 0, False, 1]
     >>> delayed = optax_dist.SyncSchedule(period=6, fragments=2, delay=2)
     >>> [delayed(count) for count in range(8)]
-    [False, False, False, 0, ('apply', 0), False, 1, ('apply', 1)]
+    [False, 0, ('apply', 0), False, 1, ('apply', 1), False, 0]
   """
 
   period: int
@@ -240,10 +237,10 @@ class SyncSchedule:
     if call <= self.warmup:
       return _flags.WARMUP
     if self.delay:
-      reduced = self._scheduled(call - 1)
+      reduced = self._scheduled(call + self.delay - 1)
       if reduced is not False:
         return reduced
-      applied = self._scheduled(call - self.delay)
+      applied = self._scheduled(call)
       if applied is not False and self.delay > 1:
         return (_flags.APPLY, 0 if applied is True else applied)
       return False
@@ -281,10 +278,10 @@ class SyncSchedule:
 
   def phases(self, step: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
     """With a delay: for each fragment, whether the call that brings the counter to ``step``
-    reduces it (the call after its scheduled one) and whether it applies it (``delay``
-    calls after its scheduled one)."""
-    _, reduces = self.in_graph(step - 1)
-    _, applies = self.in_graph(step - self.delay)
+    reduces it (``delay - 1`` calls before its scheduled one) and whether it applies it
+    (its scheduled call)."""
+    _, reduces = self.in_graph(step + self.delay - 1)
+    _, applies = self.in_graph(step)
     return reduces, applies
 
 

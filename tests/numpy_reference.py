@@ -195,14 +195,14 @@ def diloco(
   (the center follows the params); ``flags`` (one per call, without a
   delay) override the schedule; ``shapes`` are the leaves' shapes (Muon).
 
-  ``delay`` tau and ``blend`` (DESIGN 11.1): the pseudo-gradient of a sync
-  scheduled on call s is taken from the params after s inner steps (those
-  that call s + 1 receives) over the workers whose fragment is finite; its
-  outer step lands on call s + tau, after that call's inner step, and the
-  workers merge: x <- blend * x + (1 - blend) * center (a left-out worker,
-  or a non-finite number, lands on the center; a worker that came into the
-  call non-finite stays so, since the updates are ``target - params``).
-  With tau 0 (and blend 0) that is the undelayed sync.
+  ``delay`` tau and ``blend``: the pseudo-gradient of a sync scheduled on
+  call s is taken from the params after s - tau inner steps (those that call
+  s - tau + 1 receives) over the workers whose fragment is finite; its outer
+  step lands on call s, after that call's inner step, and the workers merge:
+  x <- blend * x + (1 - blend) * center (a left-out worker, or a non-finite
+  number, lands on the center; a worker that came into the call non-finite
+  stays so, since the updates are ``target - params``). With tau 0 and blend
+  0 that is the undelayed sync.
   """
   x0 = np.asarray(x0, np.float64)
   labels = np.zeros(x0.shape, int) if labels is None else np.asarray(labels)
@@ -227,6 +227,8 @@ def diloco(
       continue
     before = x
     x = x + np.stack([local[k](g[k]) for k in range(n)])
+    if delay:  # What the sync landing tau calls from now sends: these params.
+      flag = schedule_flag(t + delay, period=p, warmup=warmup, fragments=num)
     synced = [] if flag is False else list(range(num)) if flag is True else [flag]
     for f in synced:
       idx = labels == f

@@ -233,18 +233,19 @@ CASES = [
   ),
   Case(
     # Muon inside (MuLoCo, DESIGN 11.2: Newton-Schulz on w, Adam on b and v),
-    # with a delayed, blended fragment sync (DESIGN 11.1): fragment 0's sync is
-    # scheduled on call 3, reduced on call 4 (flag 0) and lands on call 5 (flag
-    # ("apply", 0)), blended halfway; fragment 1's on calls 6, 7 and 8.
+    # with a delayed, blended fragment sync: fragment 0's sync is scheduled on
+    # call 3, reduced on call 2 (flag 0) and lands on call 3 (flag ("apply",
+    # 0)), blended halfway; fragment 1's on calls 5 and 6, fragment 0's again
+    # on calls 8 and 9.
     "diloco_muon_delay2_blend",
     optax_dist.diloco,
     {"sync_period": 6, "fragments": 2, "delay": 2, "blend": 0.5},
     {},
     bad=(
       ({"delay": 3}, ValueError, r"must be < `sync_period` / fragments \(6 / 2 = 3\)"),
-      ({"blend": 1.0}, ValueError, r"`blend` must be in \[0, 1\)"),
+      ({"blend": 1.5}, ValueError, r"`blend` must be in \[0, 1\]"),
     ),
-    flags=(False, False, False, 0, ("apply", 0), False, 1, ("apply", 1), False),
+    flags=(False, 0, ("apply", 0), False, 1, ("apply", 1), False, 0, ("apply", 0)),
     fragments=TWO_FRAGMENTS,
     reference=functools.partial(
       numpy_reference.diloco, p=6, labels=FLAT_LABELS, delay=2, blend=0.5, shapes=SHAPES
@@ -254,14 +255,14 @@ CASES = [
     tolerance=MUON_TOLERANCE,
   ),
   Case(
-    # Delay 1 (DESIGN 11.1): the call after the scheduled one reduces and
+    # Delay 1: the scheduled call reduces from the params it receives and
     # lands, blend 0: on the center; after a one-call warm-up.
     "model_average_delay1",
     optax_dist.model_average,
     {"interval_steps": 4, "fragments": 2, "delay": 1, "blend": 0.0, "sync_warmup": 1},
     {},
     bad=(({"delay": 1.0}, TypeError, "`delay` must be a Python int"),),
-    flags=("warmup", False, False, 0, False, 1, False, 0, False),
+    flags=("warmup", False, 0, False, 1, False, 0, False, 1),
     fragments=TWO_FRAGMENTS,
     reference=functools.partial(
       numpy_reference.model_average, p=4, warmup=1, labels=FLAT_LABELS, delay=1

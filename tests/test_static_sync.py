@@ -246,14 +246,15 @@ def test_schedule_values():
 
 
 def test_schedule_values_with_a_delay():
-  # DESIGN 11.1, one fragment: with delay 1 the call after the scheduled one
-  # (call 6) reduces and lands (call 7, True); with delay 2 it reduces (True)
-  # and the next call lands the one fragment, ("apply", 0).
+  # One fragment, its sync scheduled on call 6: with delay 1 that call reduces
+  # and lands (True); with delay 2 the call before it reduces (True) and call 6
+  # lands the one fragment, ("apply", 0).
   delay_1 = optax_dist.SyncSchedule(period=6, delay=1)
-  assert [delay_1(i) for i in range(8)] == [False] * 6 + [True, False]
+  assert [delay_1(i) for i in range(8)] == [False] * 5 + [True, False, False]
   schedule = optax_dist.SyncSchedule(period=6, delay=2)
   flags = [schedule(i) for i in range(14)]
-  assert flags == [False] * 6 + [True, ("apply", 0)] + [False] * 4 + [True, ("apply", 0)]
+  once = [False] * 4 + [True, ("apply", 0)]
+  assert flags == once + once + [False, False]
   assert [type(f[1]) for f in flags if isinstance(f, tuple)] == [int, int]  # Not True.
   assert repr(schedule) == "SyncSchedule(period=6, warmup=0, fragments=1, delay=2)"
   # A schedule without a delay reads as before delays existed.
@@ -263,22 +264,18 @@ def test_schedule_values_with_a_delay():
 @pytest.mark.parametrize(
   ("kwargs", "match"),
   [
-    ({"delay": -1}, r"^`delay` must be >= 0 \(0: the outer step on the sync's call\), got -1\.$"),
+    ({"delay": -1}, r"^`delay` must be >= 0 \(0: the whole sync on its scheduled call\), got -1\.$"),
     (
       {"delay": 1, "blend": 1.5},
-      r"^`blend` must be in \[0, 1\), got 1\.5: the workers land on "
-      r"`blend \* x \+ \(1 - blend\) \* center` \(0: on the center\)\.$",
+      r"^`blend` must be in \[0, 1\], got 1\.5: after a sync the workers land on "
+      r"`blend \* x \+ \(1 - blend\) \* center` \(0: on the center; 1: they keep their "
+      r"params\)\.$",
     ),
     ({"sync_warmup": -1}, r"^`sync_warmup` must be >= 0, got -1\.$"),
     (
       {"sync_warmup": 1.5},
       r"^`sync_warmup` must be a Python int \(it is static\), got 1\.5\. Under "
       r"`optax\.inject_hyperparams`, list it in `static_args`\.$",
-    ),
-    (
-      {"blend": 0.5},
-      r"^`blend=0\.5` needs `delay >= 1`: without a delay the workers land on the center they "
-      r"sent their pseudo-gradient to\. Pass `delay=1` \(or more\), or `blend=0\.0`\.$",
     ),
   ],
 )
