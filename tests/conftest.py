@@ -18,6 +18,7 @@ import platform
 import time
 
 import pytest
+import xla_flags
 
 NUM_DEVICES = 8
 
@@ -46,9 +47,11 @@ if platform.machine().lower() in ("x86_64", "amd64"):
     "xla_cpu_max_isa": "AVX",
   }
 _FLAGS = os.environ.get("XLA_FLAGS", "")
-for _name, _value in COMPILER_FLAGS.items():
-  if f"--{_name}=" not in _FLAGS:
-    _FLAGS += f" --{_name}={_value}"
+# Only the settings this XLA knows (it aborts on an unknown flag), tried in a
+# fresh process; the test processes inherit XLA_FLAGS and try nothing again.
+_MISSING = {k: v for k, v in COMPILER_FLAGS.items() if f"--{k}=" not in _FLAGS}
+for _name, _value in xla_flags.known(_MISSING).items():
+  _FLAGS += f" --{_name}={_value}"
 os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_force_host_platform_device_count={NUM_DEVICES}".strip()
 
 import jax  # noqa: E402

@@ -264,7 +264,10 @@ def test_schedule_values_with_a_delay():
 @pytest.mark.parametrize(
   ("kwargs", "match"),
   [
-    ({"delay": -1}, r"^`delay` must be >= 0 \(0: the whole sync on its scheduled call\), got -1\.$"),
+    (
+      {"delay": -1},
+      r"^`delay` must be >= 0 \(0: the whole sync on its scheduled call\), got -1\.$",
+    ),
     (
       {"delay": 1, "blend": 1.5},
       r"^`blend` must be in \[0, 1\], got 1\.5: after a sync the workers land on "
