@@ -7,6 +7,7 @@ with every computation it reaches, is one loop (a periodic transform's sync
 branch, one per fragment).
 """
 
+import itertools
 import math
 import re
 from typing import NamedTuple
@@ -37,8 +38,11 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z-]+)\(")
 _ARRAY = re.compile(r"\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]")
-_GROUPS = re.compile(r"replica_groups=\{(\{[\d,]*\})")
+_GROUPS = re.compile(r"replica_groups=\{(\{[\d,]*\}(?:,\{[\d,]*\})*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+# Newer XLA names the groups by mesh axes: ``replica_groups=mesh['r'=2,'g'=4] {'g'}``.
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_MESH_AXIS = re.compile(r"'([^']+)'=(\d+)")
 _PARTITIONS = re.compile(r"num_partitions=(\d+)")
 _CALLEE = re.compile(
   r"(?:calls|body|condition|to_apply|branch_computations|\w+_computation)=\{?([^,}\s]+(?:, %[^,}\s]+)*)"
@@ -67,11 +71,47 @@ def nbytes(shape: str) -> int:
   return total
 
 
-def _group(line: str, default: int) -> int:
+def replica_groups(line: str) -> list[list[int]] | None:
+  """The device groups of a collective's line, as listed or by mesh axes (None: not given).
+
+  ``replica_groups={{0,4},{1,5}}`` lists them. ``replica_groups=mesh['r'=2,'g'=4]
+  {'r'}`` names the mesh (devices numbered in row-major order over its axes)
+  and the axes each group spans: one group per index of the other axes.
+  """
   listed = _GROUPS.search(line)
   if listed:
-    members = listed.group(1).strip("{}")
-    return len(members.split(",")) if members else default
+    groups = listed.group(1)[1:-1].split("},{")
+    return [[int(d) for d in g.split(",")] for g in groups if g]
+  by_mesh = _MESH_GROUPS.search(line)
+  if by_mesh:
+    sizes = {name: int(n) for name, n in _MESH_AXIS.findall(by_mesh.group(1))}
+    spanned = re.findall(r"'([^']+)'", by_mesh.group(2))
+    names = list(sizes)
+    shape = [sizes[n] for n in names]
+    others = [n for n in names if n not in spanned]
+    out = []
+    for fixed in itertools.product(*(range(sizes[n]) for n in others)):
+      index = dict(zip(others, fixed, strict=True))
+      group = []
+      for varied in itertools.product(*(range(sizes[n]) for n in spanned)):
+        index.update(zip(spanned, varied, strict=True))
+        group.append(_flat_index([index[n] for n in names], shape))
+      out.append(sorted(group))
+    return out
+  return None
+
+
+def _flat_index(index: list[int], shape: list[int]) -> int:
+  flat = 0
+  for i, size in zip(index, shape, strict=True):
+    flat = flat * size + i
+  return flat
+
+
+def _group(line: str, default: int) -> int:
+  groups = replica_groups(line)
+  if groups:
+    return len(groups[0])
   iota = _IOTA_GROUPS.search(line)
   if iota:
     return int(iota.group(2))

@@ -7,6 +7,7 @@ from optax_dist import _hlo
 collectives = _hlo.collectives
 nbytes = _hlo.nbytes
 ops = _hlo.ops
+replica_groups = _hlo.replica_groups
 
 
 def while_bodies(hlo: str) -> set[str]:

@@ -134,11 +134,6 @@ def test_matches_numpy_reference(algorithm, inner, layout):
   np.testing.assert_array_equal(optax_dist.global_step(state), STEPS // PERIOD)
 
 
-def _replica_groups(line):
-  groups = line.split("replica_groups={{")[1].split("}}")[0]
-  return [sorted(map(int, g.split(","))) for g in groups.split("},{")]
-
-
 def test_hlo_every_step_inside_hosts_every_p_steps_across_them():
   init, step, w = compiled_run(transform("elastic_average", "adam"), "per_host")
   x, y = data()
@@ -148,7 +143,7 @@ def test_hlo_every_step_inside_hosts_every_p_steps_across_them():
   lines = [ln for ln in text.splitlines() if " all-reduce(" in ln]
   assert len(lines) == len(ops) == 2
   found = {
-    op.computation in bodies: (op.kind, op.nbytes, _replica_groups(line))
+    op.computation in bodies: (op.kind, op.nbytes, hlo.replica_groups(line))
     for op, line in zip(ops, lines, strict=True)
   }
   # Every step: the gradients, all-reduced over the devices of each host.
