@@ -2,6 +2,7 @@
 
 from harness import AXIS
 from harness import map_workers
+import hlo
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -78,3 +79,21 @@ def test_bad_period():
   r = report(optax_dist.tower(optax.sgd(0.1), axis_name=AXIS))
   with pytest.raises(ValueError, match=r"period.*>= 1"):
     r.bytes_per_step(0)
+
+
+def test_replica_groups_are_read_in_both_forms_xla_prints():
+  # Listed (older XLA) and by mesh axes (newer XLA): the same groups.
+  listed = "%ar = f32[4]{0} all-reduce(%p), replica_groups={{0,4},{1,5},{2,6},{3,7}}, to_apply=%r"
+  by_mesh = "%ar = f32[4]{0} all-reduce(%p), replica_groups=mesh['r'=2,'g'=4] {'r'}, to_apply=%r"
+  assert (
+    hlo.replica_groups(listed) == hlo.replica_groups(by_mesh) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+  )
+  inside = "%ar = f32[4]{0} all-reduce(%p), replica_groups=mesh['r'=2,'g'=4] {'g'}, to_apply=%r"
+  assert hlo.replica_groups(inside) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  both = (
+    "%ag = f32[8]{0} all-gather(%p), replica_groups=mesh['r'=2,'g'=4] {'r','g'}, dimensions={0}"
+  )
+  assert hlo.replica_groups(both) == [list(range(8))]
+  # The size of a group is what communication_report calls the workers.
+  assert [op.group for op in hlo.ops(f"ENTRY %main {{\n  {by_mesh}\n}}")] == [2]
+  assert [op.group for op in hlo.ops(f"ENTRY %main {{\n  {both}\n}}")] == [8]
