@@ -88,12 +88,13 @@ M2X2 = Row("DiLoCo M=2 batch x2", M2.fields, f"same as {M2.name}", batch_factor=
 M8X2 = Row("DiLoCo M=8 batch x2", M8.fields, f"same as {M8.name}", batch_factor=2)
 MUON = Row("DP, Muon inside", {"algorithm": "sync", "inner": "muon"}, "muon")
 ROWS = (DP, M2, M8, WARM, M2X2, M8X2, MUON)
-# The order they run in: what the size table needs first, at every size.
+# The order they run in: what the size table needs first, at every size; the
+# doubled batch at the smallest size before the larger ones.
 PLAN = (
   *((size, row) for row in (DP, M8, M2) for size in SIZES),
   ("34k", MUON),
   *((size, WARM) for size in SIZES),
-  *((size, row) for row in (M8X2, M2X2) for size in SIZES),
+  *((size, row) for size in SIZES for row in (M8X2, M2X2)),
 )
 
 
