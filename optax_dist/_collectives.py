@@ -135,13 +135,35 @@ def to_varying(tree: Any, axis_name: AxisName) -> Any:
 def psum(tree: Any, axis_name: AxisName) -> Any:
   """Sum over workers (of an invariant value: N times the value)."""
   num_workers(axis_name)
-  return lax.psum(tree, axis_tuple(axis_name))
+  return _all_reduce(lax.psum, tree, axis_tuple(axis_name))
 
 
 def pmean(tree: Any, axis_name: AxisName) -> Any:
   """Mean over workers."""
   num_workers(axis_name)
-  return lax.pmean(tree, axis_tuple(axis_name))
+  return _all_reduce(lax.pmean, tree, axis_tuple(axis_name))
+
+
+def _all_reduce(reduce: Any, tree: Any, axes: tuple) -> Any:
+  """``reduce(tree, axes)``, also under ``vmap`` with ``spmd_axis_name`` on Explicit mesh axes.
+
+  There (the GSPMD path with Explicit axes) the batched all-reduce lowers as a
+  reduction of the batch dimension that keeps the operand's sharding, which
+  names the workers' axis on that dimension: JAX gives the reduced result the
+  wrong sharding (its first dimension sharded over the workers) or rejects it
+  (``Length of sharding.spec ... must be equal to aval's ndim``). With those
+  axes Auto for the reduction alone, the sharding is dropped from the type
+  and the partitioner places the all-reduce; each leaf comes back with the
+  sharding it had. Under shard_map the axes are Manual, and under pmap, plain
+  vmap or Auto axes nothing changes.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = getattr(mesh, "manual_axes", ())
+  explicit = tuple(a for a in axes if a in getattr(mesh, "explicit_axes", ()) and a not in manual)
+  if not explicit:
+    return reduce(tree, axes)
+  specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, tree)
+  return jax.sharding.auto_axes(lambda t: reduce(t, axes), axes=explicit, out_sharding=specs)(tree)
 
 
 def all_gather(tree: Any, axis_name: AxisName) -> Any:
@@ -209,7 +231,7 @@ def reduce_gradients(grads: Any, axis_name: AxisName, reduction: str) -> Any:
     # Axes over which `g` is already a sum: typed, and `g` invariant there.
     to_sum = tuple(a for a in axes if a not in typed or a in varying)
     if to_sum:
-      g = lax.psum(g, to_sum)
+      g = _all_reduce(lax.psum, g, to_sum)
     if reduction == "mean" and n > 1:
       g = g / jnp.asarray(n, g.dtype)
     return g
@@ -237,7 +259,7 @@ def broadcast_from(tree: Any, axis_name: AxisName, *, index: int = 0) -> Any:
       return x
     dtype = x.dtype
     wide = jnp.int32 if dtype == jnp.bool_ else dtype
-    y = lax.psum(jnp.where(is_source, x.astype(wide), jnp.zeros((), wide)), axes)
+    y = _all_reduce(lax.psum, jnp.where(is_source, x.astype(wide), jnp.zeros((), wide)), axes)
     y = y.astype(dtype)
     back = tuple(a for a in axes if a in varying)
     return lax.pcast(y, back, to="varying") if back else y
