@@ -157,6 +157,7 @@ def agn(
   _reduce.check_ordering(ordering)
   _collectives.check_reduction(center_reduction, "center_reduction")
   axes = _collectives.axis_tuple(axis_name)
+  _declare.check_transformation(inner, "inner", "optax.adamw(1e-3)")
   inner = optax.with_extra_args_support(inner)
 
   def on_sync(local, fields):

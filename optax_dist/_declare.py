@@ -269,6 +269,35 @@ def check_floating(params: Any, name: str) -> None:
       )
 
 
+def check_transformation(value: Any, argument: str, example: str) -> None:
+  """``value`` must be an optax transformation (an ``init`` and an ``update``), checked at build."""
+  if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+    raise TypeError(
+      f"`{argument}` must be an optax GradientTransformation (e.g. {example}), got {value!r}."
+    )
+
+
+def check_inner_state(inner_state: Any, expected: Any, name: str) -> None:
+  """A state's inner optimizer state must be the one this optimizer's inner ``init`` makes."""
+  got: Any = jax.tree.structure(inner_state)
+  want: Any = jax.tree.structure(expected)
+  if got != want:
+    raise ValueError(
+      f"{name}: this state's inner optimizer state is {_state_name(inner_state)}, but this "
+      f"optimizer's inner optimizer makes {_state_name(expected)}: the state was made by "
+      "another optimizer. Make the state with this optimizer's `init` (or restore a "
+      "checkpoint into a state made by that `init`), or build the optimizer with the inner "
+      "optimizer the state was made with."
+    )
+
+
+def _state_name(state: Any) -> str:
+  """A state's type, or its tuple of types (an ``optax.chain``'s)."""
+  if isinstance(state, tuple) and not hasattr(state, "_fields"):
+    return "(" + ", ".join(_state_name(s) for s in state) + ")"
+  return type(state).__name__
+
+
 def check_structures(grads: Any, params: Any, name: str) -> None:
   """The gradients and the params must be trees of the same structure."""
   grads_def: Any = jax.tree.structure(grads)

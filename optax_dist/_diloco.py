@@ -189,11 +189,7 @@ def diloco(
   )
   if outer is None:
     outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
-  if not (callable(getattr(outer, "init", None)) and callable(getattr(outer, "update", None))):
-    raise TypeError(
-      f"`outer` must be an optax GradientTransformation (e.g. optax.sgd(0.7, momentum=0.9, "
-      f"nesterov=True)), got {outer!r}."
-    )
+  _declare.check_transformation(outer, "outer", "optax.sgd(0.7, momentum=0.9, nesterov=True)")
   outer = optax.with_extra_args_support(outer)
   axes = _collectives.axis_tuple(axis_name)
 

@@ -100,6 +100,7 @@ def periodic(
   Returns:
     The transformation; its ``update`` takes the static ``sync`` flag.
   """
+  _declare.check_transformation(inner, "inner", "optax.adamw(1e-3)")
   settings = _schedule.Settings.check(period_name, period, sync_warmup, fragments, delay, blend)
   if not isinstance(host_offload, bool):
     raise TypeError(f"`host_offload` must be a Python bool, got {host_offload!r}.")
@@ -176,6 +177,8 @@ class _Engine:
   def update(self, state: Any, grads: Any, params: Any, extra_args: dict, sync: Any) -> tuple:
     """One call: ``(updates, new_state)``."""
     _declare.check_structures(grads, params, self.name)
+    expected = jax.eval_shape(self.inner.init, params)
+    _declare.check_inner_state(state.inner_state, expected, self.name)
     counters: _schedule.SyncState = state.sync
     schedule = counters.schedule
     self.settings.check_state(schedule, params, self.name)
@@ -193,6 +196,11 @@ class _Engine:
     else:
       call.static(grads, flag, schedule)
     return call.updates, call.new_state()
+
+
+# How a periodic transform's engine reads in its settings (``_settings.lines``),
+# so that a step can tell a periodic optimizer before any state exists.
+SETTINGS_MARK = f"<{__name__}.{_Engine.__qualname__}>"
 
 
 class _Call:

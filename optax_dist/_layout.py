@@ -99,14 +99,17 @@ def check_per_worker(tree: Any, n: int, what: str) -> None:
       )
 
 
+PERIODIC_NEEDS_PER_WORKER = (
+  "The optimizer holds a periodic transform (elastic_average, agn, model_average, "
+  "diloco, ...), whose workers keep their own params between syncs: build the step "
+  "with params_layout='per_worker' and lay params and state out with "
+  "`optax_dist.per_worker`."
+)
+
+
 def check_layout(opt_state: Any, params_layout: str) -> None:
   if params_layout == "replicated" and _state.holds_periodic(opt_state):
-    raise ValueError(
-      "The optimizer holds a periodic transform (elastic_average, agn, model_average, "
-      "diloco, ...), whose workers keep their own params between syncs: build the step "
-      "with params_layout='per_worker' and lay params and state out with "
-      "`optax_dist.per_worker`."
-    )
+    raise ValueError(PERIODIC_NEEDS_PER_WORKER)
 
 
 def per_worker(tree: Any, *, mesh: jax.sharding.Mesh, axis_name: _collectives.AxisName) -> Any:

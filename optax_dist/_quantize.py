@@ -161,6 +161,12 @@ def make_wire(
     raise ValueError(
       f"`comm_dtype` {dtype} is not supported; the 8-bit floats are {_codec.EIGHT_BIT_FLOATS}."
     )
+  if dtype.itemsize == 8 and not jax.config.read("jax_enable_x64"):
+    raise ValueError(
+      f"`comm_dtype` {dtype} needs JAX's 64-bit mode, which is off: the sync would send "
+      "float32 without a word. Enable it before building the optimizer "
+      "(`jax.config.update('jax_enable_x64', True)`), or pass jnp.float32."
+    )
   wire = Wire(dtype, error_feedback, topk_fraction, error_decay)
   if sparse and dtype.name not in _codec.INTEGERS:
     raise ValueError(

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _engine
 from optax_dist import _flags
 from optax_dist import _layout
 from optax_dist import _metrics
@@ -94,6 +95,11 @@ class _TrainStep:
     and, in its sync branches, those of the syncs.
     """
     return self._run.lower(params, opt_state, batch)
+
+
+def _holds_periodic(optimizer: Any) -> bool:
+  """Whether the optimizer (a transformation, before any state exists) holds a periodic one."""
+  return any(line.endswith(_engine.SETTINGS_MARK) for line in _settings.lines(optimizer))
 
 
 def _restart_on_sync(params: Any, opt_state: Any, flag: Any, axes: tuple) -> Any:
@@ -265,6 +271,8 @@ def data_parallel_step(
     raise ValueError(f"`sync_dispatch` must be one of {_DISPATCHES}, got {sync_dispatch!r}.")
   axes = setup.axes
   _settings.check_bound_axes(optimizer, axes, mesh, "data_parallel_step")
+  if params_layout == "replicated" and _holds_periodic(optimizer):
+    raise ValueError(f"data_parallel_step: {_layout.PERIODIC_NEEDS_PER_WORKER}")
 
   def body(params, opt_state, batch, extra):
     if params_layout == "per_worker":

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
+from optax_dist import _declare
 
 
 class TowerState(NamedTuple):
@@ -86,6 +87,7 @@ def tower(
   """
   _collectives.check_reduction(loss_reduction, "loss_reduction")
   axes = None if axis_name is None else _collectives.axis_tuple(axis_name)
+  _declare.check_transformation(inner, "inner", "optax.adamw(1e-3)")
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

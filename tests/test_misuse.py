@@ -43,7 +43,11 @@ def test_data_parallel_step_checks_the_optimizers_axis_when_built():
   )
   # The right axis, and a hierarchical composition over both axes, are accepted.
   optax_dist.data_parallel_step(
-    lsq, optax_dist.diloco(optax.adam(0.1), axis_name="batch"), mesh=mesh, axis_name="batch"
+    lsq,
+    optax_dist.diloco(optax.adam(0.1), axis_name="batch"),
+    mesh=mesh,
+    axis_name="batch",
+    params_layout="per_worker",
   )
   mesh2 = jax.make_mesh((2, 2), ("hosts", "local"), axis_types=(AxisType.Auto,) * 2)
   inner = optax_dist.tower(optax.sgd(0.1), axis_name="local")
@@ -52,6 +56,7 @@ def test_data_parallel_step_checks_the_optimizers_axis_when_built():
     optax_dist.model_average(inner, axis_name="hosts"),
     mesh=mesh2,
     axis_name=("hosts", "local"),
+    params_layout="per_worker",
   )
 
 
@@ -231,4 +236,66 @@ def test_grads_and_params_of_different_structures():
     f"{jax.tree.structure(params)}. Pass the gradients of the params you pass as `params` "
     "(e.g. `jax.grad(loss)(params)`), and under `optax.masked` or `optax.multi_transform` "
     "give both the same mask."
+  )
+
+
+def test_a_periodic_optimizer_with_the_replicated_layout_is_refused_when_the_step_is_built():
+  mesh = worker_mesh(N, "batch")
+  tx = optax.chain(optax.clip(1.0), optax_dist.diloco(optax.adam(0.1), axis_name="batch"))
+  with pytest.raises(ValueError) as e:
+    optax_dist.data_parallel_step(lsq, tx, mesh=mesh, axis_name="batch")
+  assert str(e.value) == (
+    "data_parallel_step: The optimizer holds a periodic transform (elastic_average, agn, "
+    "model_average, diloco, ...), whose workers keep their own params between syncs: build "
+    "the step with params_layout='per_worker' and lay params and state out with "
+    "`optax_dist.per_worker`."
+  )
+  # A synchronous optimizer takes the replicated layout.
+  optax_dist.data_parallel_step(
+    lsq, optax_dist.tower(optax.adam(0.1), axis_name="batch"), mesh=mesh, axis_name="batch"
+  )
+
+
+@pytest.mark.parametrize(
+  "build",
+  [
+    lambda: optax_dist.diloco(None, axis_name=AXIS),
+    lambda: optax_dist.model_average(None, axis_name=AXIS),
+    lambda: optax_dist.elastic_average(None, axis_name=AXIS),
+    lambda: optax_dist.agn(None, axis_name=AXIS),
+    lambda: optax_dist.tower(None, axis_name=AXIS),
+  ],
+)
+def test_a_missing_inner_optimizer_is_refused_when_built(build):
+  with pytest.raises(TypeError) as e:
+    build()
+  assert str(e.value) == (
+    "`inner` must be an optax GradientTransformation (e.g. optax.adamw(1e-3)), got None."
+  )
+
+
+def test_a_64_bit_wire_without_64_bit_mode_is_refused_when_built():
+  assert not jax.config.read("jax_enable_x64")
+  with pytest.raises(ValueError) as e:
+    optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS, comm_dtype=jnp.float64)
+  assert str(e.value) == (
+    "`comm_dtype` float64 needs JAX's 64-bit mode, which is off: the sync would send "
+    "float32 without a word. Enable it before building the optimizer "
+    "(`jax.config.update('jax_enable_x64', True)`), or pass jnp.float32."
+  )
+
+
+def test_a_state_of_another_inner_optimizer_names_both():
+  made = optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS, sync_period=4)
+  tx = optax_dist.diloco(optax.adam(0.1), axis_name=AXIS, sync_period=4)
+  state = map_workers(made.init, N, "vmap")(PARAMS)
+  step = map_workers(lambda g, s, p: tx.update(g, s, p), N, "vmap")
+  with pytest.raises(ValueError) as e:
+    step(GRADS, state, PARAMS)
+  assert str(e.value) == (
+    "diloco: this state's inner optimizer state is (EmptyState, EmptyState), but this "
+    "optimizer's inner optimizer makes (ScaleByAdamState, EmptyState): the state was made by "
+    "another optimizer. Make the state with this optimizer's `init` (or restore a checkpoint "
+    "into a state made by that `init`), or build the optimizer with the inner optimizer the "
+    "state was made with."
   )

@@ -324,11 +324,10 @@ def test_bad_configurations_are_errors():
   with pytest.raises(ValueError, match="mesh does not have"):
     optax_dist.data_parallel_step(tower_loss, sgd, mesh=mesh, axis_name="batch")
   x = (XS[0], XS[0])
-  # A periodic transform needs per-worker params.
+  # A periodic transform needs per-worker params: refused when the step is built.
   ea = optax_dist.elastic_average(sgd, axis_name=AXIS)
-  step = optax_dist.data_parallel_step(tower_loss, ea, mesh=mesh, axis_name=AXIS)
   with pytest.raises(ValueError, match="params_layout='per_worker'"):
-    step(jnp.float32(1.0), ea.init(jnp.float32(1.0)), x)
+    optax_dist.data_parallel_step(tower_loss, ea, mesh=mesh, axis_name=AXIS)
   # Per-worker leaves need the worker axis.
   step = optax_dist.data_parallel_step(
     tower_loss, ea, mesh=mesh, axis_name=AXIS, params_layout="per_worker"
