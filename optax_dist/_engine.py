@@ -250,21 +250,27 @@ class _Call:
     fresh = self.engine.inner.init(optax.tree.cast_like(center, self.params))
     return _syncloop.vary_tree_like(_reduce.where(was_dropped, fresh, inner_state), inner_state)
 
-  def sync_fragment(self, params_f: Any, updates_f: Any, fields_f: Any, red: Any) -> tuple:
-    """A fragment's sync; with a delay (``red`` not None), the call that applies it."""
+  def sync_fragment(
+    self, params_f: Any, updates_f: Any, fields_f: Any, red: Any, inner_state: Any
+  ) -> tuple:
+    """A fragment's sync; with a delay (``red`` not None), the call that applies it.
+
+    A worker whose ``inner_state`` is not finite is left out, as a non-finite one.
+    """
     engine = self.engine
     fields_f = self.fence(self.moved(fields_f, _offload.to_device))
     local = _declare.local_view(params_f, updates_f)
+    sent = local._replace(x=_reduce.left_out_unless(inner_state, local.x))
     if red is not None:
       if self.offload_pending:
         red = red._replace(value=_offload.to_device(red.value))
       red = self.fence(red)
     elif engine.on_sync is None:  # The reduction and the outer step, one after the other.
       assert engine.on_reduce is not None
-      red, fields_f = engine.on_reduce(local.x, fields_f)
+      red, fields_f = engine.on_reduce(sent.x, fields_f)
     if red is None:
       assert engine.on_sync is not None
-      out = engine.on_sync(local, fields_f)
+      out = engine.on_sync(sent, fields_f)
     else:
       assert engine.on_apply is not None
       new = engine.on_apply(fields_f, red)
@@ -278,7 +284,7 @@ class _Call:
     assert self.engine.on_reduce is not None
     fields_f = self.fence(self.moved(fields_f, _offload.to_device))
     x = jax.tree.map(lambda p: p.astype(_declare.center_dtype(p.dtype)), params_f)
-    red, new = self.engine.on_reduce(x, fields_f)
+    red, new = self.engine.on_reduce(_reduce.left_out_unless(self.inner_state, x), fields_f)
     red = self.fence(red)
     if self.offload_pending:
       red = red._replace(value=_offload.to_host(red.value))
@@ -333,7 +339,9 @@ class _Call:
       def on_sync(loop: tuple, inputs: Any) -> tuple:
         updates_f, fields_f, _, inner_state, dropped = loop
         params_f, red = inputs
-        updates_f, fields_f, ok, out = self.sync_fragment(params_f, updates_f, fields_f, red)
+        updates_f, fields_f, ok, out = self.sync_fragment(
+          params_f, updates_f, fields_f, red, inner_state
+        )
         inner_state = self.fresh_inner(out, inner_state)
         return updates_f, fields_f, ok, inner_state, dropped + out.astype(jnp.int32)
 
@@ -380,7 +388,7 @@ class _Call:
       applied = None if not delay else reduced[f] if delay == 1 else self.pending_view(f)
       old_updates, old = views.tree(self.updates, f), views.fields(self.fields, f)
       updates_f, fields_f, ok, out = self.sync_fragment(
-        views.tree(self.params, f), old_updates, old, applied
+        views.tree(self.params, f), old_updates, old, applied, self.inner_state
       )
       self.updates = views.merge_tree(self.updates, vary(updates_f, old_updates))
       self.fields = views.merge_fields(self.fields, vary(fields_f, old), f)

@@ -42,6 +42,20 @@ def all_finite(tree: Any, axes: tuple) -> jax.Array:
   return _collectives.agree(_nonfinite.all_finite(tree), axes)
 
 
+def left_out_unless(sound: Any, x: Any) -> Any:
+  """``x``, or NaN where the worker's inner optimizer state ``sound`` is not finite.
+
+  A worker whose optimizer state went bad (Adam's second moment made
+  infinite by one huge gradient) takes zero steps from then on while its
+  params stay finite: made non-finite, its contribution is left out of the
+  sync like any non-finite one, and the worker restarts on the center with a
+  fresh inner state. A local check (no collective), run on sync calls only:
+  where a worker is several devices, the contribution's own check agrees.
+  """
+  ok = _nonfinite.all_finite(sound)
+  return jax.tree.map(lambda v: jnp.where(ok, v, jnp.asarray(jnp.nan, v.dtype)), x)
+
+
 def where(ok: jax.Array, new: Any, old: Any) -> Any:
   """``new`` where ``ok``, ``old`` otherwise, leaf by leaf."""
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)

@@ -269,3 +269,37 @@ def test_the_guard_adds_no_collective(name):
   # One all-reduce: the params-sized contribution and the count of finite
   # workers (4 bytes) together.
   assert [op.kind for op in found] == ["all-reduce"] and found[0].nbytes == 64 * 32 * 4 + 4
+
+
+@pytest.mark.parametrize("delay", [0, 1])
+def test_a_worker_whose_inner_state_overflowed_is_left_out_and_restarts(delay):
+  # One gradient of 1e30 on worker 2 (call 2, a local call) makes its Adam
+  # second moment infinite: its updates are zero from then on while its
+  # params stay finite. The next sync (call 4) leaves it out of the mean,
+  # counts it and restarts it on the center with a fresh Adam; it then
+  # trains like the others.
+  tx = optax_dist.diloco(
+    optax.adam(0.1), axis_name=AXIS, sync_period=4, outer=optax.sgd(1.0), delay=delay
+  )
+  grads = [dict(g) for g in gradients(with_nan=False)] + gradients(with_nan=False)[:2]
+  grads[1] = {"w": grads[1]["w"].copy()}
+  grads[1]["w"][BAD_WORKER] *= np.float32(1e30)
+  traj = run_transform(tx, PARAMS, grads, mode="vmap")
+  before = np.asarray(traj.params[2]["w"])  # After call 3: the bad worker has not moved.
+  np.testing.assert_array_equal(before[BAD_WORKER], np.asarray(traj.params[1]["w"])[BAD_WORKER])
+  state = traj.states[3]  # After the sync on call 4.
+  np.testing.assert_array_equal(optax_dist.dropped_syncs(state), [0, 0, 1, 0])
+  np.testing.assert_array_equal(optax_dist.skipped_syncs(state), 0)
+  # The center is the mean of the three others (an outer SGD step of 1), from
+  # the params they sent: after call 4 (delay 0) or after call 3 (delay 1).
+  sent = np.asarray(traj.params[3 - delay]["w"])
+  others = [k for k in range(N) if k != BAD_WORKER]
+  center = np.asarray(optax_dist.center_params(state)["w"])
+  np.testing.assert_allclose(center[0], sent[others].mean(0), rtol=1e-6)
+  # Every worker stands on the center, the bad one with a finite Adam state again.
+  np.testing.assert_allclose(np.asarray(traj.params[3]["w"]), center, rtol=1e-6)
+  nu = np.asarray(state.inner_state[0].nu["w"])
+  assert np.isfinite(nu).all() and (nu[BAD_WORKER] == 0).all()
+  # From there on it moves as far per call as the others do.
+  moved = np.abs(np.asarray(traj.params[5]["w"]) - np.asarray(traj.params[3]["w"])).sum(1)
+  assert moved[BAD_WORKER] > 0.5 * np.median(moved), moved
