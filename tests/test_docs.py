@@ -504,22 +504,135 @@ def test_the_readme_and_the_landing_page_link_the_tutorial():
   assert "\ntutorial\n" in toctree
 
 
-def test_readme_api_table_gives_the_step_signatures():
-  text = (ROOT / "README.md").read_text()
-  rows = {row.split("|")[1].strip(): row for row in re.findall(r"^\| `\w+\(.*$", text, re.M)}
-  train = next(row for name, row in rows.items() if name.startswith("`data_parallel_step("))
-  evaluate = next(row for name, row in rows.items() if name.startswith("`data_parallel_eval_step("))
-  assert "`step(params, opt_state, batch) -> (params, opt_state, metrics)`" in train
-  assert "`eval_step(params, opt_state, batch) -> metrics`" in evaluate
-  for row in (train, evaluate):
-    assert 'params_layout="per_worker"' in row.split("|")[3]
-  # Every keyword of the builders is in the signature the table gives.
-  for fn, row in (
-    (optax_dist.data_parallel_step, train),
-    (optax_dist.data_parallel_eval_step, evaluate),
-  ):
-    signature = row.split("|")[1]
-    assert all(f"{name}" in signature for name in inspect.signature(fn).parameters), signature
+# A printed signature: ``name(...)`` in backticks, or a ``# Fragment: the
+# signature`` block, for a public function of the package.
+INLINE_CALL = re.compile(r"`(?:optax_dist\.)?(\w+)\(([^`]*)\)`")
+SIGNATURE_BLOCK = re.compile(
+  r"\A# Fragment: the signature\.?\n(?:optax_dist\.)?(\w+)\((.*)\)\s*\Z", re.S
+)
+
+
+def parse_parameters(text):
+  """``ast.arguments`` of a printed parameter list, or None if it is not one."""
+  try:
+    tree = ast.parse(f"def f({text}): pass")
+  except SyntaxError:
+    return None
+  return tree.body[0].args
+
+
+def printed_signatures(page):
+  """``(where, function, arguments, full)`` for every signature a page prints.
+
+  ``full`` is a signature block or an inline form with a bare ``*``: it claims
+  to give every parameter. An inline form without one (``tower(inner,
+  axis_name=..., loss_reduction="mean")``) counts only when its positional
+  names are the function's own, so that a call such as ``tower(opt, ...)`` or
+  TensorFlow's ``minimize(loss, ...)`` and ``get_slot(*args, **kwargs)`` is
+  not read as a claim.
+  """
+  found = []
+  for path, text in page_sources(page):
+    for block in (b for b in python_blocks(page) if b.path == path):
+      match = SIGNATURE_BLOCK.match(block.code)
+      if match:
+        found.append((f"{path}:{block.line}", *match.groups(), True))
+    prose = FENCE.sub("", text)
+    for match in INLINE_CALL.finditer(prose):
+      found.append((str(path), *match.groups(), None))
+  signatures = []
+  for where, name, text, full in found:
+    fn = getattr(optax_dist, name, None)
+    if name not in optax_dist.__all__ or inspect.isclass(fn) or not callable(fn):
+      continue
+    args = parse_parameters(text)
+    if args is None:
+      continue
+    if full is None:
+      full = bool(args.kwonlyargs) and not args.vararg
+      positional = [a.arg for a in args.posonlyargs + args.args]
+      own = list(inspect.signature(fn).parameters)[: len(positional)]
+      if not full and (not positional or positional != own):
+        continue
+    signatures.append((where, fn, args, full))
+  return signatures
+
+
+def printed_default(node):
+  """The value a printed default stands for; ``...`` for an elided one."""
+  if isinstance(node, ast.Attribute):  # e.g. jnp.int8
+    return eval(compile(ast.Expression(node), "<default>", "eval"), {"jnp": jnp, "optax": optax})
+  return ast.literal_eval(node)
+
+
+def signature_problems(fn, args, full):
+  """How a printed parameter list differs from ``inspect.signature(fn)``."""
+  params = inspect.signature(fn).parameters
+  kind = inspect.Parameter
+  positional = args.posonlyargs + args.args
+  defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+  shown = [
+    (a.arg, kind.POSITIONAL_OR_KEYWORD, d) for a, d in zip(positional, defaults, strict=True)
+  ]
+  if args.vararg:
+    shown.append((args.vararg.arg, kind.VAR_POSITIONAL, None))
+  shown += [
+    (a.arg, kind.KEYWORD_ONLY, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)
+  ]
+  if args.kwarg:
+    shown.append((args.kwarg.arg, kind.VAR_KEYWORD, None))
+  problems = []
+  for name, printed_kind, node in shown:
+    if name not in params:
+      problems.append(f"{name} is not a parameter")
+      continue
+    param = params[name]
+    if full and printed_kind != param.kind and param.kind != kind.POSITIONAL_ONLY:
+      problems.append(f"{name} is {param.kind.description}, printed {printed_kind.description}")
+    if node is None:
+      if full and param.default is not kind.empty:
+        problems.append(f"{name} has the default {param.default!r}, printed none")
+      continue
+    value = printed_default(node)
+    if value is not Ellipsis and value != param.default:
+      problems.append(f"{name} defaults to {param.default!r}, printed {value!r}")
+  if full:
+    names = [name for name, _, _ in shown]
+    if names != list(params):
+      problems.append(f"printed {names}, the code has {list(params)}")
+  return problems
+
+
+@pytest.mark.parametrize("page", page_paths())
+def test_printed_signatures_match_the_code(page):
+  # The API reference, generated from the code, is the one place for
+  # signatures; any other page that prints one is checked here: every
+  # parameter, its kind and its default, against inspect.signature.
+  for where, fn, args, full in printed_signatures(page):
+    problems = signature_problems(fn, args, full)
+    assert not problems, f"{where}: {fn.__name__}: {problems}"
+
+
+def test_the_algorithm_pages_signatures_are_checked():
+  for name in ("tower", "elastic_average", "agn", "model_average", "diloco"):
+    page = f"docs/algorithms/{name}.md"
+    full = [fn.__name__ for _, fn, _, is_full in printed_signatures(page) if is_full]
+    assert name in full, f"{page} prints no checked signature of {name}"
+
+
+def test_signature_check_finds_a_wrong_default_and_a_missing_keyword():
+  tx_args = parse_parameters('inner, *, axis_name, loss_reduction="sum"')
+  assert signature_problems(optax_dist.tower, tx_args, True) == [
+    "loss_reduction defaults to 'mean', printed 'sum'"
+  ]
+  diloco = parse_parameters("inner, *, axis_name, outer=None, sync_period=500")
+  assert signature_problems(optax_dist.diloco, diloco, True)[-1].startswith("printed [")
+  partial = parse_parameters("inner, axis_name=..., sync_period=500, delay=None")
+  assert signature_problems(optax_dist.diloco, partial, False) == []
+  wrong = parse_parameters("inner, axis_name=..., sync_period=16")
+  assert signature_problems(optax_dist.diloco, wrong, False) == [
+    "sync_period defaults to 500, printed 16"
+  ]
 
 
 def test_coming_from_maps_host_offload_and_resize_workers():
