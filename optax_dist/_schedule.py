@@ -2,7 +2,8 @@
 
 A periodic transform syncs on a fixed schedule of its calls (every ``period``
 calls, after ``warmup`` synchronous calls, one fragment at a time when the
-model is cut into ``fragments``, its outer step ``delay`` calls later). That
+model is cut into ``fragments``, sent ``delay`` calls before the call where it
+lands). That
 schedule is static: it lives in the transform's state as a
 :class:`SyncSchedule`, a pytree node with no leaves, so that it survives
 ``optax.chain``, ``optax.masked``, orbax checkpoints and Flax, and a training
