@@ -54,7 +54,7 @@ def agn(
   sync_warmup: int | None = None,
   host_offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Accumulated Gradient Normalization: local steps, then a normalized commit.
+  r"""AGN: local steps, then a normalized commit to a center.
 
   The counterpart of TensorFlow's ``AGNOptimizer`` (Hermans, 2017). Each
   worker :math:`k` steps locally and accumulates its gradients; every ``p``
@@ -128,8 +128,14 @@ def agn(
     the static extra argument ``sync`` (see :doc:`/sync_options`).
 
   Raises:
-    ValueError: for a period < 1, an unknown ordering or center reduction, or
-      ``params=None`` at update time.
+    ValueError: for a period < 1, ``sync_warmup < 0``, an unknown ordering or
+      center reduction, a static ``sync`` flag that names a fragment the transform does not
+      have or a warm-up it does not have, ``params=None`` at update time, or,
+      at update time, a state whose inner optimizer state another inner
+      optimizer made.
+    TypeError: if ``inner`` is not an optax transformation, for a period or
+      ``sync_warmup`` that is not a Python int, a ``host_offload`` that is not
+      a bool, integer params, or a traced ``sync`` flag.
     NameError: at update time, if ``axis_name`` is not bound.
 
   Examples:

@@ -88,7 +88,7 @@ def check_agreement(
   mesh: jax.sharding.Mesh,
   axis_name: _collectives.AxisName,
 ) -> None:
-  """Raises the same error on every process if workers disagree; run before training.
+  """Raises the same error on every process if the workers disagree.
 
   Workers that disagree on a static setting (a communication period, an
   ordering, a moving rate) run different programs: the periodic transforms

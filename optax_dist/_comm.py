@@ -132,6 +132,10 @@ def communication_report(
   Returns:
     A :class:`CommunicationReport`.
 
+  Raises:
+    ValueError: if XLA returns no HLO text for the compiled step. What tracing
+      or compiling ``step`` on ``args`` raises passes through.
+
   Examples:
     A tower step all-reduces the gradients on every step; an elastic
     averaging step all-reduces the params only on syncs. (Measure under

@@ -17,7 +17,7 @@ from optax_dist import _schedule
 
 
 class ElasticAverageState(NamedTuple):
-  """State of the `GradientTransformation` returned by :func:`elastic_average`.
+  """State of the transformation returned by :func:`elastic_average`.
 
   Attributes:
     inner_state: State of the local (worker) optimizer.
@@ -64,7 +64,7 @@ def elastic_average(
   error_feedback: bool = False,
   host_offload: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Elastic Averaging SGD: local steps, and every ``p`` calls an elastic pull.
+  r"""Elastic Averaging SGD (EASGD): an elastic pull every ``p`` calls.
 
   The counterpart of TensorFlow's ``ElasticAverageOptimizer`` (Zhang,
   Choromanska and LeCun, 2015). Each worker :math:`k` keeps its own params
@@ -154,10 +154,17 @@ def elastic_average(
     and takes the static extra argument ``sync`` (see :doc:`/sync_options`).
 
   Raises:
-    ValueError: for a period < 1, a moving rate outside (0, 1], a negative
-      ``rho``, an unknown ordering, an unsupported ``comm_dtype`` (or one
-      with ``"round_robin"``), ``error_feedback`` without an 8-bit
-      ``comm_dtype``, or ``params=None`` at update time.
+    ValueError: for a period < 1, ``sync_warmup < 0``, a moving rate outside
+      (0, 1], a negative ``rho``, an unknown ordering, an unsupported
+      ``comm_dtype`` (or one with ``"round_robin"``), a 64-bit ``comm_dtype``
+      without JAX's 64-bit mode, ``error_feedback`` without an 8-bit
+      ``comm_dtype``, a static ``sync`` flag that names a fragment the transform does not
+      have or a warm-up it does not have, ``params=None`` at update time, or,
+      at update time, a state whose inner optimizer state another inner
+      optimizer made.
+    TypeError: if ``inner`` is not an optax transformation, for a period or
+      ``sync_warmup`` that is not a Python int, a ``host_offload`` that is not
+      a bool, integer params, or a traced ``sync`` flag.
     NameError: at update time, if ``axis_name`` is not bound.
 
   Examples:

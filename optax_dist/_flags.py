@@ -84,7 +84,7 @@ _VERIFY = [False]
 
 @contextlib.contextmanager
 def checking_sync_flags() -> Iterator[None]:
-  """Checks, on every call, that a static ``sync`` flag agrees with the call counter.
+  """Checks on every call that a static ``sync`` flag fits the call count.
 
   A hand-written loop that passes ``update(..., sync=flag)`` itself (see
   :func:`optax_dist.sync_schedule`) must count its calls: one that forgets

@@ -113,7 +113,7 @@ def check_layout(opt_state: Any, params_layout: str) -> None:
 
 
 def per_worker(tree: Any, *, mesh: jax.sharding.Mesh, axis_name: _collectives.AxisName) -> Any:
-  """N identical copies of ``tree``, stacked on a leading worker axis and sharded over it.
+  """N copies of ``tree`` on a leading worker axis, sharded over it.
 
   The ``"per_worker"`` layout of :func:`data_parallel_step`: worker ``k`` holds
   slice ``k`` of every leaf. Build the optimizer state with ``optimizer.init``

@@ -47,6 +47,12 @@ def minimize(
     ``(new_params, new_opt_state, value)``, ``value`` being what ``loss_fn``
     returned at the old params.
 
+  Raises:
+    TypeError: from ``jax.value_and_grad``, if the loss is not a real scalar
+      (with ``has_aux=True``, the first of a pair). What ``loss_fn`` and
+      ``optimizer`` raise passes through, e.g. a periodic transform's
+      ``NameError`` for an unbound axis.
+
   Examples:
     >>> import jax.numpy as jnp, optax, optax_dist
     >>> def loss_fn(w, x):

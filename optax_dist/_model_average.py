@@ -57,7 +57,7 @@ def model_average(
   delay: int | None = None,
   blend: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Periodic model averaging (local SGD): average the params every few steps.
+  r"""Model averaging (local SGD): the params averaged every few calls.
 
   The counterpart of TensorFlow's ``ModelAverageOptimizer``
   (``tf.contrib.opt``). Every worker :math:`k` takes local steps, and every
@@ -139,10 +139,16 @@ def model_average(
       an unsupported ``comm_dtype``, ``error_feedback`` without a quantized
       ``comm_dtype`` or ``topk_fraction``, ``topk_fraction`` outside (0, 1),
       ``error_decay`` outside (0, 1] or without feedback, ``delay < 0`` or
-      ``delay >= H / F``, ``blend`` outside [0, 1], or ``params=None`` at
-      update time.
-    TypeError: for integer params, a ``topk_fraction`` or ``error_decay``
-      that is not a float, or a traced ``sync`` flag.
+      ``delay >= H / F``, ``blend`` outside [0, 1], a 64-bit ``comm_dtype``
+      without JAX's 64-bit mode, a static ``sync`` flag that names a fragment the transform does not
+      have or a warm-up it does not have, ``params=None`` at update time, or,
+      at update time, a state whose inner optimizer state another inner
+      optimizer made.
+    TypeError: if ``inner`` is not an optax transformation, for a period,
+      ``sync_warmup`` or ``delay`` that is not a Python int, a ``blend``,
+      ``topk_fraction`` or ``error_decay`` that is not a float, a
+      ``host_offload`` that is not a bool, integer params, or a traced
+      ``sync`` flag.
     NameError: at update time, if ``axis_name`` is not bound.
 
   Examples:

@@ -12,7 +12,7 @@ from optax_dist import _collectives
 
 
 class ApplyIfAllFiniteState(NamedTuple):
-  """State of the `GradientTransformation` returned by :func:`apply_if_all_finite`.
+  """State of the transformation returned by :func:`apply_if_all_finite`.
 
   The counters are the same on every worker.
 
@@ -48,7 +48,7 @@ def apply_if_all_finite(
   axis_name: _collectives.AxisName,
   max_consecutive_errors: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Skips an update on every worker when any worker's gradients are not finite.
+  r"""Skips a step on every worker if any worker's gradient is not finite.
 
   The cross-worker counterpart of ``optax.apply_if_finite``, safe around the
   periodic transforms (:func:`elastic_average`, :func:`agn`,

@@ -96,6 +96,11 @@ def overlap_report(
   Returns:
     An :class:`OverlapReport`.
 
+  Raises:
+    ZeroDivisionError: if ``args`` is empty: there is no batch to follow.
+      What tracing ``step`` on ``args`` raises passes through (nothing is
+      compiled).
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_dist
     >>> def step(params, batch):

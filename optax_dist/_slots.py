@@ -111,7 +111,7 @@ def get_slot(opt_state: optax.OptState, name: str) -> Any:
 
 
 def global_step(opt_state: optax.OptState) -> jax.Array:
-  """The global step of the optax_dist transform inside ``opt_state`` (int32).
+  """The global step of the transform inside ``opt_state`` (int32).
 
   The counterpart of TensorFlow's ``global_step``: for :func:`tower`, the
   number of updates applied. It is the same on every worker. When a state

@@ -147,7 +147,7 @@ def _periodic_states(opt_state: Any, what: str) -> list[tuple[Any, tuple]]:
 
 
 def skipped_syncs(opt_state: optax.OptState) -> jax.Array:
-  """The syncs that left the center as it was because no worker's contribution was finite.
+  """The syncs that left the center as it was: no worker was finite.
 
   A periodic transform reduces the workers' params, differences or
   pseudo-gradients at a sync. Each worker checks its own contribution, a
@@ -186,7 +186,7 @@ def skipped_syncs(opt_state: optax.OptState) -> jax.Array:
 
 
 def dropped_syncs(opt_state: optax.OptState) -> jax.Array:
-  """How often this worker's contribution to a sync was not finite and was left out.
+  """How often a sync left this worker out for not being finite.
 
   At a sync each worker checks its own contribution (params, difference,
   pseudo-gradient or accumulated gradient); a non-finite one enters the
@@ -275,7 +275,7 @@ def restart_nonfinite(params: optax.Params, opt_state: optax.OptState) -> optax.
 
 
 def sync_schedule(opt_state: optax.OptState) -> _schedule.SyncSchedule:
-  """When the periodic transform inside ``opt_state`` syncs, for a hand-written loop.
+  """When the periodic transform inside ``opt_state`` syncs.
 
   A training loop that passes the static ``sync`` flag itself (so that each
   kind of call compiles to its own program and a local step carries no sync

@@ -29,7 +29,7 @@ def tower(
   axis_name: _collectives.AxisName | None,
   loss_reduction: str = "mean",
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Reduces gradients over the workers of ``axis_name``, then applies ``inner``.
+  r"""Synchronous data parallelism: all-reduced gradients, then ``inner``.
 
   The counterpart of TensorFlow's ``TowerOptimizer`` with ``replicate_model_fn``:
   every worker (tower) computes gradients on its slice of the batch, and all
@@ -57,6 +57,11 @@ def tower(
   ``optax.multi_transform`` over parts of the params); each reduces only the
   gradients it is given.
 
+  ``tower`` reduces on every call, so it takes none of the options of the
+  periodic transforms (:doc:`/sync_options`); to sync every few calls instead,
+  see :func:`optax_dist.model_average` or :func:`optax_dist.diloco`, or put
+  ``tower`` inside one of them over a second axis (:doc:`/multi_host`).
+
   Args:
     inner: The optimizer applied to the reduced gradients.
     axis_name: The mapped axis (or tuple of axes) to reduce over, or ``None``.
@@ -67,6 +72,7 @@ def tower(
 
   Raises:
     ValueError: at construction, for an unknown ``loss_reduction``.
+    TypeError: at construction, if ``inner`` is not an optax transformation.
     NameError: at update time, if ``axis_name`` is not bound by an enclosing
       shard_map, pmap or vmap.
 
