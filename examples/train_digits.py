@@ -16,11 +16,13 @@ download). The global batch is split over 8 workers by
 
 By default it trains ``sync`` and ``diloco`` side by side from the same
 initial params on the same batches; ``--algorithm`` names the one or more to
-train. For each it prints the test accuracy of the model a checkpoint would
-export (the center, for the periodic algorithms) and the bytes each worker
+train. For each it prints the final and the best test accuracy of the model a
+checkpoint would export (the center, for the periodic algorithms: DiLoCo is
+evaluated on its center, not on a worker's params) and the bytes each worker
 sent, read from the compiled step's collectives
 (``optax_dist.communication_report``), and it saves one figure: the test
-accuracy against the steps and against the bytes sent per worker.
+accuracy against the steps and against the bytes sent per worker, titled with
+the algorithms it compares.
 
 With ``--hierarchical`` the 8 devices stand for 2 hosts of 4: ``tower``
 averages the gradients within a host every step, and the periodic algorithm
@@ -136,7 +138,7 @@ def plot(path, runs, title, period):
   fig, (ax_steps, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
   for name, run in runs.items():
     history = run["history"]
-    label = name if name == "sync" else f"{name}, period {period}"
+    label = name if name == "sync" else f"{name}, period {period} (its center)"
     ax_steps.plot(history["eval_step"], history["test_accuracy"], marker="o", ms=3, label=label)
     megabytes = np.asarray(history["bytes"]) / 1e6
     ax_bytes.plot(megabytes, history["test_accuracy"], marker="o", ms=3, label=label)
@@ -218,6 +220,9 @@ def train(algorithm, args, mesh, axes, data):
     "algorithm": algorithm,
     "test_accuracy": history["test_accuracy"][-1],
     "first_accuracy": history["test_accuracy"][0],
+    # The best evaluation and its step: a periodic run may peak before the end.
+    "best_accuracy": max(history["test_accuracy"]),
+    "best_step": history["eval_step"][int(np.argmax(history["test_accuracy"]))],
     "bytes": int(sent[-1]),
     "every_step_bytes": every_step_bytes,
     "per_sync_bytes": per_sync_bytes,
@@ -233,12 +238,16 @@ def report_run(run, args, n, num_test):
   """Prints what one algorithm reached and what its workers sent."""
   algorithm, syncs = run["algorithm"], run["syncs"]
   every_step_bytes, per_sync_bytes = run["every_step_bytes"], run["per_sync_bytes"]
+  # A periodic algorithm is evaluated on its center, the model a checkpoint exports.
   evaluated = "params" if algorithm == "sync" else "center"
   print(
     f"{algorithm}: {n} workers{' (2 hosts x 4 devices)' if args.hierarchical else ''}, "
     f"{args.steps} steps in {run['seconds']:.1f} s, {run['num_params']} params"
   )
-  print(f"test accuracy ({evaluated}): {run['test_accuracy']:.4f} on {num_test} images")
+  print(
+    f"test accuracy ({evaluated}): {run['test_accuracy']:.4f} on {num_test} images at the end, "
+    f"best {run['best_accuracy']:.4f} at step {run['best_step']}"
+  )
   if args.hierarchical and per_sync_bytes:
     # Every step: the gradients within each host (and the metrics); per sync:
     # the params across the 2 hosts, the only traffic on the slow network
@@ -316,13 +325,22 @@ def main(argv=None):
     report_run(run, args, n, num_test=len(data[3]))
   if len(runs) > 1:
     first = algorithms[0]
-    print(f"summary: test accuracy, bytes sent per worker (compared with {first})")
+    print(f"summary: test accuracy, final and best, and bytes sent per worker (vs {first});")
+    print("periodic algorithms are evaluated on their center")
     for name, run in runs.items():
       ratio = runs[first]["bytes"] / run["bytes"]
       versus = f"{ratio:.1f}x fewer" if ratio >= 1 else f"{1 / ratio:.1f}x more"
       versus = f", {versus}" if name != first else ""
-      print(f"  {name:<14} {run['test_accuracy']:.4f} {run['bytes'] / 1e6:9.2f} MB{versus}")
-  title = f"{n} workers{' (2 hosts x 4 devices)' if args.hierarchical else ''}"
+      best = f"best {run['best_accuracy']:.4f} (step {run['best_step']})"
+      print(
+        f"  {name:<14} {run['test_accuracy']:.4f} final, {best:<20} "
+        f"{run['bytes'] / 1e6:9.2f} MB{versus}"
+      )
+  compared = " vs ".join(
+    name if name == "sync" else f"{name} (period {args.period})" for name in runs
+  )
+  where = " (2 hosts x 4 devices)" if args.hierarchical else ""
+  title = f"{compared}, {n} workers{where}"
   plot(args.plot, runs, title, args.period)
   print(f"plot saved to {args.plot}")
   return runs

@@ -100,6 +100,15 @@ def test_train_digits_demo_compares_sync_and_diloco_by_default(train_digits, tmp
   diloco_line = f"  diloco         {diloco['test_accuracy']:.4f}"
   assert sync_line in out and diloco_line in out
   assert f"MB, {ratio:.1f}x fewer" in out
+  # The final and the best accuracy of both runs; DiLoCo's is its center's.
+  for run in runs.values():
+    accuracy, steps = run["history"]["test_accuracy"], run["history"]["eval_step"]
+    assert run["best_accuracy"] == max(accuracy)
+    assert accuracy[steps.index(run["best_step"])] == run["best_accuracy"]
+    final, best = run["test_accuracy"], run["best_accuracy"]
+    assert f"{final:.4f} final, best {best:.4f} (step {run['best_step']})" in out
+  assert "periodic algorithms are evaluated on their center" in out
+  assert "test accuracy (center)" in out
   # The run's own saving is the summary's: one figure, in wire bytes.
   assert f"  {ratio:.1f}x fewer bytes than all-reducing the gradients every step" in out
   assert plot.stat().st_size > 0
