@@ -8,6 +8,7 @@ import jax
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 import numpy as np
+import numpy_reference
 import optax
 import pytest
 
@@ -193,6 +194,15 @@ SYNC_GUARD_CASES = {
 }
 
 
+# The float64 references of the masked mean (tests/numpy_reference.py), with
+# the tolerance of each wire (int8's rounding).
+MASKED_MEAN_REFERENCES = {
+  "model_average": (numpy_reference.model_average, 1e-6),
+  "model_average_int8": (numpy_reference.model_average, 0.02),
+  "diloco": (numpy_reference.diloco, 1e-6),
+}
+
+
 @pytest.mark.parametrize("name", sorted(SYNC_GUARD_CASES))
 @pytest.mark.parametrize("mode", ["vmap", "shard_map"])
 def test_a_non_finite_contribution_never_reaches_the_center(name, mode):
@@ -216,6 +226,12 @@ def test_a_non_finite_contribution_never_reaches_the_center(name, mode):
   good = [k for k in range(N) if k != BAD_WORKER]
   assert all(np.isfinite(p["w"][good]).all() for p in traj.params)
   np.testing.assert_array_equal(optax_dist.global_step(states[5]), [3] * N)
+  if name in MASKED_MEAN_REFERENCES:  # The center's value: the finite workers' (float64).
+    reference, tolerance = MASKED_MEAN_REFERENCES[name]
+    x0 = np.asarray(PARAMS["w"][0], np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # The bad worker's own numbers.
+      want = [c for _, c in reference(x0, [g["w"] for g in grads], n=N, p=2, inner="sgd")]
+    np.testing.assert_allclose(np.stack([c[0] for c in center]), want, atol=tolerance)
 
 
 @pytest.mark.parametrize("name", ["elastic_round_robin", "agn_simultaneous", "model_average_int8"])
@@ -303,3 +319,107 @@ def test_a_worker_whose_inner_state_overflowed_is_left_out_and_restarts(delay):
   # From there on it moves as far per call as the others do.
   moved = np.abs(np.asarray(traj.params[5]["w"]) - np.asarray(traj.params[3]["w"])).sum(1)
   assert moved[BAD_WORKER] > 0.5 * np.median(moved), moved
+
+
+# The non-finite rules, value by value.
+
+
+def _grads(steps, seed=5):
+  rng = np.random.default_rng(seed)
+  return [{"w": rng.normal(size=(N, 3)).astype(np.float32)} for _ in range(steps)]
+
+
+def _int8_average(**kw):
+  return optax_dist.diloco(
+    optax.sgd(0.1),
+    axis_name=AXIS,
+    sync_period=2,
+    outer=optax.sgd(1.0),
+    comm_dtype=jax.numpy.int8,
+    error_feedback=True,
+    **kw,
+  )
+
+
+def test_a_dropped_workers_residual_restarts_at_zero():
+  grads = _grads(4)
+  grads[2]["w"][BAD_WORKER, 0] = np.nan  # Call 3, a local call: dropped at call 4's sync.
+  traj = run_transform(_int8_average(), PARAMS, grads, mode="vmap")
+  residual = np.asarray(traj.states[3].residual["w"])
+  others = [k for k in range(N) if k != BAD_WORKER]
+  np.testing.assert_array_equal(residual[BAD_WORKER], 0)
+  assert (residual[others] != 0).any(axis=1).all(), residual
+  np.testing.assert_array_equal(optax_dist.dropped_syncs(traj.states[3]), [0, 0, 1, 0])
+
+
+def test_a_sync_that_does_not_move_keeps_the_old_residual():
+  grads = _grads(4)
+  grads[2]["w"][:, 0] = np.nan  # Every worker: call 4's sync has no finite contribution.
+  traj = run_transform(_int8_average(), PARAMS, grads, mode="vmap")
+  before, after = traj.states[1], traj.states[3]
+  assert (np.asarray(before.residual["w"]) != 0).any()
+  np.testing.assert_array_equal(after.residual["w"], before.residual["w"])
+  np.testing.assert_array_equal(after.center["w"], before.center["w"])
+  np.testing.assert_array_equal(optax_dist.skipped_syncs(after), 1)
+
+
+def test_a_left_out_worker_lands_on_the_center_not_on_the_blend():
+  # Worker 2's Adam overflows on call 2; the delayed sync reduced on call 4
+  # leaves it out, and the apply on call 4 lands it on the center itself
+  # while the others land halfway between their params and the center.
+  tx = optax_dist.diloco(
+    optax.adam(0.1), axis_name=AXIS, sync_period=4, outer=optax.sgd(1.0), delay=1, blend=0.5
+  )
+  grads = _grads(4)
+  grads[1]["w"][BAD_WORKER] *= np.float32(1e30)
+  traj = run_transform(tx, PARAMS, grads, mode="vmap")
+  params = np.asarray(traj.params[3]["w"])
+  center = np.asarray(optax_dist.center_params(traj.states[3])["w"])
+  np.testing.assert_allclose(params[BAD_WORKER], center[BAD_WORKER], rtol=1e-6, atol=1e-7)
+  others = [k for k in range(N) if k != BAD_WORKER]
+  assert (np.abs(params[others] - center[others]).max(axis=1) > 1e-3).all()
+
+
+def test_a_sum_that_overflows_keeps_the_center():
+  # Every worker is finite, but their pseudo-gradients (2e38 each) sum to
+  # more than float32 holds: the sync is skipped and the center stays.
+  tx = optax_dist.diloco(optax.sgd(1.0), axis_name=AXIS, sync_period=1, outer=optax.sgd(1.0))
+  params = stack({"w": np.full(3, 1e38, np.float32)}, N)
+  grads = [{"w": np.full((N, 3), 2e38, np.float32)}]
+  traj = run_transform(tx, params, grads, mode="vmap")
+  np.testing.assert_array_equal(optax_dist.center_params(traj.state)["w"], np.float32(1e38))
+  np.testing.assert_array_equal(optax_dist.skipped_syncs(traj.state), 1)
+  np.testing.assert_array_equal(optax_dist.global_step(traj.state), 0)
+
+
+def test_top_k_feeds_back_its_error_decayed_by_0_95_by_default():
+  rng = np.random.default_rng(6)
+  params = stack({"w": np.zeros(64, np.float32)}, N)
+  grads = [{"w": rng.normal(size=(N, 64)).astype(np.float32)} for _ in range(6)]
+
+  def run(**kw):
+    tx = optax_dist.diloco(
+      optax.sgd(0.1), axis_name=AXIS, sync_period=2, outer=optax.sgd(1.0), topk_fraction=0.1, **kw
+    )
+    return run_transform(tx, params, grads, mode="vmap")
+
+  default, decayed, undecayed = run(), run(error_decay=0.95), run(error_decay=1.0)
+  assert (np.asarray(default.state.residual["w"]) != 0).any()
+  jax.tree.map(np.testing.assert_array_equal, default.state, decayed.state)
+  assert not np.array_equal(default.state.residual["w"], undecayed.state.residual["w"])
+
+
+def test_agn_mean_divides_by_the_finite_workers():
+  lr = 0.5
+  tx = optax_dist.agn(
+    optax.sgd(lr), axis_name=AXIS, communication_period=2, center_reduction="mean"
+  )
+  grads = _grads(2)
+  grads[0]["w"][BAD_WORKER, 1] = np.nan
+  traj = run_transform(tx, PARAMS, grads, mode="vmap")
+  others = [k for k in range(N) if k != BAD_WORKER]
+  accumulated = (grads[0]["w"] + grads[1]["w"])[others] / 2  # Each finite worker's commit.
+  expected = np.asarray(PARAMS["w"][0]) - lr * accumulated.mean(0)
+  center = np.asarray(optax_dist.center_params(traj.state)["w"])
+  np.testing.assert_allclose(center[0], expected, rtol=1e-6)
+  np.testing.assert_array_equal(optax_dist.dropped_syncs(traj.state), [0, 0, 1, 0])
