@@ -635,6 +635,23 @@ def test_signature_check_finds_a_wrong_default_and_a_missing_keyword():
   ]
 
 
+def test_readme_and_benchmarks_stay_short():
+  # The README is a landing page and BENCHMARKS.md a report; details and
+  # history live in docs/.
+  assert len((ROOT / "README.md").read_bytes()) <= 10_000
+  assert len((ROOT / "BENCHMARKS.md").read_bytes()) <= 40_000
+
+
+def test_benchmarks_summary_has_a_row_for_every_benchmark():
+  text = (ROOT / "BENCHMARKS.md").read_text()
+  summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
+  linked = set(re.findall(r"^\| \[[^]]+\]\(#([\w-]+)\)", summary, re.M))
+  # Each benchmark's section is named after its script.
+  sections = re.findall(r"^## (.+\(benchmarks/\w+\.py\))$", text, re.M)
+  anchors = {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in sections}
+  assert sections and anchors == linked, anchors ^ linked
+
+
 def test_coming_from_maps_host_offload_and_resize_workers():
   text = (DOCS / "coming_from.md").read_text()
   rows = {row.split("|")[1].strip(): row for row in text.splitlines() if row.startswith("| ")}
