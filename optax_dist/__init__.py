@@ -35,6 +35,7 @@ from optax_dist._state import center_params
 from optax_dist._state import dropped_syncs
 from optax_dist._state import restart_nonfinite
 from optax_dist._state import skipped_syncs
+from optax_dist._state import sync_flags
 from optax_dist._state import sync_schedule
 from optax_dist._step import data_parallel_eval_step
 from optax_dist._step import data_parallel_step
@@ -82,6 +83,7 @@ __all__ = (
   "resize_workers",
   "restart_nonfinite",
   "skipped_syncs",
+  "sync_flags",
   "sync_schedule",
   "tower",
 )

@@ -18,6 +18,7 @@ loop's flags follow the transform's own counter.
 from collections.abc import Iterator
 import contextlib
 import numbers
+import threading
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -80,6 +81,10 @@ def check_flag(sync: Any, num_fragments: int) -> Flag:
 
 
 _VERIFY = [False]
+# The disagreements found inside the innermost checking_sync_flags context
+# (None outside one): the first is raised, once, when the context exits.
+_FOUND: list[list[ValueError] | None] = [None]
+_FOUND_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -92,8 +97,9 @@ def checking_sync_flags() -> Iterator[None]:
   longer follow the schedule, and the transform does what the flags say
   (syncs never, or at the wrong calls) without a word. Inside this context,
   every periodic transform traced with a static flag also computes, in the
-  program, the flag its own counter gives, and a host callback raises a
-  ``ValueError`` naming both when they differ. It costs a scalar comparison
+  program, the flag its own counter gives, and a host callback notes any
+  call where they differ; the context raises a ``ValueError`` naming the
+  first when it exits. It costs a scalar comparison
   and a host callback per call, so use it while writing the loop, not for
   long runs. It applies to the steps traced inside the context (a jitted
   step traced before keeps its program).
@@ -105,8 +111,10 @@ def checking_sync_flags() -> Iterator[None]:
     The context manager; inside it, the checks are on.
 
   Raises:
-    ValueError: from the program (as the runtime error that carries it),
-      when a call's static flag is not the one its counter gives.
+    ValueError: when the context exits, once, if a call made inside it had
+      a static flag that is not the one its counter gives (the first such
+      call is named). A checked program run after the context has ended
+      raises it from the program instead.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, optax_dist
@@ -124,12 +132,16 @@ def checking_sync_flags() -> Iterator[None]:
     Array([[-0.2, -0.2],
            [-0.2, -0.2]], dtype=float32)
   """
-  previous = _VERIFY[0]
-  _VERIFY[0] = True
+  previous, outer = _VERIFY[0], _FOUND[0]
+  found: list[ValueError] = []
+  _VERIFY[0], _FOUND[0] = True, found
   try:
     yield
+    jax.effects_barrier()  # The checks of the calls made inside have all run.
   finally:
-    _VERIFY[0] = previous
+    _VERIFY[0], _FOUND[0] = previous, outer
+  if found:
+    raise found[0]
 
 
 def _flag_text(flag: Any) -> str:
@@ -173,13 +185,19 @@ def verify_flag(flag: Flag, counter: jax.Array, schedule: "SyncSchedule") -> Non
     want: Any = {-2: WARMUP, -1: False}.get(expected, True if schedule.fragments == 1 else expected)
     if expected >= _APPLIED:
       want = (APPLY, expected - _APPLIED)
-    raise ValueError(
+    error = ValueError(
       f"The static flag `sync={_flag_text(flag)}` disagrees with the transform's own call "
       f"counter: after {count} calls its schedule {schedule} gives `sync={want!r}`. A "
       "hand-written loop must count every call it makes (`count += 1` after each step), "
       "starting from `optax_dist.call_count(state)` for a restored state; or pass "
       "`sync=None` and let the program decide."
     )
+    found = _FOUND[0]
+    if found is None:  # A checked program run after its context ended.
+      raise error
+    with _FOUND_LOCK:  # One callback per device: the first one is kept.
+      if not found:
+        found.append(error)
 
   jax.debug.callback(check, code, counter)
 

@@ -14,6 +14,7 @@ beside its ``center``.
 """
 
 from collections.abc import Iterator
+import itertools
 from typing import Any
 
 import jax
@@ -377,6 +378,47 @@ def call_count(opt_state: optax.OptState) -> int:
     if isinstance(ancestor, _nonfinite.ApplyIfAllFiniteState):
       count += _read_scalar(ancestor.total_skipped)
   return count
+
+
+def sync_flags(opt_state: optax.OptState) -> Iterator[Any]:
+  """The static ``sync`` flag of every call from ``opt_state`` on, counted for you.
+
+  A hand-written loop that passes the static flag itself must count its
+  calls; one that forgets ``count += 1`` never syncs, without a word. This
+  iterator owns the count instead: it starts from the calls ``opt_state`` has
+  taken (:func:`call_count`, so a restored checkpoint resumes where it
+  stopped) and gives :func:`sync_schedule`'s flag for each next call, one
+  call per item, without end:
+
+  .. code-block:: python
+
+    step = jax.jit(train_step, static_argnames="sync")
+    for flag, batch in zip(optax_dist.sync_flags(opt_state), batches):
+      params, opt_state = step(params, opt_state, batch, sync=flag)
+
+  Take exactly one flag per call made: build a new iterator from the state
+  after anything that runs calls outside the loop.
+
+  Args:
+    opt_state: A state holding a periodic transform, stacked per worker or
+      not, on one process or several.
+
+  Returns:
+    An endless iterator of flags (``"warmup"``, ``False``, ``True``, a
+    fragment index or ``("apply", f)``).
+
+  Raises:
+    ValueError: as :func:`sync_schedule`, at once (not at the first item).
+
+  Examples:
+    >>> import itertools, jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax_dist.model_average(optax.sgd(0.1), axis_name="w", interval_steps=3)
+    >>> list(itertools.islice(optax_dist.sync_flags(tx.init(jnp.zeros(2))), 6))
+    [False, False, True, False, False, True]
+  """
+  schedule = sync_schedule(opt_state)
+  count = call_count(opt_state)
+  return (schedule(c) for c in itertools.count(count))
 
 
 def _read_scalar(x: Any) -> int:

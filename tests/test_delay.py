@@ -262,8 +262,9 @@ def test_checking_sync_flags_knows_the_delayed_flags():
   assert good[-1] == ("apply", 0)
   with optax_dist.checking_sync_flags():
     run_transform(tx, zeros(), batches, mode="vmap", flags=good)
-    bad = [*good[:-1], 0]
-    with pytest.raises(Exception, match=r"gives `sync=\('apply', 0\)`"):
+  bad = [*good[:-1], 0]
+  with pytest.raises(ValueError, match=r"gives `sync=\('apply', 0\)`"):
+    with optax_dist.checking_sync_flags():
       run_transform(tx, zeros(), batches, mode="vmap", flags=bad)
 
 
