@@ -297,11 +297,14 @@ def test_getting_started_static_flags_compile_one_program_per_kind_of_call():
   ns = run_block("docs/getting_started.md", 2)
   # 36 calls: 4 warm-up calls, then an outer step on calls 12, 20, 28, 36.
   assert int(ns["syncs"]) == 4
-  assert ns["count"] == 36
+  assert optax_dist.call_count(jax.tree.map(lambda a: a[0], ns["opt_state"])) == 36
   assert ns["train_step"]._cache_size() == 3
   assert float(ns["loss"]) < 0.05
-  schedule = ns["schedule"]
-  assert [schedule(i) for i in range(13)] == ["warmup"] * 4 + [False] * 7 + [True, False]
+  # The iterator goes on from the state's count: calls 37 to 45.
+  assert [next(ns["flags"]) for _ in range(9)] == [False] * 7 + [True, False]
+  # A fresh iterator from a new state: the schedule from call 1.
+  fresh = optax_dist.sync_flags(ns["tx"].init({"w": np.zeros((16, 1), np.float32)}))
+  assert [next(fresh) for _ in range(13)] == ["warmup"] * 4 + [False] * 7 + [True, False]
 
 
 def test_getting_started_nnx_optimizer_takes_the_flag():
