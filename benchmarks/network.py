@@ -533,6 +533,51 @@ def table(results):
   return "\n".join(lines)
 
 
+# The figure's lines: (variant, period, dispatch, label).
+PLOTTED = (
+  ("sync", 1, "-", "sync (every step)"),
+  ("diloco", 4, "static", "DiLoCo, period 4"),
+  ("diloco", 16, "static", "DiLoCo, period 16"),
+  ("diloco_int8", 16, "static", "DiLoCo int8, period 16"),
+  ("compute", 1, "-", "compute alone"),
+)
+
+
+def plot(results, path):
+  """Step time against the link's rate: measured (solid) and the model (dashed)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  rates = [r["rate_bits"] / 1e6 for r in results]
+  for i, (name, period, dispatch, label) in enumerate(PLOTTED):
+    rows = [
+      next(
+        (
+          x
+          for x in r["results"]
+          if (x["name"], x["period"], x["dispatch"]) == (name, period, dispatch)
+        ),
+        None,
+      )
+      for r in results
+    ]
+    if any(row is None for row in rows):
+      continue
+    color = plt.get_cmap("tab10")(i)
+    ax.plot(rates, [1e3 * row["step_s"] for row in rows], "o-", color=color, label=label)
+    ax.plot(rates, [1e3 * row["predicted_s"] for row in rows], "--", color=color, alpha=0.6)
+  ax.set(xscale="log", yscale="log", xlabel="link rate (Mbit/s)", ylabel="ms per step (median)")
+  ax.set_title("Step time against the link (solid: measured, dashed: the model)", fontsize=10)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rates", nargs="+", default=["100mbit", "1gbit"], help="tc rates")
@@ -546,6 +591,7 @@ def main(argv=None):
   )
   parser.add_argument("--only", nargs="+", default=(), help="variants to run (and the baselines)")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+  parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--probe-server", help=argparse.SUPPRESS)
   parser.add_argument("--probe-client", nargs=2, help=argparse.SUPPRESS)
@@ -556,6 +602,9 @@ def main(argv=None):
     return probe_server(args.probe_server)
   if args.probe_client:
     return probe_client(args.probe_client[0], int(args.probe_client[1]))
+  if args.replot:
+    out = pathlib.Path(args.out)
+    return plot(json.loads((out / "network.json").read_text())["results"], out / "network.png")
 
   if os.geteuid() != 0:
     sys.exit("network.py needs root (network namespaces, veth, tc).")
@@ -593,6 +642,7 @@ def main(argv=None):
   )
   text = table(results)
   (out / "network.md").write_text(text)
+  plot(results, out / "network.png")
   print(text)
   print(f"results in {out}")
 
