@@ -12,6 +12,7 @@ that a call takes is :mod:`optax_dist._flags`'s.
 """
 
 import dataclasses
+import functools
 import numbers
 import operator
 from typing import Any
@@ -276,6 +277,16 @@ class SyncSchedule:
       for f in range(self.fragments)
     ]
     return is_warm, syncs
+
+  def runs_a_sync(self, step: jax.Array) -> jax.Array:
+    """Whether the call that brings the counter to ``step`` syncs a fragment, or with a
+    delay reduces or applies one (a warm-up call does not)."""
+    if self.delay:
+      reduces, applies = self.phases(step)
+      decisions = reduces + applies
+    else:
+      _, decisions = self.in_graph(step)
+    return functools.reduce(jnp.logical_or, decisions)
 
   def phases(self, step: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
     """With a delay: for each fragment, whether the call that brings the counter to ``step``

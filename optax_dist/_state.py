@@ -242,7 +242,10 @@ def restart_nonfinite(params: optax.Params, opt_state: optax.OptState) -> optax.
       params = optax_dist.restart_nonfinite(params, opt_state)
 
   :func:`optax_dist.data_parallel_step` does this by itself on sync calls.
-  On a finite worker it changes nothing. It reads the center of the state
+  It acts on the calls that sync (that reduce or apply a delayed sync) only,
+  whatever the flag: called on every call, it leaves a bad worker as it is
+  until the sync, which leaves it out and counts it in
+  :func:`dropped_syncs`. On a finite worker it changes nothing. It reads the center of the state
   after the update (cast to the params' dtypes) and checks the params with a
   local reduction (no collective); where params are sharded over other mesh
   axes (FSDP), each device replaces its own shard when it holds a non-finite
@@ -259,20 +262,34 @@ def restart_nonfinite(params: optax.Params, opt_state: optax.OptState) -> optax.
     ValueError: if the state holds no periodic transform, or several.
 
   Examples:
-    >>> import jax.numpy as jnp, optax, optax_dist
-    >>> tx = optax_dist.diloco(optax.sgd(0.1), axis_name="w", sync_period=4)
-    >>> state = tx.init(jnp.array([1.0, 2.0]))
-    >>> optax_dist.restart_nonfinite(jnp.array([jnp.nan, 0.5]), state)
-    Array([1., 2.], dtype=float32)
-    >>> optax_dist.restart_nonfinite(jnp.array([3.0, 0.5]), state)
-    Array([3. , 0.5], dtype=float32)
+    One worker whose gradient is NaN on its first call (a local call, left
+    as it is) is restarted on the center by the sync of call 2:
+
+    >>> import jax, jax.numpy as jnp, optax, optax_dist
+    >>> tx = optax_dist.diloco(optax.sgd(0.1), axis_name="w", sync_period=2)
+    >>> def train(params, grads):
+    ...   state, seen = tx.init(params), []
+    ...   for g in grads:
+    ...     updates, state = tx.update(g, state, params)
+    ...     params = optax_dist.restart_nonfinite(optax.apply_updates(params, updates), state)
+    ...     seen.append(params)
+    ...   return seen
+    >>> grads = jnp.array([[[jnp.nan, 0.0]], [[0.0, 0.0]]])  # (calls, workers, params)
+    >>> jax.vmap(train, axis_name="w", in_axes=(0, 1))(jnp.array([[1.0, 2.0]]), grads)
+    [Array([[nan,  2.]], dtype=float32), Array([[1., 2.]], dtype=float32)]
   """
   center = center_params(opt_state, params)
   # A center kept in host memory (host_offload) comes to the device first.
   center = jax.tree.map(lambda c: jax.device_put(c, jax.memory.Space.Device), center)
   center = optax.tree.cast_like(center, params)
-  finite = _nonfinite.all_finite(params)
-  return jax.tree.map(lambda p, c: jnp.where(finite, p, c), params, center)
+  state = _periodic_states(opt_state, "center")[0][0]
+  # Only on the calls that sync: repaired on a local call, the worker would
+  # be finite at the sync, which would not count it as dropped.
+  repair = jnp.logical_and(
+    state.sync.schedule.runs_a_sync(state.sync.step),
+    jnp.logical_not(_nonfinite.all_finite(params)),
+  )
+  return jax.tree.map(lambda p, c: jnp.where(repair, c, p), params, center)
 
 
 def sync_schedule(opt_state: optax.OptState) -> _schedule.SyncSchedule:

@@ -115,13 +115,8 @@ def _restart_on_sync(params: Any, opt_state: Any, flag: Any, axes: tuple) -> Any
   if flag is not None:
     return _state.restart_nonfinite(params, opt_state)
   counters = periodic[0].sync
-  if counters.schedule.delay:  # The calls that reduce or apply a delayed sync, as the flags.
-    reduces, applies = counters.schedule.phases(counters.step)
-    is_sync = reduces + applies
-  else:
-    _, is_sync = counters.schedule.in_graph(counters.step)
   return _syncloop.run_on_sync(
-    functools.reduce(jax.numpy.logical_or, is_sync),
+    counters.schedule.runs_a_sync(counters.step),
     lambda p, _: _state.restart_nonfinite(p, opt_state),
     params,
     axes,

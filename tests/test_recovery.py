@@ -282,10 +282,15 @@ def test_restart_nonfinite():
   params = {"w": jnp.array([1.0, 2.0], jnp.bfloat16), "b": jnp.array([3.0])}
   state = tx.init(params)
   state = state._replace(center={"w": jnp.array([0.25, 0.5]), "b": jnp.array([-1.0])})
-  same = optax_dist.restart_nonfinite(params, state)
+  at = lambda calls: state._replace(sync=state.sync._replace(step=jnp.int32(calls)))  # noqa: E731
+  same = optax_dist.restart_nonfinite(params, at(2))
   jax.tree.map(np.testing.assert_array_equal, same, params)
   bad = {"w": params["w"], "b": jnp.array([jnp.inf])}
-  out = optax_dist.restart_nonfinite(bad, state)
+  # After call 1, a local call: left as it is, for the sync to count it.
+  kept = optax_dist.restart_nonfinite(bad, at(1))
+  jax.tree.map(np.testing.assert_array_equal, kept, bad)
+  # After call 2, the sync: on the center.
+  out = optax_dist.restart_nonfinite(bad, at(2))
   assert out["w"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(out["w"], np.float32), [0.25, 0.5])
   np.testing.assert_array_equal(out["b"], [-1.0])
@@ -329,3 +334,29 @@ def test_data_parallel_step_restarts_a_poisoned_worker_on_sync_calls(dispatch):
   np.testing.assert_array_equal(optax_dist.global_step(s), [2] * N)
   np.testing.assert_array_equal(optax_dist.skipped_syncs(s), [0] * N)
   np.testing.assert_allclose(history[-1], center, rtol=1e-6, atol=1e-6)
+
+
+def test_restart_on_every_call_still_counts_the_bad_worker():
+  # A loop that calls restart_nonfinite after every call: worker 2's NaN
+  # gradient on call 2 (local) leaves it NaN until the sync on call 4, which
+  # leaves it out, counts it and lands it on the center.
+  tx = optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS, sync_period=4, outer=optax.sgd(1.0))
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax_dist.restart_nonfinite(optax.apply_updates(params, updates), state), state
+
+  run = map_workers(step, N, "vmap")
+  params = stack({"w": np.array([1.0, -1.0], np.float32)}, N)
+  state = jax.vmap(tx.init)(params)
+  rng = np.random.default_rng(3)
+  for call in range(1, 5):
+    grads = {"w": rng.normal(size=(N, 2)).astype(np.float32)}
+    if call == 2:
+      grads["w"][2, 0] = np.nan
+    params, state = jax.block_until_ready(run(params, state, grads))
+    finite = np.isfinite(np.asarray(params["w"])).all(axis=1)
+    assert finite.tolist() == ([True, True, False, True] if call in (2, 3) else [True] * N)
+  np.testing.assert_array_equal(optax_dist.dropped_syncs(state), [0, 0, 1, 0])
+  center = np.asarray(optax_dist.center_params(state)["w"])
+  np.testing.assert_array_equal(np.asarray(params["w"])[2], center[2])
