@@ -76,8 +76,8 @@ BASE = ("sync", "easgd", "agn", "model_average", "diloco")
 VARIANTS = {
   "diloco_streaming": {"fragments": 4},
   "diloco_int8": {"comm_dtype": jnp.int8, "error_feedback": True},
-  # Delayed syncs (DESIGN 11.1): reduced on the call after the scheduled one,
-  # applied `delay` calls after it, the workers blended into the center.
+  # Delayed syncs (docs/sync_options.md): reduced `delay - 1` calls before the
+  # scheduled one, applied on it, the workers blended into the center.
   "diloco_delay1": {"delay": 1},
   "diloco_delay2": {"delay": 2},
   "diloco_delay1_blend": {"delay": 1, "blend": 0.5},

@@ -329,7 +329,7 @@ def worker(out_path, windows, repeats, only=()):
       "diloco_topk2_int4": {"topk_fraction": 0.02, "comm_dtype": jnp.int4},
       # At p = 2 every other call syncs: the sync call with delay 0 against
       # the reducing call of delay 1 (its all-reduce independent of the
-      # gradients, DESIGN 11.1).
+      # gradients; docs/sync_options.md, "Delayed syncs").
       "diloco_delay0": {},
       "diloco_delay1": {"delay": 1},
     }[name]

@@ -1,4 +1,4 @@
-"""The periodic algorithms' equations (DESIGN sections 4 to 6, 10.2 and 11.1) in float64 NumPy.
+"""The periodic algorithms' equations (each one's page in docs/algorithms/) in float64 NumPy.
 
 Each function takes the initial params x0 (D,) and the gradients (T, N, D)
 and returns, after every step, the workers' params (N, D) and the center (D,).
@@ -124,7 +124,7 @@ def agn(x0, grads, *, n, p, ordering, inner, center_reduction="sum"):
 
 
 def elastic(x0, grads, *, n, p, inner, alpha=None, rho=0.0, ordering="simultaneous"):
-  """Elastic averaging (DESIGN section 3); ``alpha=None``: the default 0.9 / p / N."""
+  """Elastic averaging (docs/algorithms/elastic_average.md); ``alpha=None``: 0.9 / p / N."""
   alpha = 0.9 / p / n if alpha is None else alpha
   x = np.repeat(np.asarray(x0, np.float64)[None], n, axis=0)
   c = np.asarray(x0, np.float64).copy()
@@ -151,7 +151,7 @@ def elastic(x0, grads, *, n, p, inner, alpha=None, rho=0.0, ordering="simultaneo
 
 
 def schedule_flag(t, *, period, warmup=0, fragments=1):
-  """The flag of call t (1-based): DESIGN section 10.1 and 10.2."""
+  """The flag of call t (1-based), as ``optax_dist.SyncSchedule``'s docstring gives it."""
   if t <= warmup:
     return "warmup"
   r = t - warmup

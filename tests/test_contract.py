@@ -6,10 +6,10 @@ compiles once, forwards extra arguments, keeps its state's shapes and
 dtypes, initializes from ``jax.ShapeDtypeStruct`` params, keeps bfloat16
 params in bfloat16, rejects bad arguments with a clear error, asks for
 params where it needs them and names an unbound axis; a periodic case syncs
-on exactly the calls its schedule gives (DESIGN section 10.1, written out in
+on exactly the calls its schedule gives (``SyncSchedule``'s docstring, written out in
 tests/numpy_reference.py), and follows its equations in float64 NumPy. The
-cases cover delayed, blended fragment syncs (DESIGN 11.1) and Muon as the
-inner optimizer (DESIGN 11.2). A new transform joins the suite by adding a
+cases cover delayed, blended fragment syncs (docs/sync_options.md) and Muon as
+the inner optimizer. A new transform joins the suite by adding a
 ``Case`` to ``CASES``.
 """
 
@@ -50,7 +50,7 @@ class Case(NamedTuple):
   kwargs: dict[str, Any]  # Static arguments (strings, periods).
   numeric: dict[str, Any]  # Numeric hyperparameters, injectable by optax.inject_hyperparams.
   bad: tuple = ()  # (kwargs, error type, message pattern) rejected at construction.
-  # Periodic: the flag of each of the calls 1 to 9 (gold, DESIGN section 10.1),
+  # Periodic: the flag of each of the calls 1 to 9 (gold, from SyncSchedule's docstring),
   # and the leaves of each fragment when there are several.
   flags: tuple | None = None
   fragments: tuple[tuple[str, ...], ...] = (("b", "v", "w"),)
@@ -232,7 +232,7 @@ CASES = [
     reference_workers=(2, 4),
   ),
   Case(
-    # Muon inside (MuLoCo, DESIGN 11.2: Newton-Schulz on w, Adam on b and v),
+    # Muon inside (MuLoCo: Newton-Schulz on w, Adam on b and v),
     # with a delayed, blended fragment sync: fragment 0's sync is scheduled on
     # call 3, reduced on call 2 (flag 0) and lands on call 3 (flag ("apply",
     # 0)), blended halfway; fragment 1's on calls 5 and 6, fragment 0's again
@@ -502,7 +502,7 @@ def landed(case, flag):
 
   Undelayed or with delay 1, the fragment a flag names (every one for True);
   with a delay of 2 or more the call that reduces lands nothing and
-  ``("apply", f)`` lands fragment f (DESIGN 11.1).
+  ``("apply", f)`` lands fragment f.
   """
   if flag is False or flag == "warmup":
     return ()

@@ -1,4 +1,4 @@
-"""Misuse is caught where it happens (DESIGN 11.3), each error with its exact message."""
+"""Misuse is caught where it happens, each error with its exact message."""
 
 from harness import AXIS
 from harness import map_workers

@@ -1,6 +1,6 @@
 """The float64 NumPy Muon of tests/numpy_reference.py against optax.contrib.muon alone.
 
-DiLoCo with Muon inside (MuLoCo, DESIGN 11.2) is a case of the contract suite
+DiLoCo with Muon inside (MuLoCo) is a case of the contract suite
 (tests/test_contract.py: the optax wrappers, the static flags, fragments and
 the float64 equations under vmap, shard_map and pmap); this checks the
 reference it is held to, on one worker, so that a mismatch shows here first.

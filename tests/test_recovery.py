@@ -1,4 +1,4 @@
-"""A bad worker never stalls or poisons training (DESIGN 11.3), without any guard.
+"""A bad worker never stalls or poisons training (docs/worker_failures.md), without any guard.
 
 One worker's gradient turns NaN on a local step: its params and its inner
 optimizer's moments are NaN from then on. At the next sync the others'

@@ -228,8 +228,9 @@ def test_topk_sends_one_all_gather_of_bytes(dtype, target):
   q = optax_dist.communication_report(
     *lowered(make(topk_fraction=0.02, comm_dtype=wire), n, params)
   )
-  # The whole sync is one collective: the count of finite workers (DESIGN
-  # 11.3) rides in the same all-gather as the contribution, no scalar psum.
+  # The whole sync is one collective: the count of finite workers
+  # (docs/worker_failures.md) rides in the same all-gather as the
+  # contribution, no scalar psum.
   kinds = [(c.kind, c.shape.split("[")[0].strip("(")) for c in q.collectives]
   assert kinds == [("all-gather", "u8")], kinds
   share = _sparse.wire_bytes(num, 0.02, wire)

@@ -20,7 +20,7 @@ def tower_loss(c, batch):
   return jnp.sum(jnp.abs(x * c - y))
 
 
-# Gold values (TowerOptimizer's own test, DESIGN.md section 7): c = 10, SGD lr 1,
+# Gold values (TensorFlow's own TowerOptimizer test, tf.contrib.estimator): c = 10, SGD lr 1,
 # two towers with x = y = [[1], [2]], one row each; tower gradients 1 and 2.
 # "sum": c = 10 - 3 = 7, then with x = y = [[1.5], [2.5]]: c = 7 - 4 = 3.
 # "mean": c = 10 - 1.5 = 8.5, then 8.5 - 2 = 6.5. The reported loss at c = 10
