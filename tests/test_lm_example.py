@@ -309,3 +309,49 @@ def test_study_rows_of_later_features():
     half = rows[f"DiLoCo M={m} H=32, outer momentum 0.5"]
     assert study.row_config(half, 3200, {}).outer_momentum == 0.5 and half.seeds is None
     assert [t["outer_learning_rate"] for t in study.trials(half, 0.005)] == [0.5, 1.0]
+
+
+def load_size_study():
+  path = EXAMPLES.parent / "benchmarks" / "lm_sizes.py"
+  spec = importlib.util.spec_from_file_location("lm_sizes_study", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_size_study_rows_and_report():
+  study = load_size_study()
+  params = {
+    size: study.num_params(study.row_config(study.DP, 3200, study.model_of(size, study.SIZES)))
+    for size in study.SIZES
+  }
+  assert params == {"34k": 34_432, "69k": 70_080, "166k": 167_744}
+  assert params["166k"] >= 4 * params["34k"]
+  model = study.model_of("69k", study.SIZES)
+  doubled = study.row_config(study.M8X2, 3200, model)
+  # Twice the batch for half the steps: the same tokens.
+  assert (doubled.steps, doubled.batch_size, doubled.workers) == (1600, 64, 8)
+  warm = study.row_config(study.WARM, 3200, model)
+  assert (warm.warmup, warm.outer_momentum, warm.period) == (320, 0.9, 32)
+  rows = {"DP": {"chosen": {"learning_rate": 0.005}}}
+  assert [t["outer_learning_rate"] for t in study.trials(study.M2, rows)] == [0.5, 1.0, 1.5]
+  assert all(t["learning_rate"] == 0.005 for t in study.trials(study.M8, rows))
+  with pytest.raises(RuntimeError, match="must run first"):
+    study.trials(study.M2X2, rows)
+  rows["DiLoCo M=2"] = {"chosen": {"learning_rate": 0.005, "outer_learning_rate": 1.0}}
+  assert study.trials(study.M2X2, rows) == [rows["DiLoCo M=2"]["chosen"]]
+  # The report: the gap to DP at each size, in percent of DP's loss.
+  entry = lambda mean: {"final_mean": mean, "final_std": 0.0, "seeds": {}}  # noqa: E731
+  results = {
+    "config": {"steps": 3200, "seeds": [0, 1, 2]},
+    "sizes": {
+      "34k": {
+        "model": model,
+        "num_params": 34_432,
+        "rows": {"DP": entry(2.0), "DiLoCo M=2": entry(2.1)},
+      },
+    },
+  }
+  text = study.summarize(results)
+  assert "| 2 | +5.00% | +0.7% | -0.1% |" in text
+  assert "| 34k | 34,432 | 48 x 2 | 2.0000 ± 0.0000 | +5.00% | not run |" in text
