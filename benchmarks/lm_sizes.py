@@ -190,8 +190,7 @@ def study(results, path, plan, steps, seeds, sizes, eval_every, log):
 # The report.
 
 
-def gap(entry, dp):
-  return 100 * (entry["final_mean"] - dp["final_mean"]) / dp["final_mean"]
+gap = lm.gap
 
 
 def cell(rows, name, dp):

@@ -279,9 +279,7 @@ def check_transformation(value: Any, argument: str, example: str) -> None:
 
 def check_inner_state(inner_state: Any, expected: Any, name: str) -> None:
   """A state's inner optimizer state must be the one this optimizer's inner ``init`` makes."""
-  got: Any = jax.tree.structure(inner_state)
-  want: Any = jax.tree.structure(expected)
-  if got != want:
+  if jax.tree.structure(inner_state) != jax.tree.structure(expected):  # type: ignore[operator]
     raise ValueError(
       f"{name}: this state's inner optimizer state is {_state_name(inner_state)}, but this "
       f"optimizer's inner optimizer makes {_state_name(expected)}: the state was made by "
