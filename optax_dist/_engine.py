@@ -191,7 +191,7 @@ class _Engine:
     )
     if flag is None:
       call.decided_in_program(grads, schedule)
-    elif flag == _flags.WARMUP:
+    elif flag == _schedule.WARMUP:
       call.warmup(grads)
     else:
       call.static(grads, flag, schedule)

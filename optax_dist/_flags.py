@@ -19,25 +19,18 @@ from collections.abc import Iterator
 import contextlib
 import numbers
 import threading
-from typing import TYPE_CHECKING
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:
-  from optax_dist._schedule import SyncSchedule
-
-WARMUP = "warmup"
-APPLY = "apply"
-
-Flag = bool | int | str | tuple[str, int] | None
+from optax_dist import _schedule
 
 
-def check_flag(sync: Any, num_fragments: int) -> Flag:
+def check_flag(sync: Any, num_fragments: int) -> _schedule.Flag:
   """``sync`` if it is a static flag this transform understands, else a clear error."""
-  if sync is None or isinstance(sync, bool) or (isinstance(sync, str) and sync == WARMUP):
+  if sync is None or isinstance(sync, bool) or (isinstance(sync, str) and sync == _schedule.WARMUP):
     return sync
   # NumPy scalars are host values, as Python's: a bool or an int.
   if isinstance(sync, (np.generic, np.ndarray)) and not isinstance(sync, jax.Array):
@@ -57,7 +50,7 @@ def check_flag(sync: Any, num_fragments: int) -> Flag:
   if (
     isinstance(sync, tuple)
     and len(sync) == 2
-    and sync[0] == APPLY
+    and sync[0] == _schedule.APPLY
     and isinstance(sync[1], numbers.Integral)
     and not isinstance(sync[1], bool)
   ):
@@ -66,7 +59,7 @@ def check_flag(sync: Any, num_fragments: int) -> Flag:
         f"`sync={sync}` names fragment {sync[1]}, but this transform has {num_fragments} "
         f"fragment(s): use an index in [0, {num_fragments})."
       )
-    return (APPLY, int(sync[1]))
+    return (_schedule.APPLY, int(sync[1]))
   if isinstance(sync, numbers.Integral):
     if not 0 <= int(sync) < num_fragments:
       raise ValueError(
@@ -151,7 +144,7 @@ def _flag_text(flag: Any) -> str:
 _APPLIED = 1 << 16  # Codes of the calls that apply a delayed sync (see verify_flag).
 
 
-def verify_flag(flag: Flag, counter: jax.Array, schedule: "SyncSchedule") -> None:
+def verify_flag(flag: _schedule.Flag, counter: jax.Array, schedule: _schedule.SyncSchedule) -> None:
   """Inside :func:`checking_sync_flags`: a callback that raises if ``flag`` is not the counter's."""
   if not _VERIFY[0] or flag is None:
     return
@@ -171,7 +164,7 @@ def verify_flag(flag: Flag, counter: jax.Array, schedule: "SyncSchedule") -> Non
     given = -1
   elif flag is True:
     given = schedule.fragments
-  elif flag == WARMUP:
+  elif flag == _schedule.WARMUP:
     given = -2
   else:
     given = flag
@@ -182,9 +175,11 @@ def verify_flag(flag: Flag, counter: jax.Array, schedule: "SyncSchedule") -> Non
       return
     expected = int(code[code != given][0])
     count = int(counter[code != given][0])
-    want: Any = {-2: WARMUP, -1: False}.get(expected, True if schedule.fragments == 1 else expected)
+    want: Any = {-2: _schedule.WARMUP, -1: False}.get(
+      expected, True if schedule.fragments == 1 else expected
+    )
     if expected >= _APPLIED:
-      want = (APPLY, expected - _APPLIED)
+      want = (_schedule.APPLY, expected - _APPLIED)
     error = ValueError(
       f"The static flag `sync={_flag_text(flag)}` disagrees with the transform's own call "
       f"counter: after {count} calls its schedule {schedule} gives `sync={want!r}`. A "
@@ -202,10 +197,10 @@ def verify_flag(flag: Flag, counter: jax.Array, schedule: "SyncSchedule") -> Non
   jax.debug.callback(check, code, counter)
 
 
-def check_fits(name: str, flag: Any, schedule: "SyncSchedule") -> None:
+def check_fits(name: str, flag: Any, schedule: _schedule.SyncSchedule) -> None:
   """Flags that a delay (or its absence) cannot take."""
   delay = schedule.delay
-  if flag == WARMUP and not schedule.warmup:
+  if flag == _schedule.WARMUP and not schedule.warmup:
     raise ValueError(
       f"{name}: `sync='warmup'` asks for a synchronous warm-up call, but this "
       "transform has no warm-up (`sync_warmup=0`). Build it with `sync_warmup=K` for K "

@@ -8,7 +8,7 @@ schedule is static: it lives in the transform's state as a
 :class:`SyncSchedule`, a pytree node with no leaves, so that it survives
 ``optax.chain``, ``optax.masked``, orbax checkpoints and Flax, and a training
 loop can read it back with :func:`optax_dist.sync_schedule`. The static flag
-that a call takes is :mod:`optax_dist._flags`'s.
+that a call takes is checked by :mod:`optax_dist._flags`.
 """
 
 import dataclasses
@@ -21,8 +21,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_dist import _flags
 from optax_dist import _fragments
+
+# The static flags that name a warm-up call and a call that applies a delayed
+# sync (``("apply", f)``); a flag is one of these, a bool or a fragment index.
+WARMUP = "warmup"
+APPLY = "apply"
+Flag = bool | int | str | tuple[str, int] | None
 
 
 def check_period(value: Any, name: str) -> int:
@@ -237,14 +242,14 @@ class SyncSchedule:
       raise ValueError(f"`count` must be >= 0, got {count}.")
     call = count + 1
     if call <= self.warmup:
-      return _flags.WARMUP
+      return WARMUP
     if self.delay:
       reduced = self._scheduled(call + self.delay - 1)
       if reduced is not False:
         return reduced
       applied = self._scheduled(call)
       if applied is not False and self.delay > 1:
-        return (_flags.APPLY, 0 if applied is True else applied)
+        return (APPLY, 0 if applied is True else applied)
       return False
     return self._scheduled(call)
 

@@ -18,9 +18,9 @@ import optax
 
 from optax_dist import _collectives
 from optax_dist import _engine
-from optax_dist import _flags
 from optax_dist import _layout
 from optax_dist import _metrics
+from optax_dist import _schedule
 from optax_dist import _settings
 from optax_dist import _state
 from optax_dist import _syncloop
@@ -110,7 +110,7 @@ def _restart_on_sync(params: Any, opt_state: Any, flag: Any, axes: tuple) -> Any
   check runs in the sync branch only.
   """
   periodic = [s for s in _state.iter_states(opt_state) if _state.is_periodic(s)]
-  if len(periodic) != 1 or flag is False or flag == _flags.WARMUP:
+  if len(periodic) != 1 or flag is False or flag == _schedule.WARMUP:
     return params
   if flag is not None:
     return _state.restart_nonfinite(params, opt_state)
