@@ -209,6 +209,20 @@ def agree(flag: jax.Array, axis_name: AxisName) -> jax.Array:
   return lax.pmin(flag.astype(jnp.int32), others).astype(jnp.bool_)
 
 
+def sum_beside(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``x`` summed over the devices it varies over, beside ``axis_name``.
+
+  A worker's own sum of a value each of its devices holds a part of (params
+  sharded over another mesh axis, FSDP): one scalar all-reduce over those
+  other axes. On a mesh of the workers' axis alone, and under pmap and vmap,
+  this adds nothing.
+  """
+  others = tuple(sorted(varying_axes(x) - set(axis_tuple(axis_name)), key=str))
+  if not others:
+    return x
+  return lax.psum(x, others)
+
+
 def reduce_gradients(grads: Any, axis_name: AxisName, reduction: str) -> Any:
   """Sums (``"sum"``) or averages (``"mean"``) per-worker gradients.
 

@@ -66,6 +66,9 @@ class Field:
 CENTER = Field(offloaded=True, restart="center", shared=True)
 # An error-feedback residual: each worker's own, restarts at zero.
 RESIDUAL = Field(offloaded=True, restart="zeros")
+# The norm of a worker's own contribution at its last sync (one per fragment),
+# for the spike check: each worker's own, restarts at zero (nothing checked).
+LAST_NORM = Field(per_fragment=True, restart="zeros")
 
 # The fields every periodic state holds, which the engine itself handles: the
 # inner optimizer's state, the delayed sync in flight and the counters.

@@ -4,6 +4,7 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
@@ -26,6 +27,9 @@ class DiLoCoState(NamedTuple):
     residual: With ``error_feedback``, what the compression of a sync dropped
       (from this worker's pseudo-gradient, and from the summed chunk it owns),
       sent again at the next sync; ``optax.EmptyState()`` otherwise.
+    last_norm: The L2 norm of this worker's pseudo-gradient at its last sync
+      (float32, 0 before the first; one per fragment), against which the next
+      is checked for a spike (see "When a worker goes bad" in the docs).
     pending: With ``delay >= 2``, the sync reduced and not yet applied (a
       :class:`optax_dist.Pending`); ``optax.EmptyState()`` otherwise.
     sync: The engine's counters and schedule (:class:`optax_dist.SyncState`).
@@ -37,6 +41,7 @@ class DiLoCoState(NamedTuple):
   outer_state: optax.OptState
   center: optax.Params
   residual: optax.Params | optax.EmptyState
+  last_norm: jax.Array | tuple[jax.Array, ...]
   pending: _declare.Pending | optax.EmptyState
   sync: _schedule.SyncState
 
@@ -47,6 +52,7 @@ FIELDS = _declare.Declaration(
   center=_declare.CENTER,
   outer_state=_declare.Field(per_fragment=True, offloaded=True, shared=True),
   residual=_declare.RESIDUAL,
+  last_norm=_declare.LAST_NORM,
 )
 
 
@@ -202,9 +208,10 @@ def diloco(
   def on_reduce(x, fields):
     # The mean pseudo-gradient over the workers whose own is finite.
     pseudo_gradient = jax.tree.map(lambda c, xi: c - xi, fields.center, x)
+    pseudo_gradient, last_norm = _reduce.unless_spike(pseudo_gradient, fields.last_norm, axes)
     reduced = _reduce.finite_sum(pseudo_gradient, axes, wire, fields.residual)
     pending, residual = reduced.pending(reduced.mean(), axes, fields.residual)
-    return pending, fields._replace(residual=residual)
+    return pending, fields._replace(residual=residual, last_norm=last_norm)
 
   def on_apply(fields, pending):
     # The outer step moves the center, unless no worker was finite.
@@ -224,7 +231,10 @@ def diloco(
     period_name="sync_period",
     period=sync_period,
     init=lambda center: {"residual": wire.residual_like(center)},
-    init_fragment=lambda center: {"outer_state": outer.init(center)},
+    init_fragment=lambda center: {
+      "outer_state": outer.init(center),
+      "last_norm": jnp.zeros([], jnp.float32),
+    },
     on_reduce=on_reduce,
     on_apply=on_apply,
     sync_warmup=sync_warmup,

@@ -255,7 +255,8 @@ class _Call:
   ) -> tuple:
     """A fragment's sync; with a delay (``red`` not None), the call that applies it.
 
-    A worker whose ``inner_state`` is not finite is left out, as a non-finite one.
+    A worker whose ``inner_state`` is not finite is left out, as a non-finite one
+    (undelayed syncs: a delayed sync's reduction reads the state it receives).
     """
     engine = self.engine
     fields_f = self.fence(self.moved(fields_f, _offload.to_device))
@@ -284,7 +285,7 @@ class _Call:
     assert self.engine.on_reduce is not None
     fields_f = self.fence(self.moved(fields_f, _offload.to_device))
     x = jax.tree.map(lambda p: p.astype(_declare.center_dtype(p.dtype)), params_f)
-    red, new = self.engine.on_reduce(_reduce.left_out_unless(self.inner_state, x), fields_f)
+    red, new = self.engine.on_reduce(x, fields_f)
     red = self.fence(red)
     if self.offload_pending:
       red = red._replace(value=_offload.to_host(red.value))

@@ -4,6 +4,7 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
@@ -24,6 +25,10 @@ class ModelAverageState(NamedTuple):
     residual: With ``error_feedback``, what the compression of a sync dropped
       (from this worker's difference to the center, and from the summed chunk
       it owns), sent again at the next sync; ``optax.EmptyState()`` otherwise.
+    last_norm: The L2 norm of this worker's difference to the center at its
+      last sync (float32, 0 before the first; one per fragment), against which
+      the next is checked for a spike (see "When a worker goes bad" in the
+      docs).
     pending: With ``delay >= 2``, the average reduced and not yet applied (a
       :class:`optax_dist.Pending`); ``optax.EmptyState()`` otherwise.
     sync: The engine's counters and schedule (:class:`optax_dist.SyncState`).
@@ -34,12 +39,18 @@ class ModelAverageState(NamedTuple):
   inner_state: optax.OptState
   center: optax.Params
   residual: optax.Params | optax.EmptyState
+  last_norm: jax.Array | tuple[jax.Array, ...]
   pending: _declare.Pending | optax.EmptyState
   sync: _schedule.SyncState
 
 
 # The roles of the state's fields (the engine handles inner_state, pending and sync).
-FIELDS = _declare.Declaration(ModelAverageState, center=_declare.CENTER, residual=_declare.RESIDUAL)
+FIELDS = _declare.Declaration(
+  ModelAverageState,
+  center=_declare.CENTER,
+  residual=_declare.RESIDUAL,
+  last_norm=_declare.LAST_NORM,
+)
 
 
 def model_average(
@@ -187,17 +198,20 @@ def model_average(
   def on_reduce(x, fields):
     # The mean over the workers whose contribution is finite.
     center = fields.center
+    # A spike is judged on the difference to the center, whatever travels.
+    diff = jax.tree.map(lambda xi, c: xi - c, x, center)
+    diff, last_norm = _reduce.unless_spike(diff, fields.last_norm, axes)
     if wire.dtype is None and wire.topk_fraction is None:
+      x = jax.tree.map(lambda xi, d: jnp.where(jnp.isnan(d), d, xi), x, diff)
       reduced = _reduce.finite_sum(x, axes, wire, fields.residual)
       mean = reduced.mean()
     else:
       # In a narrow format, the differences to the center (small, and the
       # same scale on every worker) travel rather than the params.
-      diff = jax.tree.map(lambda xi, c: xi - c, x, center)
       reduced = _reduce.finite_sum(diff, axes, wire, fields.residual)
       mean = jax.tree.map(lambda c, m: c + m, center, reduced.mean())
     pending, residual = reduced.pending(mean, axes, fields.residual)
-    return pending, fields._replace(residual=residual)
+    return pending, fields._replace(residual=residual, last_norm=last_norm)
 
   def on_apply(fields, pending):
     return fields._replace(center=_reduce.where(pending.ok, pending.value, fields.center))
@@ -210,6 +224,7 @@ def model_average(
     period_name="interval_steps",
     period=interval_steps,
     init=lambda center: {"residual": wire.residual_like(center)},
+    init_fragment=lambda center: {"last_norm": jnp.zeros([], jnp.float32)},
     on_reduce=on_reduce,
     on_apply=on_apply,
     sync_warmup=sync_warmup,

@@ -42,6 +42,32 @@ def all_finite(tree: Any, axes: tuple) -> jax.Array:
   return _collectives.agree(_nonfinite.all_finite(tree), axes)
 
 
+# A contribution more than this many times larger (in L2 norm) than the same
+# worker's at its previous sync is a spike, left out of the sync.
+SPIKE_FACTOR = 100.0
+
+
+def unless_spike(contribution: Any, last_norm: jax.Array, axes: tuple) -> tuple[Any, jax.Array]:
+  """The contribution, or NaN where it is a spike, and the norm to compare the next with.
+
+  A huge but finite contribution (params carried to 1e29 by one gradient of
+  1e30) would move the center as far. Each worker compares its own
+  contribution's norm with its own at its previous sync: more than
+  :data:`SPIKE_FACTOR` times larger, it is made non-finite, so that the sync
+  leaves it out (counted as dropped) and the worker restarts on the center.
+  Each worker checks itself (no collective, on sync calls only); its first
+  sync, and the first after a warm-up or a resize, check nothing. The norm is
+  kept even for a spike, so that a contribution that really grew is taken at
+  the next sync. Where a worker is several devices (FSDP), they sum their
+  shards' squares with one scalar all-reduce among themselves.
+  """
+  squares = sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in jax.tree.leaves(contribution))
+  norm = jnp.sqrt(_collectives.sum_beside(jnp.asarray(squares, jnp.float32), axes))
+  spike = jnp.logical_and(last_norm > 0, norm > SPIKE_FACTOR * last_norm)
+  checked = jax.tree.map(lambda v: jnp.where(spike, jnp.asarray(jnp.nan, v.dtype), v), contribution)
+  return checked, jnp.where(jnp.isfinite(norm), norm, last_norm)
+
+
 def left_out_unless(sound: Any, x: Any) -> Any:
   """``x``, or NaN where the worker's inner optimizer state ``sound`` is not finite.
 

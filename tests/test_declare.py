@@ -91,12 +91,12 @@ def test_roles_give_the_sync_its_fields_and_the_restart_rules():
     (
       lambda: optax_dist.diloco(optax.sgd(0.1), axis_name="w", sync_period=2),
       ("outer_state", "center", "residual"),
-      {"outer_state": "keep", "center": "center", "residual": "zeros"},
+      {"outer_state": "keep", "center": "center", "residual": "zeros", "last_norm": "zeros"},
     ),
     (
       lambda: optax_dist.model_average(optax.sgd(0.1), axis_name="w", interval_steps=2),
       ("center", "residual"),
-      {"center": "center", "residual": "zeros"},
+      {"center": "center", "residual": "zeros", "last_norm": "zeros"},
     ),
     (
       lambda: optax_dist.elastic_average(
