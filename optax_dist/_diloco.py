@@ -25,8 +25,9 @@ class DiLoCoState(NamedTuple):
     center: This worker's copy of the center (the global model, identical on
       every worker), in float32 for low-precision params.
     residual: With ``error_feedback``, what the compression of a sync dropped
-      (from this worker's pseudo-gradient, and from the summed chunk it owns),
-      sent again at the next sync; ``optax.EmptyState()`` otherwise.
+      (from the chunks of this worker's pseudo-gradient that it sent, and,
+      where the chunk it owns in the quantized ring stands, from the summed
+      chunk), sent again at the next sync; ``optax.EmptyState()`` otherwise.
     last_norm: The L2 norm of this worker's pseudo-gradient at its last sync
       (float32, 0 before the first; one per fragment), against which the next
       is checked for a spike (see "When a worker goes bad" in the docs).
@@ -54,6 +55,19 @@ FIELDS = _declare.Declaration(
   residual=_declare.RESIDUAL,
   last_norm=_declare.LAST_NORM,
 )
+
+
+def default_outer(wire: _quantize.Wire) -> optax.GradientTransformation:
+  """DiLoCo's outer step when none is given.
+
+  Nesterov SGD (learning rate 0.7, momentum 0.9), the DiLoCo paper's; with
+  sparse top-k syncs, plain SGD at learning rate 1, SparseLoCo's: its decayed
+  error-feedback buffer is already a momentum, and a second one on top
+  diverges where plain SGD converges.
+  """
+  if wire.topk_fraction is not None:
+    return optax.sgd(1.0)
+  return optax.sgd(0.7, momentum=0.9, nesterov=True)
 
 
 def diloco(
@@ -87,7 +101,9 @@ def diloco(
     c \leftarrow c + \mathrm{outer}(\Delta), \quad x_k \leftarrow c.
 
   ``outer=None`` means Nesterov momentum SGD with learning rate 0.7 and
-  momentum 0.9, the paper's choice. With ``outer=optax.sgd(1.0)`` DiLoCo is
+  momentum 0.9, the paper's choice; with ``topk_fraction`` it means plain SGD
+  with learning rate 1 (SparseLoCo's choice: the decayed error-feedback
+  buffer already carries past pseudo-gradients, as a momentum would). With ``outer=optax.sgd(1.0)`` DiLoCo is
   model averaging (:func:`optax_dist.model_average`) up to float rounding.
 
   A sync is one all-reduce of the pseudo-gradient; non-sync steps run no
@@ -112,7 +128,8 @@ def diloco(
     inner: The local optimizer (the paper uses AdamW).
     axis_name: The mapped axis (or tuple of axes) of the workers.
     outer: The optax transformation applied to the center with the averaged
-      pseudo-gradient as its gradient; ``None`` for Nesterov SGD (0.7, 0.9).
+      pseudo-gradient as its gradient; ``None`` for Nesterov SGD (0.7, 0.9),
+      or plain SGD (1.0) with ``topk_fraction``.
     sync_period: ``H``, calls between outer steps (static int >= 1).
     comm_dtype: The pseudo-gradient's format on the wire (static): ``None``
       (the center's dtype), ``jnp.bfloat16``/``jnp.float16``, or the quantized
@@ -200,7 +217,7 @@ def diloco(
     comm_dtype, error_feedback, topk_fraction=topk_fraction, error_decay=error_decay
   )
   if outer is None:
-    outer = optax.sgd(0.7, momentum=0.9, nesterov=True)
+    outer = default_outer(wire)
   _declare.check_transformation(outer, "outer", "optax.sgd(0.7, momentum=0.9, nesterov=True)")
   outer = optax.with_extra_args_support(outer)
   axes = _collectives.axis_tuple(axis_name)

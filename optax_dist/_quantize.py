@@ -21,8 +21,9 @@ numbers cut into N chunks:
    (symmetric, so that negation is exact and zero stays zero);
 2. pack the values into bytes (one, two or four to a byte) and write the
    block scales' bytes after them: one byte buffer per chunk;
-3. ``all_to_all``: worker k receives chunk k of every worker, dequantizes and
-   sums them in float32, in worker order;
+3. ``all_to_all``: worker k receives chunk k of every other worker,
+   dequantizes them and sums them in float32 with its own chunk k, which it
+   never sent and so never rounded, in worker order;
 4. quantizes its summed chunk the same way, and ``all_gather`` gives every
    worker every summed chunk, which it dequantizes.
 
@@ -31,9 +32,15 @@ Each phase is one collective of bytes. Each worker sends about
 0.254x the bytes of a float32 ring all-reduce for int8, 0.141x for int4 and
 0.094x for int2, whatever N is, and every worker ends with the same bits.
 Each rounding moves a number by at most half a step, ``absmax / (2 T)`` with
-``T`` = 127, 7 or 1 the largest value. What the roundings drop (from a
-worker's own contribution, and from the summed chunk it owns) is returned,
-for error feedback.
+``T`` = 127, 7 or 1 the largest value. What the roundings drop is returned
+for error feedback, in one params-sized buffer per worker: what the first
+rounding dropped from the chunks the worker sent, and, where the chunk it owns
+stands, what the second rounding dropped from the summed chunk (the owner's
+buffer, 1/N of the params: the worker's own share of that chunk is never
+rounded). Fed back, the first goes into the worker's next contribution and
+the second into the owner's next summed chunk, before its rounding, as in the
+compressed all-reduce of 1-bit Adam (worker and server error feedback); the
+owner's error never sets the scales of the blocks it sends.
 
 With ``topk_fraction`` the contribution is sparse instead (SparseLoCo, see
 :mod:`optax_dist._sparse`).
@@ -233,9 +240,11 @@ def ring_sum(tree: Any, axes: tuple, dtype: Any, *, side: Any = None) -> tuple[A
   """The quantized ring sum of a tree of float arrays (see the module docstring).
 
   Returns the sum (float32, the same bits on every worker) and what the
-  roundings dropped that is this worker's to send again: from its own
-  contribution, and from the summed chunk it owns. Fed back into the next
-  sum, both add up to nothing over many syncs.
+  roundings dropped that is this worker's to send again: from the chunks of
+  its own contribution that it sent, and, in place of the chunk it owns
+  (whose own share it never rounds), from the summed chunk. Fed back into
+  the next sum (the owner's part enters the summed chunk through its own
+  unrounded share), both add up to nothing over many syncs.
 
   ``side``: a small float32 array whose bytes ride after every chunk's
   scales in the ``all_to_all``, so that every worker receives every
@@ -258,16 +267,19 @@ def ring_sum(tree: Any, axes: tuple, dtype: Any, *, side: Any = None) -> tuple[A
   if side is not None:
     received, side_total = _codec.split_side(received, side)
   values, scale = _codec.decode(received, dtype, chunk)
-  part = _codec.dequantize(values[0], scale[0])
+  # This worker's own share of its chunk never leaves it: it enters the sum
+  # unrounded, so that the chunk's error-feedback buffer (below) goes into
+  # the summed chunk and never into this worker's own block scales.
+  me = _collectives.worker_index(axes)
+  own = lax.dynamic_index_in_dim(padded, me, keepdims=False)
+  part = jnp.where(me == 0, own, _codec.dequantize(values[0], scale[0]))
   for j in range(1, n):
-    part = part + _codec.dequantize(values[j], scale[j])
+    part = part + jnp.where(me == j, own, _codec.dequantize(values[j], scale[j]))
   values, scale = _codec.quantize(part, dtype)
-  # What the second rounding dropped from the summed chunk is this worker's
-  # to feed back: it owns that chunk.
-  start = _collectives.worker_index(axes) * chunk
+  # What the second rounding dropped from the summed chunk is the owner's to
+  # feed back, where its own share of the chunk (sent unrounded) drops nothing.
   dropped_sum = (part - _codec.dequantize(values, scale)).reshape(-1)
-  mine = lax.dynamic_slice(dropped, (start,), (chunk,))
-  dropped = lax.dynamic_update_slice(dropped, mine + dropped_sum, (start,))[:size]
+  dropped = lax.dynamic_update_slice(dropped, dropped_sum, (me * chunk,))[:size]
   gathered = _collectives.all_gather(_codec.encode(values[None], scale[None], dtype)[0], axes)
   values, scale = _codec.decode(gathered, dtype, chunk)
   total = _codec.dequantize(values, scale).reshape(-1)[:size]

@@ -91,13 +91,24 @@ def np_ring(flat, name):
   codes, scale = np_quantize(padded.reshape(n, n, chunk // block, block), top)
   wire = np_pack(codes.reshape(n, n, -1), width)  # What each worker sends to each.
   received = np_unpack(wire, width).reshape(codes.shape)
-  # Worker k sums chunk k of every worker j, in worker order.
+  exact = padded.reshape(n, n, chunk // block, block)
+  sent = received * scale
+  # Worker k sums chunk k of every worker j, in worker order; its own share
+  # never left it, and enters unrounded.
   part = np.zeros((n, chunk // block, block))
   for j in range(n):
-    part = part + received[j] * scale[j]
+    term = sent[j].copy()
+    term[j] = exact[j, j]
+    part = part + term
   codes, scale = np_quantize(part, top)
   gathered = np_unpack(np_pack(codes.reshape(n, -1), width), width).reshape(codes.shape)
-  return (gathered * scale).reshape(-1)[:size]
+  # What each worker feeds back: its first rounding's error on the chunks it
+  # sent, and at the chunk it owns the second rounding's error.
+  dropped = (exact - sent).reshape(n, n, chunk)
+  owner = (part - gathered * scale).reshape(n, chunk)
+  for k in range(n):
+    dropped[k, k] = owner[k]
+  return (gathered * scale).reshape(-1)[:size], dropped.reshape(n, -1)[:, :size]
 
 
 def flat_of(tree, n):
@@ -116,8 +127,13 @@ def test_ring_matches_the_float64_reference_on_every_worker_within_the_bound(nam
   # Every worker holds the same bits.
   np.testing.assert_array_equal(got, np.broadcast_to(got[0], got.shape))
   flat = flat_of(x, n)
-  reference = np_ring(flat, name)
+  reference, reference_dropped = np_ring(flat, name)
   np.testing.assert_allclose(got[0], reference, rtol=2e-6, atol=1e-9)
+  # What each worker keeps to feed back, against the float64 rule.
+  scale_of = np.abs(flat).max()
+  np.testing.assert_allclose(
+    flat_of(dropped, n), reference_dropped, rtol=1e-4, atol=2e-6 * scale_of
+  )
   # Error bound, element by element: each rounding moves a number by at most
   # half a step, absmax / (2 T): (sum_k a_k + A) / (2 T), a_k the absmax of
   # worker k's block and A that of the summed block as requantized.
@@ -301,3 +317,76 @@ def test_hlo_bytes_of_sub_byte_types_are_whole_bytes_per_buffer():
   assert _hlo.nbytes("s2[8]{0}") == 2
   assert _hlo.nbytes("u4[5,2]{1,0}") == 5
   assert _hlo.nbytes("(f32[2,3]{1,0}, s8[7]{0})") == 24 + 7
+
+
+# Workers that pull apart: each of 8 pulls toward its own target (a common
+# part plus three times as much of its own), DiLoCo at H = 4 with SGD inside,
+# 48 calls (12 syncs) over 4 leaves. The float32 sync ends near the optimum
+# (the mean target); a compressed one is judged by how far above it ends.
+APART_N, APART_H, APART_STEPS = 8, 4, 48
+
+
+def apart_targets():
+  rng = np.random.default_rng(0)
+  shapes = [(64, 32), (32,), (32, 16), (16,)]
+  return [
+    (rng.normal(size=s) + 3 * rng.normal(size=(APART_N, *s))).astype(np.float32) for s in shapes
+  ]
+
+
+def apart_excess_loss(center, targets):
+  """The center's loss over the workers' targets, above the optimum's."""
+  full = sum(0.5 * np.sum((np.float64(c) - t) ** 2) for c, t in zip(center, targets, strict=True))
+  best = sum(0.5 * np.sum((t.mean(0, dtype=np.float64) - t) ** 2) for t in targets)
+  return (full - best) / APART_N
+
+
+def train_apart(**kwargs):
+  """The final excess loss of the center, and the residual's largest magnitude per call."""
+  targets = apart_targets()
+  tx = optax_dist.diloco(optax.sgd(0.1), axis_name=AXIS, sync_period=APART_H, **kwargs)
+
+  def train(mine):  # One worker: its own targets.
+    def call(carry, _):
+      params, state = carry
+      grads = jax.tree.map(lambda p, t: p - t, params, mine)
+      updates, state = tx.update(grads, state, params)
+      residual = jax.tree.leaves(state.residual) or [jnp.zeros(())]
+      largest = jnp.max(jnp.stack([jnp.max(jnp.abs(r)) for r in residual]))
+      return (optax.apply_updates(params, updates), state), jax.lax.pmax(largest, AXIS)
+
+    params = jax.tree.map(jnp.zeros_like, mine)
+    (_, state), largest = jax.lax.scan(call, (params, tx.init(params)), None, APART_STEPS)
+    return optax_dist.center_params(state), largest
+
+  center, largest = jax.jit(jax.vmap(train, axis_name=AXIS))(targets)
+  center = [np.asarray(c)[0] for c in center]
+  return apart_excess_loss(center, targets), np.asarray(largest)[0]
+
+
+def test_int2_error_feedback_no_longer_diverges_where_workers_pull_apart():
+  start = apart_excess_loss([np.zeros(t.shape[1:]) for t in apart_targets()], apart_targets())
+  exact, _ = train_apart()
+  without, _ = train_apart(comm_dtype=jnp.int2)
+  with_feedback, largest = train_apart(comm_dtype=jnp.int2, error_feedback=True)
+  assert exact < 0.02 * start, (exact, start)
+  assert without < 0.3 * start, (without, start)
+  # When the owner's rounding error went into its own next contribution (and
+  # set its block scales), the residual grew to 50 and the loss to 4x the
+  # start. The owner's error now enters the summed chunk, never rounded with
+  # the owner's own share.
+  assert with_feedback < 0.8 * start, (with_feedback, start)
+  assert np.max(largest[APART_H - 1 :: APART_H]) < 25.0, largest
+
+
+def test_topk_without_an_outer_step_takes_sparselocos_plain_sgd():
+  start = apart_excess_loss([np.zeros(t.shape[1:]) for t in apart_targets()], apart_targets())
+  sparse = {"topk_fraction": 0.02, "comm_dtype": jnp.int4}
+  default, _ = train_apart(**sparse)
+  plain, _ = train_apart(**sparse, outer=optax.sgd(1.0))
+  nesterov, _ = train_apart(**sparse, outer=optax.sgd(0.7, momentum=0.9, nesterov=True))
+  assert default == plain
+  assert default < 0.5 * start, (default, start)
+  # The decayed error buffer is a momentum already: Nesterov's on top, as
+  # given, ends above where it started.
+  assert nesterov > start, (nesterov, start)
