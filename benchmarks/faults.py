@@ -25,8 +25,20 @@ exports) against the clean run, the syncs skipped (no finite worker), each
 worker's dropped syncs, the steps the guard skipped, and that no checkpoint
 and no center (checked after every step) ever held a non-finite value.
 
+``--spike`` runs the spike cases instead: 320 steps (20 syncs) of the same
+training, with Adam inside and with plain SGD inside (learning rate 0.1), each
+clean and with one worker's gradient multiplied on one call (step 105, in the
+middle of the period that ends at the sync of call 112) by 1e20 with Adam (its
+second moment overflows to infinity) or 1e5 with SGD (its params stay finite,
+far from the others). Reported: the
+center's final test loss and accuracy against the clean run's, each worker's
+dropped syncs, and each worker's drift from the center at the end of every
+period (its L2 distance): a worker that trains drifts as the others do, a
+stranded one stays on the center.
+
     python benchmarks/faults.py                 # about 8 minutes on 2 busy cores
     python benchmarks/faults.py --seeds 0 1 2   # more seeds
+    python benchmarks/faults.py --spike --seeds 0 1 2
 """
 
 import argparse
@@ -68,6 +80,11 @@ KILL_AT = 530
 SCALED_STEPS = range(300, 310)  # One worker's batch scaled by 1e6.
 SCALE = 1e6
 RUNS = ("clean", "faults", "faults_guarded")
+SPIKE_STEPS = 320
+SPIKE_AT = 105
+SPIKE = {"adam": 1e20, "sgd": 1e5}  # Adam's second moment overflows; SGD's params stay finite.
+SGD_LEARNING_RATE = 0.1
+SPIKE_RUNS = ("adam_clean", "adam_spike", "sgd_clean", "sgd_spike")
 
 
 def make_optimizer(guarded):
@@ -189,6 +206,86 @@ def child(args):
   out.write_text(json.dumps(result))
 
 
+def spike_run(run, seed):
+  """One spike case in this process: ``adam_*`` or ``sgd_*``, ``*_clean`` or ``*_spike``."""
+  inner_name, kind = run.split("_")
+  data = demo.load_digits(seed, test_size=45 * N)
+  _, x_test, _, y_test = data
+  rng = np.random.default_rng(2000 + seed)
+  spiked_worker = int(rng.integers(N))
+  plan = np.ones((SPIKE_STEPS, N), np.float32)
+  if kind == "spike":
+    plan[SPIKE_AT, spiked_worker] = SPIKE[inner_name]
+  mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,))
+  inner = optax.adam(LEARNING_RATE) if inner_name == "adam" else optax.sgd(SGD_LEARNING_RATE)
+  outer = optax.sgd(OUTER_LEARNING_RATE, momentum=0.9, nesterov=True)
+  tx = optax_dist.diloco(inner, axis_name=AXIS, outer=outer, sync_period=PERIOD)
+  step = optax_dist.data_parallel_step(
+    loss_fn, tx, mesh=mesh, axis_name=AXIS, has_aux=True, params_layout="per_worker"
+  )
+  evaluate = optax_dist.data_parallel_eval_step(
+    demo.loss_fn, mesh=mesh, axis_name=AXIS, has_aux=True, params_layout="per_worker"
+  )
+  params = demo.init_mlp(jax.random.key(seed), [data[0].shape[1], HIDDEN, HIDDEN, 10])
+  params, opt_state = optax_dist.per_worker((params, tx.init(params)), mesh=mesh, axis_name=AXIS)
+
+  @jax.jit
+  def drift(params, opt_state):
+    """Each worker's L2 distance from the center."""
+    center = optax_dist.center_params(opt_state)
+    squares = jax.tree.map(
+      lambda p, c: jnp.sum(jnp.square(p - c).reshape(N, -1), axis=1), params, center
+    )
+    return jnp.sqrt(sum(jax.tree.leaves(squares)))
+
+  drifts = []
+  began = time.perf_counter()
+  for t in range(SPIKE_STEPS):
+    x, y, _ = batch_at(t, data, seed, plan, None, faulty=False)
+    batch = x, y, np.repeat(plan[t], BATCH // N)  # The spike, if any, and no other fault.
+    params, opt_state, _ = jax.block_until_ready(step(params, opt_state, batch))
+    if (t + 2) % PERIOD == 0:  # The call before a sync: the period's whole drift.
+      drifts.append(np.asarray(drift(params, opt_state)).tolist())
+  seconds = time.perf_counter() - began
+  metrics = evaluate(params, opt_state, (x_test, y_test))
+  return {
+    "run": run,
+    "seed": seed,
+    "spiked_worker": spiked_worker if kind == "spike" else None,
+    "test_accuracy": float(metrics["accuracy"]),
+    "test_loss": float(metrics["loss"]),
+    "syncs": int(np.ravel(optax_dist.global_step(opt_state))[0]),
+    "skipped_syncs": int(np.ravel(optax_dist.skipped_syncs(opt_state))[0]),
+    "dropped_syncs": np.asarray(optax_dist.dropped_syncs(opt_state)).reshape(-1).tolist(),
+    "drift_before_sync": drifts,
+    "params_finite": bool(all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))),
+    "seconds": seconds,
+  }
+
+
+def spike_main(args, argv):
+  began = time.perf_counter()
+  results = []
+  for seed in args.seeds:
+    for run in SPIKE_RUNS:
+      result = spike_run(run, seed)
+      results.append(result)
+      print(json.dumps({k: v for k, v in result.items() if k != "drift_before_sync"}))
+  summary = {
+    "command": "python benchmarks/faults.py " + " ".join(argv or sys.argv[1:]),
+    "steps": SPIKE_STEPS,
+    "workers": N,
+    "period": PERIOD,
+    "spike_at": SPIKE_AT,
+    "spike": SPIKE,
+    "wall_seconds": time.perf_counter() - began,
+    "runs": results,
+  }
+  out = args.out or str(ROOT / "benchmarks" / "results" / "faults_spike.json")
+  pathlib.Path(out).write_text(json.dumps(summary, indent=1))
+  print(f"wall time {summary['wall_seconds']:.0f} s")
+
+
 def run_child(run, seed, workdir, resume=False):
   cmd = [
     sys.executable,
@@ -224,7 +321,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--workdir", default="/tmp/optax_dist_faults")
-  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
+  parser.add_argument("--spike", action="store_true", help="run the spike cases instead")
+  parser.add_argument("--out", default=None, help="the results' JSON file")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--run", choices=RUNS, help=argparse.SUPPRESS)
   parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -232,6 +330,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.child:
     child(args)
+    return
+  if args.spike:
+    spike_main(args, argv)
     return
   import shutil
 
@@ -265,7 +366,8 @@ def main(argv=None):
     "wall_seconds": total,
     "runs": results,
   }
-  pathlib.Path(args.out).write_text(json.dumps(summary, indent=1))
+  out = args.out or str(ROOT / "benchmarks" / "results" / "faults.json")
+  pathlib.Path(out).write_text(json.dumps(summary, indent=1))
   print(f"wall time {total:.0f} s")
 
 
