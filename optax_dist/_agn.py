@@ -38,6 +38,7 @@ class AGNState(NamedTuple):
 # accumulator, added to on every call, stays on the device.
 FIELDS = _declare.Declaration(
   AGNState,
+  "agn",
   center=_declare.CENTER,
   center_state=_declare.Field(offloaded=True, shared=True),
   accumulator=_declare.Field(restart="zeros"),
@@ -180,8 +181,8 @@ def agn(
         n = _collectives.num_workers(axes)
         rescale = n / jnp.maximum(reduced.num_finite, 1.0)
         total = jax.tree.map(lambda t: t * rescale.astype(t.dtype), total)
-      finite = reduced.finite(total, axes)
-      dropped = jnp.logical_not(reduced.mine)
+      moved = reduced.moved(total, axes)
+      left_out = reduced.left_out
       # Cleared after the all-reduce that read it, in its own buffer.
       cleared = _reduce.zeros_after(fields.accumulator, reduced.num_finite)
       center_updates, new_center_state = inner.update(total, center_state, center)
@@ -195,19 +196,19 @@ def agn(
         u, c_state = inner.update(g_k, c_state, c)
         return optax.apply_updates(c, u), c_state
 
-      target, (new_center, new_center_state), finite, dropped = _reduce.replay_commits(
+      target, (new_center, new_center_state), moved, left_out = _reduce.replay_commits(
         commit, (center, center_state), normalized, axes, mine=lambda c: c[0], after=True
       )
       cleared = _declare.zeros_like(fields.accumulator)
-    center = _reduce.where(finite, new_center, center)
-    # A dropped worker lands on the center as it stands after every commit.
-    target = _reduce.where(dropped, center, _reduce.where(finite, target, fields.center))
+    center = _reduce.where(moved, new_center, center)
+    # A worker left out lands on the center as it stands after every commit.
+    target = _reduce.where(left_out, center, _reduce.where(moved, target, fields.center))
     new = fields._replace(
       center=center,
-      center_state=_reduce.where(finite, new_center_state, center_state),
+      center_state=_reduce.where(moved, new_center_state, center_state),
       accumulator=cleared,
     )
-    return _declare.Synced(local.moved_to(target), new, finite, dropped)
+    return _declare.Synced(local.moved_to(target), new, moved, left_out)
 
   def before(grads, state, params):
     # Every call adds its gradient to the accumulator.
@@ -218,6 +219,7 @@ def agn(
     "agn",
     inner,
     FIELDS,
+    _engine.OnePhase(on_sync),
     axis_name=axis_name,
     period_name="communication_period",
     period=period,
@@ -225,7 +227,6 @@ def agn(
       "center_state": inner.init(center),
       "accumulator": _declare.zeros_like(center),
     },
-    on_sync=on_sync,
     before=before,
     sync_warmup=sync_warmup,
     host_offload=host_offload,

@@ -27,7 +27,7 @@ def params_lines(params: Any) -> list[str]:
   return lines
 
 
-def encode(lines: list[str]) -> np.ndarray:
+def to_row(lines: list[str]) -> np.ndarray:
   """Fixed-size int32 row: digest (8 words), length, then the UTF-8 text."""
   data = "\n".join(lines).encode()
   digest = np.frombuffer(hashlib.sha256(data).digest(), np.int32)
@@ -37,7 +37,7 @@ def encode(lines: list[str]) -> np.ndarray:
   return np.concatenate([digest, np.array([len(data)], np.int32), text])
 
 
-def decode(row: np.ndarray) -> tuple[bytes, list[str]]:
+def from_row(row: np.ndarray) -> tuple[bytes, list[str]]:
   digest = row[:8].tobytes()
   length = min(int(row[8]), _MAX_TEXT_BYTES)
   text = row[9 : 9 + length].astype(np.uint8).tobytes().decode(errors="replace")
@@ -170,9 +170,9 @@ def check_agreement(
 
 def gather_lines(lines: list[str]) -> list[tuple[bytes, list[str]]]:
   """Every process's lines (digest and text), in process order; one collective."""
-  row = encode(lines)
+  row = to_row(lines)
   rows = np.asarray(multihost_utils.process_allgather(row, tiled=False)).reshape(-1, row.size)
-  return [decode(r) for r in rows]
+  return [from_row(r) for r in rows]
 
 
 def params_of(lines: list[str]) -> list[str]:

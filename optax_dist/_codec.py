@@ -89,7 +89,7 @@ def unpack(packed: jax.Array, width: int) -> jax.Array:
   return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
-def encode(values: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
+def to_wire(values: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
   """Values ``(L, blocks, B)`` and scales ``(L, blocks, 1)`` as one byte buffer ``(L, bytes)``.
 
   The values come first, packed, then the scales' float32 bytes: one
@@ -107,8 +107,8 @@ def encode(values: jax.Array, scale: jax.Array, dtype: Any) -> jax.Array:
   return buffer if width < 8 else lax.bitcast_convert_type(buffer, jnp.int8)
 
 
-def decode(buffer: jax.Array, dtype: Any, numbers: int) -> tuple[jax.Array, jax.Array]:
-  """The values ``(L, blocks, B)`` and scales ``(L, blocks, 1)`` of :func:`encode`."""
+def from_wire(buffer: jax.Array, dtype: Any, numbers: int) -> tuple[jax.Array, jax.Array]:
+  """The values ``(L, blocks, B)`` and scales ``(L, blocks, 1)`` of :func:`to_wire`."""
   lead, block, width = buffer.shape[0], block_size(dtype), bits(dtype)
   blocks = numbers // block
   buffer = lax.bitcast_convert_type(buffer, jnp.uint8)
@@ -147,14 +147,14 @@ def unflatten(flat: jax.Array, leaves: list, treedef: Any) -> Any:
 
 
 def append_side(buffer: jax.Array, side: Any) -> jax.Array:
-  """``side``'s float32 bytes after every row of an encoded buffer ``(L, bytes)``."""
+  """``side``'s float32 bytes after every row of a wire buffer ``(L, bytes)``."""
   raw = lax.bitcast_convert_type(jnp.asarray(side, jnp.float32).reshape(-1), jnp.uint8)
   raw = jnp.broadcast_to(raw.reshape(1, -1), (buffer.shape[0], raw.size))
   return jnp.concatenate([buffer, lax.bitcast_convert_type(raw, buffer.dtype)], axis=1)
 
 
 def split_side(buffer: jax.Array, side: Any) -> tuple[jax.Array, jax.Array]:
-  """The encoded rows of :func:`append_side`, and the rows' ``side`` values summed in row order.
+  """The wire rows of :func:`append_side`, and the rows' ``side`` values summed in row order.
 
   The rows are the workers' (after an ``all_to_all`` or an ``all_gather``):
   every worker adds them in the same order, so the sum has the same bits

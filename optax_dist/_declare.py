@@ -80,13 +80,14 @@ _DECLARED: dict[type, "Declaration"] = {}
 class Declaration:
   """A periodic state class and the roles of its fields.
 
-  ``Declaration(State, center=CENTER, residual=RESIDUAL, ...)`` names every
+  ``Declaration(State, "diloco", center=CENTER, residual=RESIDUAL, ...)``
+  gives the algorithm's name (for error messages) and names every
   field of ``State`` except the engine's (:data:`ENGINE_FIELDS`, of which a
   state holds those it needs); an undeclared field, or a declared one that
   the class lacks, is an error.
   """
 
-  def __init__(self, state: type, **fields: Field):
+  def __init__(self, state: type, algorithm: str, **fields: Field):
     names = tuple(getattr(state, "_fields", ()))
     own = tuple(n for n in names if n not in ENGINE_FIELDS)
     missing = [n for n in own if n not in fields]
@@ -98,6 +99,7 @@ class Declaration:
         f"of the class: {extra}."
       )
     self.state = state
+    self.algorithm = algorithm
     self.names = names
     self.fields = {n: fields[n] for n in own}
     self.synced = tuple(n for n, f in self.fields.items() if f.synced)
@@ -136,28 +138,18 @@ def declaration(state: Any) -> Declaration:
   return _DECLARED[type(state)]
 
 
+def algorithms() -> str:
+  """The periodic algorithms' names, for error messages (``"a, b or c"``)."""
+  names = [d.algorithm for d in _DECLARED.values() if d.state.__module__.startswith(__package__)]
+  return " or ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
 def center_dtype(dtype: Any) -> Any:
   """Centers of low-precision params are kept in float32."""
   dtype = jnp.dtype(dtype)
   if jnp.issubdtype(dtype, jnp.floating):
     return jnp.promote_types(dtype, jnp.float32)
   return dtype
-
-
-def center_like(params: Any) -> Any:
-  """A copy of params in center precision.
-
-  An abstract leaf (``jax.ShapeDtypeStruct``) gives an abstract center leaf,
-  so that ``init`` describes the state of abstract params.
-  """
-
-  def copy(p: Any) -> Any:
-    dtype = center_dtype(p.dtype)
-    if isinstance(p, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(p.shape, dtype, sharding=p.sharding)
-    return jnp.asarray(p, dtype)
-
-  return jax.tree.map(copy, params)
 
 
 def zeros_like(tree: Any) -> Any:
@@ -179,6 +171,16 @@ class Local(NamedTuple):
   updates: Any
   x: Any
 
+  @classmethod
+  def of(cls, params: Any, updates: Any) -> "Local":
+    """The worker after its inner step, ``x = params + updates`` in center precision."""
+    x = jax.tree.map(
+      lambda p, u: p.astype(center_dtype(p.dtype)) + u.astype(center_dtype(p.dtype)),
+      params,
+      updates,
+    )
+    return cls(params, updates, x)
+
   def corrected(self, correction: Any) -> Any:
     """Updates that land the worker at ``x + correction``."""
     return jax.tree.map(
@@ -197,34 +199,24 @@ class Local(NamedTuple):
     )
 
 
-def local_view(params: Any, updates: Any) -> Local:
-  """The worker after its inner step, ``x = params + updates`` in center precision."""
-  x = jax.tree.map(
-    lambda p, u: p.astype(center_dtype(p.dtype)) + u.astype(center_dtype(p.dtype)),
-    params,
-    updates,
-  )
-  return Local(params, updates, x)
-
-
 class Synced(NamedTuple):
   """What an algorithm's sync returns.
 
   Attributes:
     updates: The worker's updates for this call.
     fields: The new values of the synced fields (the declaration's tuple).
-    finite: Whether the center moved: some worker's contribution was finite,
+    moved: Whether the center moved: some worker's contribution was finite,
       and so was the result (otherwise the center stays and the sync counts
       as skipped).
-    dropped: Whether this worker's own contribution was not finite and was
-      left out; the engine then gives it a fresh inner state, and the
-      algorithm lands it on the center.
+    left_out: Whether this worker's own contribution was left out of the sync
+      (not finite, or a spike); the engine then counts it as dropped and
+      gives it a fresh inner state, and the algorithm lands it on the center.
   """
 
   updates: Any
   fields: Any
-  finite: jax.Array
-  dropped: jax.Array
+  moved: jax.Array
+  left_out: jax.Array
 
 
 class Pending(NamedTuple):
@@ -234,14 +226,15 @@ class Pending(NamedTuple):
     value: What the reduction gave, in center precision (DiLoCo: the mean
       pseudo-gradient; model averaging: the new center), shaped like the
       center (only the leaves of the fragment in flight are meaningful).
-    ok: Whether the center moves when it is applied (some worker was finite,
-      and so is ``value``).
-    mine: Whether this worker's contribution was finite.
+    moved: Whether the center moves when it is applied (some worker was
+      finite, and so is ``value``).
+    left_out: Whether this worker's contribution was left out of the
+      reduction (not finite, or a spike).
   """
 
   value: Any
-  ok: jax.Array
-  mine: jax.Array
+  moved: jax.Array
+  left_out: jax.Array
 
   @classmethod
   def fresh(cls, like: Any) -> "Pending":
@@ -254,22 +247,7 @@ class Pending(NamedTuple):
       return jnp.zeros_like(p, dtype=dtype)
 
     value = jax.tree.map(zeros, like)
-    false = jnp.zeros([], bool)
-    return cls(value, false, jnp.logical_not(false))
-
-
-def check_floating(params: Any, name: str) -> None:
-  """Periodic transforms average and move params: every leaf must be floating."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      where = jax.tree_util.keystr(path) or "params"
-      raise TypeError(
-        f"{name} needs floating params, but the leaf at {where} has dtype {dtype}. Keep "
-        "integer and bool leaves out of the optimizer (e.g. with `optax.masked`, or "
-        "`optax.multi_transform` with `optax.set_to_zero()` for them), or cast them to a "
-        "floating dtype."
-      )
+    return cls(value, jnp.zeros([], bool), jnp.zeros([], bool))
 
 
 def check_transformation(value: Any, argument: str, example: str) -> None:
@@ -277,36 +255,4 @@ def check_transformation(value: Any, argument: str, example: str) -> None:
   if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
     raise TypeError(
       f"`{argument}` must be an optax GradientTransformation (e.g. {example}), got {value!r}."
-    )
-
-
-def check_inner_state(inner_state: Any, expected: Any, name: str) -> None:
-  """A state's inner optimizer state must be the one this optimizer's inner ``init`` makes."""
-  if jax.tree.structure(inner_state) != jax.tree.structure(expected):  # type: ignore[operator]
-    raise ValueError(
-      f"{name}: this state's inner optimizer state is {_state_name(inner_state)}, but this "
-      f"optimizer's inner optimizer makes {_state_name(expected)}: the state was made by "
-      "another optimizer. Make the state with this optimizer's `init` (or restore a "
-      "checkpoint into a state made by that `init`), or build the optimizer with the inner "
-      "optimizer the state was made with."
-    )
-
-
-def _state_name(state: Any) -> str:
-  """A state's type, or its tuple of types (an ``optax.chain``'s)."""
-  if isinstance(state, tuple) and not hasattr(state, "_fields"):
-    return "(" + ", ".join(_state_name(s) for s in state) + ")"
-  return type(state).__name__
-
-
-def check_structures(grads: Any, params: Any, name: str) -> None:
-  """The gradients and the params must be trees of the same structure."""
-  grads_def: Any = jax.tree.structure(grads)
-  params_def: Any = jax.tree.structure(params)
-  if grads_def != params_def:
-    raise ValueError(
-      f"{name}: the gradients (`updates`) and `params` must have the same tree structure, "
-      f"but the gradients are {grads_def} and the params {params_def}. Pass the gradients "
-      "of the params you pass as `params` (e.g. `jax.grad(loss)(params)`), and under "
-      "`optax.masked` or `optax.multi_transform` give both the same mask."
     )

@@ -25,9 +25,9 @@ class DiLoCoState(NamedTuple):
     center: This worker's copy of the center (the global model, identical on
       every worker), in float32 for low-precision params.
     residual: With ``error_feedback``, what the compression of a sync dropped
-      (from the chunks of this worker's pseudo-gradient that it sent, and,
-      where the chunk it owns in the quantized ring stands, from the summed
-      chunk), sent again at the next sync; ``optax.EmptyState()`` otherwise.
+      (from this worker's pseudo-gradient, and, where the chunk it owns in
+      the quantized ring stands, from the summed chunk too), sent again at
+      the next sync; ``optax.EmptyState()`` otherwise.
     last_norm: The L2 norm of this worker's pseudo-gradient at its last sync
       (float32, 0 before the first; one per fragment), against which the next
       is checked for a spike (see "When a worker goes bad" in the docs).
@@ -50,6 +50,7 @@ class DiLoCoState(NamedTuple):
 # The roles of the state's fields (the engine handles inner_state, pending and sync).
 FIELDS = _declare.Declaration(
   DiLoCoState,
+  "diloco",
   center=_declare.CENTER,
   outer_state=_declare.Field(per_fragment=True, offloaded=True, shared=True),
   residual=_declare.RESIDUAL,
@@ -236,14 +237,15 @@ def diloco(
     outer_updates, new_outer_state = outer.update(pending.value, outer_state, center)
     new_center = optax.apply_updates(center, outer_updates)
     return fields._replace(
-      center=_reduce.where(pending.ok, new_center, center),
-      outer_state=_reduce.where(pending.ok, new_outer_state, outer_state),
+      center=_reduce.where(pending.moved, new_center, center),
+      outer_state=_reduce.where(pending.moved, new_outer_state, outer_state),
     )
 
   return _engine.periodic(
     "diloco",
     inner,
     FIELDS,
+    _engine.TwoPhase(on_reduce, on_apply),
     axis_name=axis_name,
     period_name="sync_period",
     period=sync_period,
@@ -252,8 +254,6 @@ def diloco(
       "outer_state": outer.init(center),
       "last_norm": jnp.zeros([], jnp.float32),
     },
-    on_reduce=on_reduce,
-    on_apply=on_apply,
     sync_warmup=sync_warmup,
     fragments=fragments,
     host_offload=host_offload,

@@ -5,7 +5,6 @@ from typing import Any
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from optax_dist import _collectives
@@ -45,6 +44,7 @@ class ElasticAverageState(NamedTuple):
 # snapshot, which the rho term reads on every call, stays on the device.
 FIELDS = _declare.Declaration(
   ElasticAverageState,
+  "elastic_average",
   center=_declare.CENTER,
   snapshot=_declare.Field(restart="center"),
   residual=_declare.RESIDUAL,
@@ -215,11 +215,11 @@ def elastic_average(
     if ordering == "simultaneous":
       snapshot = center
       diff = jax.tree.map(lambda xi, c: xi - c, local.x, center)
-      # The finite workers' differences (a dropped one enters as zero).
+      # The finite workers' differences (one left out enters as zero).
       reduced = _reduce.finite_sum(diff, axes, wire, residual)
       residual, total = reduced.residual, reduced.total
-      finite = reduced.finite(total, axes)
-      dropped = jnp.logical_not(reduced.mine)
+      moved = reduced.moved(total, axes)
+      left_out = reduced.left_out
       new_center = jax.tree.map(lambda c, t: c + alpha * t, center, total)
     else:
       # Worker k reads the center as workers 0..k-1 left it (its snapshot)
@@ -227,20 +227,20 @@ def elastic_average(
       def commit(c, x_k):
         return jax.tree.map(lambda ci, xi: ci + alpha * (xi - ci), c, x_k)
 
-      snapshot, new_center, finite, dropped = _reduce.replay_commits(
+      snapshot, new_center, moved, left_out = _reduce.replay_commits(
         commit, center, local.x, axes, mine=lambda c: c, after=False
       )
     correction = jax.tree.map(lambda xi, s: -alpha * (xi - s), local.x, snapshot)
-    center = _reduce.where(finite, new_center, center)
-    new = fields._replace(center=center, residual=_reduce.where(finite, residual, fields.residual))
+    center = _reduce.where(moved, new_center, center)
+    new = fields._replace(center=center, residual=_reduce.where(moved, residual, fields.residual))
     if use_rho:
-      snapshot = _reduce.where(dropped, center, snapshot)
-      snapshot = _reduce.where(finite, snapshot, fields.snapshot)
-      new = new._replace(snapshot=_reduce.where(dropped, center, snapshot))
-    updates = _reduce.where(finite, local.corrected(correction), local.updates)
-    # A dropped worker restarts on the center.
-    updates = _reduce.where(dropped, local.moved_to(center), updates)
-    return _declare.Synced(updates, new, finite, dropped)
+      snapshot = _reduce.where(left_out, center, snapshot)
+      snapshot = _reduce.where(moved, snapshot, fields.snapshot)
+      new = new._replace(snapshot=_reduce.where(left_out, center, snapshot))
+    updates = _reduce.where(moved, local.corrected(correction), local.updates)
+    # A worker left out restarts on the center.
+    updates = _reduce.where(left_out, local.moved_to(center), updates)
+    return _declare.Synced(updates, new, moved, left_out)
 
   def before(grads, state, params):
     if use_rho:
@@ -257,6 +257,7 @@ def elastic_average(
     "elastic_average",
     inner,
     FIELDS,
+    _engine.OnePhase(on_sync),
     axis_name=axis_name,
     period_name="communication_period",
     period=period,
@@ -264,7 +265,6 @@ def elastic_average(
       "snapshot": center if use_rho else optax.EmptyState(),
       "residual": wire.residual_like(center),
     },
-    on_sync=on_sync,
     before=before,
     sync_warmup=sync_warmup,
     host_offload=host_offload,

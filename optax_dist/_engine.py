@@ -7,32 +7,36 @@ to the inner update. :func:`periodic` builds that transformation once. It
 owns the state's bookkeeping (``inner_state``, the ``sync`` counters and
 schedule, a delayed sync's ``pending`` value) and decides when to sync; an
 algorithm supplies the declaration of its state's fields
-(:mod:`optax_dist._declare`), their initial values and its sync.
+(:mod:`optax_dist._declare`), their initial values and its sync, in one of
+two shapes:
 
-How a call decides (the ``sync`` flag, :mod:`optax_dist._flags`):
+* :class:`OnePhase` (elastic averaging, AGN): ``sync(local, fields)``, on the
+  worker after its inner step;
+* :class:`TwoPhase` (model averaging, DiLoCo): ``reduce(x, fields)``, the
+  collective, and ``apply(fields, pending)``, the outer step; only a sync in
+  two phases can be delayed (``delay``) or land the workers part-way
+  (``blend``).
 
-* ``None``: inside the program, from the counter, the sync in a loop of zero
-  or one trip (:func:`optax_dist._syncloop.run_on_sync`);
-* ``False``: the inner step and the counter, nothing else is compiled;
-* ``True``, a fragment index or ``("apply", f)``: that sync, with no loop;
-* ``"warmup"``: synchronous data parallelism (the gradients averaged before
-  the inner step), the synced fields restarting on the params.
-
-With fragments, a fragment's sync sees only that fragment's leaves (the others
-are ``optax.MaskedNode``, as under ``optax.masked``) and its own entry of the
-per-fragment fields. With a ``delay``, a fragment's sync is split in two: its
-reduction (``on_reduce``, from the params this call receives and the state,
-before the inner step) and its outer step (``on_apply``, after it).
+Every call follows one plan (:meth:`optax_dist.SyncSchedule.plan`): the
+warm-up's averaged gradients, each fragment's reduction when it is delayed,
+the inner step, then each fragment's outer step. A static ``sync`` flag makes
+each decision a Python bool (``False`` compiles nothing); ``sync=None`` makes
+it a traced bool, the code in a loop of zero or one trip
+(:func:`optax_dist._syncloop.run_on_sync`). With fragments, a fragment's sync
+sees only that fragment's leaves (the others are ``optax.MaskedNode``, as
+under ``optax.masked``) and its own entry of the per-fragment fields.
 """
 
 from collections.abc import Callable
 import dataclasses
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from optax_dist import _checks
 from optax_dist import _collectives
 from optax_dist import _declare
 from optax_dist import _flags
@@ -43,24 +47,44 @@ from optax_dist import _schedule
 from optax_dist import _syncloop
 from optax_dist._declare import Pending
 
-OnSync = Callable[[_declare.Local, Any], _declare.Synced]
-OnReduce = Callable[[Any, Any], tuple[Pending, Any]]
-OnApply = Callable[[Any, Pending], Any]
+
+class OnePhase(NamedTuple):
+  """A sync in one phase: ``sync(local, fields) -> Synced``.
+
+  ``local`` is the worker after this call's inner step
+  (:class:`optax_dist._declare.Local`), ``fields`` the synced fields.
+  """
+
+  sync: Callable[[_declare.Local, Any], _declare.Synced]
+
+
+class TwoPhase(NamedTuple):
+  """A sync in two phases: its collective, then its outer step.
+
+  Attributes:
+    reduce: ``reduce(x, fields) -> (Pending, fields)``: the collective, from
+      ``x``, the worker in center precision: after this call's inner step,
+      or with a ``delay`` the params this call receives (nothing computed
+      from its gradients).
+    apply: ``apply(fields, pending) -> fields``: the outer step; the workers
+      then land on ``blend * x + (1 - blend) * center``.
+  """
+
+  reduce: Callable[[Any, Any], tuple[Pending, Any]]
+  apply: Callable[[Any, Pending], Any]
 
 
 def periodic(
   name: str,
   inner: optax.GradientTransformation,
   declared: _declare.Declaration,
+  sync: OnePhase | TwoPhase,
   *,
   axis_name: Any,
   period_name: str,
   period: Any,
   init: Callable[[Any], dict[str, Any]],
-  on_sync: OnSync | None = None,
   init_fragment: Callable[[Any], dict[str, Any]] | None = None,
-  on_reduce: OnReduce | None = None,
-  on_apply: OnApply | None = None,
   before: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None,
   sync_warmup: Any = None,
   fragments: Any = None,
@@ -74,34 +98,30 @@ def periodic(
     name: The algorithm's name, for error messages.
     inner: The local optimizer.
     declared: The declaration of the state's fields.
+    sync: The algorithm's sync, a :class:`OnePhase` or a :class:`TwoPhase`.
     axis_name: The workers' axis (or tuple of axes).
     period_name: The name of the period's argument (``sync_period``, ...).
     period: Calls between two syncs of the same fragment.
     init: ``init(center) -> fields``: the algorithm's own fields of a fresh
       state, except the per-fragment ones.
-    on_sync: ``on_sync(local, fields) -> Synced``: a sync, given the worker
-      after this call's inner step and the synced fields. ``None`` for an
-      algorithm that gives ``on_reduce`` and ``on_apply``: a sync is then the
-      one followed by the other, on the worker after its inner step.
     init_fragment: ``init_fragment(center_f) -> fields``: the per-fragment
       fields of one fragment (all of the center with one fragment).
-    on_reduce: ``on_reduce(x, fields) -> (Pending, fields)``: a sync's
-      collective. With a ``delay``, ``x`` is the params this call receives
-      (in center precision): nothing computed from the gradients.
-    on_apply: ``on_apply(fields, pending) -> fields``: the outer step of a
-      reduced sync (with a ``delay``, after this call's inner step); the
-      workers then land on ``blend * x + (1 - blend) * center``.
     before: ``before(grads, state, params) -> (grads, state)``: what the
       algorithm does on every call before the engine's (e.g. EASGD's ``rho``
       term, AGN's accumulator).
     sync_warmup, fragments, host_offload, delay, blend: The algorithm's
-      arguments of those names, as given (they are validated here).
+      arguments of those names, as given (they are validated here); ``delay``
+      and ``blend`` need a :class:`TwoPhase` sync.
 
   Returns:
     The transformation; its ``update`` takes the static ``sync`` flag.
   """
   _declare.check_transformation(inner, "inner", "optax.adamw(1e-3)")
-  settings = _schedule.Settings.check(period_name, period, sync_warmup, fragments, delay, blend)
+  if not isinstance(sync, (OnePhase, TwoPhase)):
+    raise TypeError(f"{name}: the sync must be a OnePhase or a TwoPhase, got {sync!r}.")
+  if isinstance(sync, OnePhase) and (delay is not None or blend is not None):
+    raise TypeError(f"{name}: `delay` and `blend` need a sync in two phases (a TwoPhase).")
+  settings = _schedule.ScheduleArgs.check(period_name, period, sync_warmup, fragments, delay, blend)
   if not isinstance(host_offload, bool):
     raise TypeError(f"`host_offload` must be a Python bool, got {host_offload!r}.")
   if host_offload:
@@ -115,9 +135,7 @@ def periodic(
     host_offload,
     init,
     init_fragment,
-    on_sync,
-    on_reduce,
-    on_apply,
+    sync,
   )
 
   def update_fn(updates, state, params=None, *, sync=None, **extra_args):
@@ -130,25 +148,35 @@ def periodic(
   return optax.GradientTransformationExtraArgs(engine.init, update_fn)
 
 
+def center_like(params: Any) -> Any:
+  """A copy of params in center precision (an abstract leaf gives an abstract one)."""
+
+  def copy(p: Any) -> Any:
+    dtype = _declare.center_dtype(p.dtype)
+    if isinstance(p, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(p.shape, dtype, sharding=p.sharding)
+    return jnp.asarray(p, dtype)
+
+  return jax.tree.map(copy, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Engine:
   name: str
   inner: optax.GradientTransformationExtraArgs
   declared: _declare.Declaration
   axes: tuple
-  settings: _schedule.Settings
+  settings: _schedule.ScheduleArgs
   host_offload: bool
   init_fields: Callable[[Any], dict[str, Any]]
   init_fragment: Callable[[Any], dict[str, Any]] | None
-  on_sync: OnSync | None
-  on_reduce: OnReduce | None
-  on_apply: OnApply | None
+  phases: OnePhase | TwoPhase
 
   def init(self, params: Any) -> Any:
     """A fresh state: the center at the params, the counters at zero."""
-    _declare.check_floating(params, self.name)
+    _checks.check_floating(params, self.name)
     schedule = self.settings.schedule(params)
-    center = _declare.center_like(params)
+    center = center_like(params)
     fields = dict(self.init_fields(center))
     if self.init_fragment is not None:
       masks = _fragments.masks_of(self.settings.fragments, params)
@@ -164,37 +192,31 @@ class _Engine:
     }
     if "pending" in self.declared.names:
       # A buffer only when a reduced sync waits.
-      delayed = self.settings.delay > 1
-      engine_fields["pending"] = Pending.fresh(center) if delayed else optax.EmptyState()
+      engine_fields["pending"] = Pending.fresh(center) if schedule.waits else optax.EmptyState()
     state = self.declared.state(center=center, **fields, **engine_fields)
     if not self.host_offload:
       return state
     placed = {f: _offload.to_host(getattr(state, f)) for f in self.declared.offloaded}
-    if self.settings.delay > 1:  # A reduced sync waits there too.
+    if schedule.waits:  # A reduced sync waits there too.
       placed["pending"] = state.pending._replace(value=_offload.to_host(state.pending.value))
     return state._replace(**placed)
 
   def update(self, state: Any, grads: Any, params: Any, extra_args: dict, sync: Any) -> tuple:
     """One call: ``(updates, new_state)``."""
-    _declare.check_structures(grads, params, self.name)
+    _checks.check_structures(grads, params, self.name)
     expected = jax.eval_shape(self.inner.init, params)
-    _declare.check_inner_state(state.inner_state, expected, self.name)
+    _checks.check_inner_state(state.inner_state, expected, self.name)
     counters: _schedule.SyncState = state.sync
     schedule = counters.schedule
     self.settings.check_state(schedule, params, self.name)
     flag = _flags.check_flag(sync, schedule.fragments)
     _flags.check_fits(self.name, flag, schedule)
-    _flags.verify_flag(flag, counters.step, schedule)
+    _flags.verify_flag(flag, counters.calls, schedule)
     masks = _fragments.masks_of(self.settings.fragments, params) if schedule.fragments > 1 else None
     call = _Call(
       self, state, params, extra_args, _fragments.Views(self.declared.per_fragment, masks)
     )
-    if flag is None:
-      call.decided_in_program(grads, schedule)
-    elif flag == _schedule.WARMUP:
-      call.warmup(grads)
-    else:
-      call.static(grads, flag, schedule)
+    call.run(grads, schedule.plan(flag, optax.safe_increment(counters.calls)))
     return call.updates, call.new_state()
 
 
@@ -209,21 +231,84 @@ class _Call:
   def __init__(self, engine: _Engine, state: Any, params: Any, extra_args: dict, views: Any):
     self.engine, self.state, self.params, self.extra_args = engine, state, params, extra_args
     self.views = views
+    self.schedule: _schedule.SyncSchedule = state.sync.schedule
     self.fields = engine.declared.view(state)
     self.inner_state = state.inner_state
-    self.counter = state.sync.step
-    self.delay = engine.settings.delay
-    self.pending: Any = state.pending if self.delay > 1 else None
+    self.counter = state.sync.calls
+    self.pending: Any = state.pending if self.schedule.waits else None
     self.offloaded = engine.declared.offloaded if engine.host_offload else ()
-    self.offload_pending = engine.host_offload and self.delay > 1
+    self.offload_pending = engine.host_offload and self.schedule.waits
     zero = jnp.zeros([], jnp.int32)
     self.synced = self.skipped = self.dropped = zero
     self.updates: Any = None
 
-  # Both paths run the same code between the same rounding points (see
-  # rounding_fence): the inner update, and a sync's inputs and outputs.
+  def when(self, decision: Any, phase: Callable[[Any, Any], Any], carry: Any, inputs: Any) -> Any:
+    """``phase(carry, inputs)`` where ``decision`` holds (a Python or a traced bool).
+
+    ``True`` runs it inline and ``False`` not at all (a static flag); a
+    traced decision runs it in a loop of zero or one trip. Either way the
+    result keeps the carry's varying type.
+    """
+    if decision is False:
+      return carry
+    if decision is True:
+      return _syncloop.vary_tree_like(phase(carry, inputs), carry)
+    return _syncloop.run_on_sync(decision, phase, carry, self.engine.axes, inputs)
+
+  def run(self, grads: Any, plan: _schedule.Plan) -> None:
+    """The call's plan: the warm-up's average, each delayed reduction, the inner step,
+    the warm-up's restart, each outer step."""
+    views, schedule = self.views, self.schedule
+    grads, self.dropped = self.when(plan.warmup, self.averaged, (grads, self.dropped), ())
+    reduced: list[Any] = [None] * schedule.fragments
+    for f, phases in enumerate(plan.fragments if schedule.splits else ()):
+      if phases.reduce is False:
+        continue
+      params_f = views.tree(self.params, f)
+      start = self.pending_view(f) if schedule.waits else Pending.fresh(params_f)
+      reduced[f], fields_f = self.when(
+        phases.reduce,
+        lambda loop, p: self.reduce_fragment(p, loop[1]),
+        (start, views.fields(self.fields, f)),
+        params_f,
+      )
+      self.fields = views.merge_fields(self.fields, fields_f, f)
+      if schedule.waits:
+        self.pending = self.pending_merge(reduced[f])
+    self.inner_step(grads)
+    self.updates, self.fields = self.when(
+      plan.warmup,
+      lambda loop, params: (loop[0], self.restarted_on(params, *loop)),
+      (self.updates, self.fields),
+      self.params,
+    )
+    for f, phases in enumerate(plan.fragments):
+      if phases.apply is False:
+        continue
+      red = self.pending_view(f) if schedule.waits else reduced[f]
+      zero = jnp.zeros([], jnp.int32)
+      first = (views.tree(self.updates, f), views.fields(self.fields, f), zero)
+      updates_f, fields_f, moved, self.inner_state, self.dropped = self.when(
+        phases.apply,
+        self.sync_phase,
+        (*first, self.inner_state, self.dropped),
+        (views.tree(self.params, f), red),
+      )
+      self.updates = views.merge_tree(self.updates, updates_f)
+      self.fields = views.merge_fields(self.fields, fields_f, f)
+      ran = jnp.asarray(phases.apply, jnp.int32)
+      self.synced, self.skipped = self.synced + moved, self.skipped + ran - moved
+
+  # Both kinds of decision run the same code between the same rounding
+  # points (see rounding_fence): the inner update, and a sync's inputs and
+  # outputs.
   def fence(self, tree: Any) -> Any:
     return _syncloop.rounding_fence(tree, self.counter)
+
+  def averaged(self, loop: tuple, _: Any) -> tuple:
+    """A warm-up call's gradients: the finite workers' mean."""
+    mean, left_out = _reduce.finite_mean(loop[0], self.engine.axes)
+    return self.fence(mean), loop[1] + left_out.astype(jnp.int32)
 
   def inner_step(self, grads: Any) -> None:
     updates, self.inner_state = self.engine.inner.update(
@@ -239,16 +324,26 @@ class _Call:
   def restarted_on(self, params: Any, updates: Any, fields: Any) -> Any:
     """The synced fields once every worker stands where ``updates`` land it (warm-up)."""
     fields = self.fence(self.moved(fields, _offload.to_device))
-    x = _declare.local_view(params, updates).x
+    x = _declare.Local.of(params, updates).x
     return self.moved(self.fence(self.engine.declared.restarted(fields, x)), _offload.to_host)
 
-  def fresh_inner(self, was_dropped: jax.Array, inner_state: Any) -> Any:
-    """A dropped worker's inner state restarts: ``inner.init`` at the center."""
+  def fresh_inner(self, left_out: jax.Array, inner_state: Any) -> Any:
+    """A worker left out of a sync restarts its inner state: ``inner.init`` at the center."""
     center = self.state.center
     if "center" in self.offloaded:
       center = _offload.to_device(center)
     fresh = self.engine.inner.init(optax.tree.cast_like(center, self.params))
-    return _syncloop.vary_tree_like(_reduce.where(was_dropped, fresh, inner_state), inner_state)
+    return _syncloop.vary_tree_like(_reduce.where(left_out, fresh, inner_state), inner_state)
+
+  def sync_phase(self, loop: tuple, inputs: Any) -> tuple:
+    """A fragment's sync (with a delay, its outer step), its counters and the inner state."""
+    updates_f, fields_f, _, inner_state, dropped = loop
+    params_f, red = inputs
+    updates_f, fields_f, moved, left_out = self.sync_fragment(
+      params_f, updates_f, fields_f, red, inner_state
+    )
+    inner_state = self.fresh_inner(left_out, inner_state)
+    return updates_f, fields_f, moved, inner_state, dropped + left_out.astype(jnp.int32)
 
   def sync_fragment(
     self, params_f: Any, updates_f: Any, fields_f: Any, red: Any, inner_state: Any
@@ -258,155 +353,55 @@ class _Call:
     A worker whose ``inner_state`` is not finite is left out, as a non-finite one
     (undelayed syncs: a delayed sync's reduction reads the state it receives).
     """
-    engine = self.engine
+    engine, sync = self.engine, self.engine.phases
     fields_f = self.fence(self.moved(fields_f, _offload.to_device))
-    local = _declare.local_view(params_f, updates_f)
+    local = _declare.Local.of(params_f, updates_f)
     sent = local._replace(x=_reduce.left_out_unless(inner_state, local.x))
-    if red is not None:
-      if self.offload_pending:
-        red = red._replace(value=_offload.to_device(red.value))
-      red = self.fence(red)
-    elif engine.on_sync is None:  # The reduction and the outer step, one after the other.
-      assert engine.on_reduce is not None
-      red, fields_f = engine.on_reduce(sent.x, fields_f)
-    if red is None:
-      assert engine.on_sync is not None
-      out = engine.on_sync(sent, fields_f)
+    if isinstance(sync, OnePhase):
+      out = sync.sync(sent, fields_f)
     else:
-      assert engine.on_apply is not None
-      new = engine.on_apply(fields_f, red)
-      target = _reduce.blended(local.x, new.center, engine.settings.blend, red.mine)
-      out = _declare.Synced(local.moved_to(target), new, red.ok, jnp.logical_not(red.mine))
+      if red is None:  # Undelayed: the reduction, then the outer step.
+        red, fields_f = sync.reduce(sent.x, fields_f)
+      else:
+        if self.offload_pending:
+          red = red._replace(value=_offload.to_device(red.value))
+        red = self.fence(red)
+      new = sync.apply(fields_f, red)
+      target = _reduce.blended(local.x, new.center, engine.settings.blend, red.left_out)
+      out = _declare.Synced(local.moved_to(target), new, red.moved, red.left_out)
     new = self.moved(self.fence(out.fields), _offload.to_host)
-    return self.fence(out.updates), new, out.finite.astype(jnp.int32), out.dropped
+    return self.fence(out.updates), new, out.moved.astype(jnp.int32), out.left_out
 
   def reduce_fragment(self, params_f: Any, fields_f: Any) -> tuple[Pending, Any]:
     """A delayed sync's reduction, from the params this call receives."""
-    assert self.engine.on_reduce is not None
+    sync = self.engine.phases
+    assert isinstance(sync, TwoPhase)  # periodic() refuses a delay otherwise.
     fields_f = self.fence(self.moved(fields_f, _offload.to_device))
     x = jax.tree.map(lambda p: p.astype(_declare.center_dtype(p.dtype)), params_f)
-    red, new = self.engine.on_reduce(x, fields_f)
+    red, new = sync.reduce(x, fields_f)
     red = self.fence(red)
     if self.offload_pending:
       red = red._replace(value=_offload.to_host(red.value))
     return red, self.moved(self.fence(new), _offload.to_host)
 
   def pending_view(self, f: int) -> Pending:
-    return Pending(self.views.tree(self.pending.value, f), self.pending.ok, self.pending.mine)
+    return Pending(
+      self.views.tree(self.pending.value, f), self.pending.moved, self.pending.left_out
+    )
 
   def pending_merge(self, red: Pending) -> Pending:
-    return Pending(self.views.merge_tree(self.pending.value, red.value), red.ok, red.mine)
-
-  def decided_in_program(self, grads: Any, schedule: _schedule.SyncSchedule) -> None:
-    """The sync decided from the counter, in loops of zero or one trip."""
-    axes, views, delay = self.engine.axes, self.views, self.delay
-    step = optax.safe_increment(self.counter)
-    is_warm, is_sync = schedule.in_graph(step)
-    if schedule.warmup:
-
-      def averaged(loop: tuple, _: Any) -> tuple:
-        mean, out = _reduce.finite_mean(loop[0], axes)
-        return self.fence(mean), out.astype(jnp.int32)
-
-      grads, self.dropped = _syncloop.run_on_sync(is_warm, averaged, (grads, self.dropped), axes)
-    reduced: list[Any] = []
-    if delay:
-      reduces, is_sync = schedule.phases(step)
-      for f, is_reduce_f in enumerate(reduces):
-        params_f = views.tree(self.params, f)
-        start = self.pending_view(f) if delay > 1 else Pending.fresh(params_f)
-        red, fields_f = _syncloop.run_on_sync(
-          is_reduce_f,
-          lambda loop, p: self.reduce_fragment(p, loop[1]),
-          (start, views.fields(self.fields, f)),
-          axes,
-          params_f,
-        )
-        self.fields = views.merge_fields(self.fields, fields_f, f)
-        if delay > 1:
-          self.pending = self.pending_merge(red)
-        reduced.append(red)
-    self.inner_step(grads)
-    if schedule.warmup:
-      self.updates, self.fields = _syncloop.run_on_sync(
-        is_warm,
-        lambda loop, params: (loop[0], self.restarted_on(params, *loop)),
-        (self.updates, self.fields),
-        axes,
-        self.params,
-      )
-    for f, is_sync_f in enumerate(is_sync):
-
-      def on_sync(loop: tuple, inputs: Any) -> tuple:
-        updates_f, fields_f, _, inner_state, dropped = loop
-        params_f, red = inputs
-        updates_f, fields_f, ok, out = self.sync_fragment(
-          params_f, updates_f, fields_f, red, inner_state
-        )
-        inner_state = self.fresh_inner(out, inner_state)
-        return updates_f, fields_f, ok, inner_state, dropped + out.astype(jnp.int32)
-
-      applied = None if not delay else reduced[f] if delay == 1 else self.pending_view(f)
-      zero = jnp.zeros([], jnp.int32)
-      first = (views.tree(self.updates, f), views.fields(self.fields, f), zero)
-      updates_f, fields_f, ok, self.inner_state, self.dropped = _syncloop.run_on_sync(
-        is_sync_f,
-        on_sync,
-        (*first, self.inner_state, self.dropped),
-        axes,
-        (views.tree(self.params, f), applied),
-      )
-      self.updates = views.merge_tree(self.updates, updates_f)
-      self.fields = views.merge_fields(self.fields, fields_f, f)
-      self.synced, self.skipped = self.synced + ok, self.skipped + is_sync_f.astype(jnp.int32) - ok
-
-  def warmup(self, grads: Any) -> None:
-    """A synchronous call: the finite workers' mean gradient, the fields follow the params."""
-    mean, out = _reduce.finite_mean(grads, self.engine.axes)
-    self.dropped = self.dropped + out.astype(jnp.int32)
-    self.inner_step(self.fence(mean))
-    fields = self.restarted_on(self.params, self.updates, self.fields)
-    self.fields = _syncloop.vary_tree_like(fields, self.fields)
-
-  def static(self, grads: Any, flag: Any, schedule: _schedule.SyncSchedule) -> None:
-    """A static flag: ``False``, ``True``, a fragment, or ``("apply", f)`` with delay >= 2."""
-    views, delay, vary = self.views, self.delay, _syncloop.vary_tree_like
-    if flag is False or isinstance(flag, tuple):
-      reduce_fs: list[int] = []
-    else:
-      reduce_fs = list(range(schedule.fragments)) if flag is True else [int(flag)]
-    sync_fs = ([flag[1]] if isinstance(flag, tuple) else []) if delay > 1 else reduce_fs
-    reduced: list[Any] = [None] * schedule.fragments
-    for f in reduce_fs if delay else ():
-      old = views.fields(self.fields, f)
-      red, fields_f = self.reduce_fragment(views.tree(self.params, f), old)
-      self.fields = views.merge_fields(self.fields, vary(fields_f, old), f)
-      if delay > 1:
-        self.pending = vary(self.pending_merge(red), self.pending)
-      reduced[f] = red
-    self.inner_step(grads)
-    for f in sync_fs:
-      applied = None if not delay else reduced[f] if delay == 1 else self.pending_view(f)
-      old_updates, old = views.tree(self.updates, f), views.fields(self.fields, f)
-      updates_f, fields_f, ok, out = self.sync_fragment(
-        views.tree(self.params, f), old_updates, old, applied, self.inner_state
-      )
-      self.updates = views.merge_tree(self.updates, vary(updates_f, old_updates))
-      self.fields = views.merge_fields(self.fields, vary(fields_f, old), f)
-      self.inner_state = self.fresh_inner(out, self.inner_state)
-      self.synced, self.skipped = self.synced + ok, self.skipped + 1 - ok
-      self.dropped = self.dropped + out.astype(jnp.int32)
+    return Pending(self.views.merge_tree(self.pending.value, red.value), red.moved, red.left_out)
 
   def new_state(self) -> Any:
     counters = self.state.sync
     return self.state._replace(
       inner_state=self.inner_state,
       sync=counters._replace(
-        step=optax.safe_increment(counters.step),
+        calls=optax.safe_increment(counters.calls),
         num_syncs=counters.num_syncs + self.synced,
         num_skipped_syncs=counters.num_skipped_syncs + self.skipped,
         num_dropped=counters.num_dropped + self.dropped,
       ),
       **self.fields._asdict(),
-      **({"pending": self.pending} if self.delay > 1 else {}),
+      **({"pending": self.pending} if self.schedule.waits else {}),
     )

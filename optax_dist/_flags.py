@@ -148,15 +148,15 @@ def verify_flag(flag: _schedule.Flag, counter: jax.Array, schedule: _schedule.Sy
   """Inside :func:`checking_sync_flags`: a callback that raises if ``flag`` is not the counter's."""
   if not _VERIFY[0] or flag is None:
     return
-  is_warm, syncs = schedule.in_graph(counter + 1)
-  # The flag as a code: -2 warm-up, -1 no sync, F every fragment, f fragment f.
-  code = jnp.where(is_warm, -2, -1)
-  if schedule.delay:  # The calls that reduce (and, delay >= 2, apply): code _APPLIED + f.
-    syncs, applies = schedule.phases(counter + 1)
-    for f, a in enumerate(applies if schedule.delay > 1 else []):
-      code = jnp.where(a, _APPLIED + f, code)
-  for f, s in enumerate(syncs):
-    code = jnp.where(s, schedule.fragments if schedule.fragments == 1 else f, code)
+  plan = schedule.plan(None, counter + 1)
+  # The flag as a code: -2 warm-up, -1 no sync, F every fragment, f fragment
+  # f, _APPLIED + f applying fragment f's delayed sync (a call that reduces a
+  # fragment is named by it, even if it also applies another).
+  code = jnp.where(plan.warmup, -2, -1)
+  for f, phases in enumerate(plan.fragments if schedule.waits else ()):
+    code = jnp.where(phases.apply, _APPLIED + f, code)
+  for f, phases in enumerate(plan.fragments):
+    code = jnp.where(phases.reduce, schedule.fragments if schedule.fragments == 1 else f, code)
   # (Not a dict lookup: 0 == False would read fragment 0 as no sync.)
   if isinstance(flag, tuple):
     given: Any = _APPLIED + flag[1]
@@ -206,13 +206,13 @@ def check_fits(name: str, flag: Any, schedule: _schedule.SyncSchedule) -> None:
       "transform has no warm-up (`sync_warmup=0`). Build it with `sync_warmup=K` for K "
       "warm-up calls, or pass the flags of `optax_dist.sync_schedule(state)`."
     )
-  if isinstance(flag, tuple) and delay < 2:
+  if isinstance(flag, tuple) and not schedule.waits:
     raise ValueError(
       f"{name}: `sync={flag}` names a call that applies a delayed sync, but this "
       f"transform has `delay={delay}`"
       + (": the call that reduces also applies (pass the fragment's index)." if delay else ".")
     )
-  if flag is True and delay > 1 and schedule.fragments > 1:
+  if flag is True and schedule.waits and schedule.fragments > 1:
     raise ValueError(
       f"{name}: `sync=True` would reduce all {schedule.fragments} fragments at once, but "
       f"with `delay={delay}` one fragment at a time waits for its outer step. Pass the "

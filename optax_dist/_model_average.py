@@ -47,6 +47,7 @@ class ModelAverageState(NamedTuple):
 # The roles of the state's fields (the engine handles inner_state, pending and sync).
 FIELDS = _declare.Declaration(
   ModelAverageState,
+  "model_average",
   center=_declare.CENTER,
   residual=_declare.RESIDUAL,
   last_norm=_declare.LAST_NORM,
@@ -214,19 +215,18 @@ def model_average(
     return pending, fields._replace(residual=residual, last_norm=last_norm)
 
   def on_apply(fields, pending):
-    return fields._replace(center=_reduce.where(pending.ok, pending.value, fields.center))
+    return fields._replace(center=_reduce.where(pending.moved, pending.value, fields.center))
 
   return _engine.periodic(
     "model_average",
     inner,
     FIELDS,
+    _engine.TwoPhase(on_reduce, on_apply),
     axis_name=axis_name,
     period_name="interval_steps",
     period=interval_steps,
     init=lambda center: {"residual": wire.residual_like(center)},
     init_fragment=lambda center: {"last_norm": jnp.zeros([], jnp.float32)},
-    on_reduce=on_reduce,
-    on_apply=on_apply,
     sync_warmup=sync_warmup,
     fragments=fragments,
     host_offload=host_offload,

@@ -113,7 +113,7 @@ def apply_if_all_finite(
     ...   for g in grads:
     ...     updates, state = tx.update(g, state, params)
     ...     params = optax.apply_updates(params, updates)
-    ...   return params, state.total_notfinite, state.inner_state.sync.step
+    ...   return params, state.total_notfinite, state.inner_state.sync.calls
     >>> grads = jnp.array([[1.0, -1.0, -1.0], [jnp.nan, -2.0, -2.0]])
     >>> params, skipped, step = jax.vmap(train, axis_name="w")(jnp.zeros(2), grads)
     >>> skipped, step

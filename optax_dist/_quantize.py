@@ -21,9 +21,8 @@ numbers cut into N chunks:
    (symmetric, so that negation is exact and zero stays zero);
 2. pack the values into bytes (one, two or four to a byte) and write the
    block scales' bytes after them: one byte buffer per chunk;
-3. ``all_to_all``: worker k receives chunk k of every other worker,
-   dequantizes them and sums them in float32 with its own chunk k, which it
-   never sent and so never rounded, in worker order;
+3. ``all_to_all``: worker k receives chunk k of every worker, dequantizes and
+   sums them in float32, in worker order;
 4. quantizes its summed chunk the same way, and ``all_gather`` gives every
    worker every summed chunk, which it dequantizes.
 
@@ -34,13 +33,13 @@ Each phase is one collective of bytes. Each worker sends about
 Each rounding moves a number by at most half a step, ``absmax / (2 T)`` with
 ``T`` = 127, 7 or 1 the largest value. What the roundings drop is returned
 for error feedback, in one params-sized buffer per worker: what the first
-rounding dropped from the chunks the worker sent, and, where the chunk it owns
-stands, what the second rounding dropped from the summed chunk (the owner's
-buffer, 1/N of the params: the worker's own share of that chunk is never
-rounded). Fed back, the first goes into the worker's next contribution and
-the second into the owner's next summed chunk, before its rounding, as in the
-compressed all-reduce of 1-bit Adam (worker and server error feedback); the
-owner's error never sets the scales of the blocks it sends.
+rounding dropped from its contribution, and, where the chunk it owns stands,
+also what the second rounding dropped from the summed chunk (the owner's
+buffer, 1/N of the params). Fed back, the owner's buffer goes into the next
+summed chunk before its rounding, and the rest into the worker's next
+contribution, as in the compressed all-reduce of 1-bit Adam (worker and
+server error feedback): the owner's error never sets the scales of the blocks
+it sends.
 
 With ``topk_fraction`` the contribution is sparse instead (SparseLoCo, see
 :mod:`optax_dist._sparse`).
@@ -188,7 +187,7 @@ def make_wire(
   return wire
 
 
-def psum(
+def wire_sum(
   tree: Any, axes: tuple, wire: Wire, residual: Any = None, *, side: Any = None
 ) -> tuple[Any, ...]:
   """The workers' sum of ``tree`` as ``wire`` carries it, and the new residual.
@@ -199,7 +198,8 @@ def psum(
   ``(total, residual, side_total)``.
 
   ``residual`` (error feedback), times ``wire.error_decay``, is added to
-  this worker's contribution first; the returned residual is what the
+  this worker's contribution first (in the quantized ring, where the chunk
+  this worker owns stands, to the summed chunk instead: :func:`ring_sum`); the returned residual is what the
   compression dropped that this worker sends again next time (the
   ``residual`` given, unchanged, when there is no feedback).
   """
@@ -211,15 +211,17 @@ def psum(
     total, side_total = _collectives.psum((narrow, side), axes)
     total = jax.tree.map(lambda t, x: t.astype(x.dtype), total, tree)
     return (total, residual) if side is None else (total, residual, side_total)
-  if wire.error_feedback:
-    decay = wire.error_decay
-    tree = jax.tree.map(lambda x, e: x + (e if decay == 1.0 else decay * e), tree, residual)
   side_total = None
+  decay = wire.error_decay
   if wire.topk_fraction is None:
-    total, dropped, *sides = ring_sum(tree, axes, wire.dtype, side=side)
+    fed = residual if wire.error_feedback else None
+    total, dropped, *sides = ring_sum(tree, axes, wire.dtype, residual=fed, decay=decay, side=side)
     side_total = sides[0] if sides else None
   else:
     from optax_dist import _sparse
+
+    if wire.error_feedback:
+      tree = jax.tree.map(lambda x, e: x + (e if decay == 1.0 else decay * e), tree, residual)
 
     total, dropped, *sides = _sparse.gather_sum(
       tree, axes, wire.topk_fraction, wire.dtype, side=side
@@ -229,22 +231,21 @@ def psum(
   return (total, residual) if side is None else (total, residual, side_total)
 
 
-def pmean(tree: Any, axes: tuple, wire: Wire, residual: Any = None) -> tuple[Any, Any]:
-  """The workers' mean of ``tree`` as ``wire`` carries it, and the new residual."""
-  total, residual = psum(tree, axes, wire, residual)
-  n = _collectives.num_workers(axes)
-  return jax.tree.map(lambda t: t / jnp.asarray(n, t.dtype), total), residual
-
-
-def ring_sum(tree: Any, axes: tuple, dtype: Any, *, side: Any = None) -> tuple[Any, ...]:
+def ring_sum(
+  tree: Any, axes: tuple, dtype: Any, *, residual: Any = None, decay: float = 1.0, side: Any = None
+) -> tuple[Any, ...]:
   """The quantized ring sum of a tree of float arrays (see the module docstring).
 
   Returns the sum (float32, the same bits on every worker) and what the
   roundings dropped that is this worker's to send again: from the chunks of
-  its own contribution that it sent, and, in place of the chunk it owns
-  (whose own share it never rounds), from the summed chunk. Fed back into
-  the next sum (the owner's part enters the summed chunk through its own
-  unrounded share), both add up to nothing over many syncs.
+  its own contribution, and, where the chunk it owns stands, from the summed
+  chunk too.
+
+  ``residual`` (error feedback; ``decay`` times it is fed back) is what the
+  last sum dropped, as returned: where the owned chunk stands it is the
+  owner's buffer and goes into the summed chunk, before its rounding;
+  elsewhere it goes into this worker's contribution. So the owner's error
+  never sets the scales of the blocks it sends.
 
   ``side``: a small float32 array whose bytes ride after every chunk's
   scales in the ``all_to_all``, so that every worker receives every
@@ -256,32 +257,41 @@ def ring_sum(tree: Any, axes: tuple, dtype: Any, *, side: Any = None) -> tuple[A
   block = _codec.block_size(dtype)
   size = sum(math.prod(jnp.shape(x)) for x in leaves)
   chunk = math.ceil(size / n / block) * block
-  padded = _codec.flatten(leaves, n * chunk).reshape(n, chunk // block, block)
+  me = _collectives.worker_index(axes)
+  padded = _codec.flatten(leaves, n * chunk).reshape(n, chunk)
+  owner = None
+  if residual is not None:
+    fed = _codec.flatten(jax.tree.leaves(residual), n * chunk).reshape(n, chunk)
+    if decay != 1.0:
+      fed = decay * fed
+    mine = jnp.arange(n)[:, None] == me
+    owner = lax.dynamic_index_in_dim(fed, me, keepdims=False)
+    padded = padded + jnp.where(mine, jnp.zeros_like(fed), fed)
+  padded = padded.reshape(n, chunk // block, block)
   values, scale = _codec.quantize(padded, dtype)
   dropped = (padded - _codec.dequantize(values, scale)).reshape(-1)
   # Worker k receives chunk k of every worker and sums them, in worker order.
-  buffer = _codec.encode(values, scale, dtype)
+  buffer = _codec.to_wire(values, scale, dtype)
   if side is not None:
     buffer = _codec.append_side(buffer, side)
   received = _collectives.all_to_all(buffer, axes)
   if side is not None:
     received, side_total = _codec.split_side(received, side)
-  values, scale = _codec.decode(received, dtype, chunk)
-  # This worker's own share of its chunk never leaves it: it enters the sum
-  # unrounded, so that the chunk's error-feedback buffer (below) goes into
-  # the summed chunk and never into this worker's own block scales.
-  me = _collectives.worker_index(axes)
-  own = lax.dynamic_index_in_dim(padded, me, keepdims=False)
-  part = jnp.where(me == 0, own, _codec.dequantize(values[0], scale[0]))
+  values, scale = _codec.from_wire(received, dtype, chunk)
+  part = _codec.dequantize(values[0], scale[0])
   for j in range(1, n):
-    part = part + jnp.where(me == j, own, _codec.dequantize(values[j], scale[j]))
+    part = part + _codec.dequantize(values[j], scale[j])
+  if owner is not None:  # The owner's buffer, into the summed chunk it belongs to.
+    part = part + owner.reshape(part.shape)
   values, scale = _codec.quantize(part, dtype)
   # What the second rounding dropped from the summed chunk is the owner's to
-  # feed back, where its own share of the chunk (sent unrounded) drops nothing.
+  # feed back, with what its own share of that chunk lost on the way.
+  start = me * chunk
   dropped_sum = (part - _codec.dequantize(values, scale)).reshape(-1)
-  dropped = lax.dynamic_update_slice(dropped, dropped_sum, (me * chunk,))[:size]
-  gathered = _collectives.all_gather(_codec.encode(values[None], scale[None], dtype)[0], axes)
-  values, scale = _codec.decode(gathered, dtype, chunk)
+  own = lax.dynamic_slice(dropped, (start,), (chunk,))
+  dropped = lax.dynamic_update_slice(dropped, own + dropped_sum, (start,))[:size]
+  gathered = _collectives.all_gather(_codec.to_wire(values[None], scale[None], dtype)[0], axes)
+  values, scale = _codec.from_wire(gathered, dtype, chunk)
   total = _codec.dequantize(values, scale).reshape(-1)[:size]
   out = _codec.unflatten(total, leaves, treedef), _codec.unflatten(dropped, leaves, treedef)
   return out if side is None else (*out, side_total)

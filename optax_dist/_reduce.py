@@ -110,16 +110,16 @@ class FiniteSum(NamedTuple):
 
   Attributes:
     total: The sum over the workers whose contribution was finite.
-    residual: The new error-feedback residual (as :func:`_quantize.psum`).
+    residual: The new error-feedback residual (as :func:`_quantize.wire_sum`).
     num_finite: How many workers' contributions were finite (float32, exact,
       the same on every worker).
-    mine: Whether this worker's contribution was finite.
+    left_out: Whether this worker's contribution was left out (not finite).
   """
 
   total: Any
   residual: Any
   num_finite: jax.Array
-  mine: jax.Array
+  left_out: jax.Array
 
   def mean(self) -> Any:
     """The finite workers' mean (zeros when none was finite)."""
@@ -129,7 +129,7 @@ class FiniteSum(NamedTuple):
     # dispatches, and programs that differ around the sync, round alike.
     return _syncloop.rounding_fence(mean, self.num_finite)
 
-  def finite(self, value: Any, axes: tuple) -> jax.Array:
+  def moved(self, value: Any, axes: tuple) -> jax.Array:
     """Whether the sync moves: some worker was finite, and ``value`` (its result) is."""
     return jnp.logical_and(self.num_finite > 0, all_finite(value, axes))
 
@@ -138,8 +138,8 @@ class FiniteSum(NamedTuple):
 
     The new residual where the sync moves, ``residual`` (the old one) otherwise.
     """
-    ok = self.finite(value, axes)
-    return Pending(value, ok, self.mine), where(ok, self.residual, residual)
+    moved = self.moved(value, axes)
+    return Pending(value, moved, self.left_out), where(moved, self.residual, residual)
 
 
 def finite_sum(
@@ -158,10 +158,10 @@ def finite_sum(
   contribution = zeros_unless(mine, tree)
   if wire.error_feedback:
     residual = zeros_unless(mine, residual)
-  total, residual, count = _quantize.psum(
+  total, residual, count = _quantize.wire_sum(
     contribution, axes, wire, residual, side=count_operand(mine, axes)
   )
-  return FiniteSum(total, residual, count[0], mine)
+  return FiniteSum(total, residual, count[0], jnp.logical_not(mine))
 
 
 def count_operand(mine: jax.Array, axes: tuple) -> jax.Array:
@@ -213,7 +213,7 @@ def finite_mean(grads: Any, axes: tuple) -> tuple[Any, jax.Array]:
   return jax.tree.unflatten(treedef, out), jnp.logical_not(mine)
 
 
-def blended(x: Any, center: Any, blend: float, mine: jax.Array) -> Any:
+def blended(x: Any, center: Any, blend: float, left_out: jax.Array) -> Any:
   """Where a worker lands after a sync: ``blend * x + (1 - blend) * center``.
 
   A worker whose contribution was left out, or an element of ``x`` that is
@@ -223,7 +223,7 @@ def blended(x: Any, center: Any, blend: float, mine: jax.Array) -> Any:
     return center
 
   def mix(xi: Any, c: Any) -> Any:
-    ok = jnp.logical_and(mine, jnp.isfinite(xi))
+    ok = jnp.logical_and(jnp.logical_not(left_out), jnp.isfinite(xi))
     return jnp.where(ok, blend * xi + (1 - blend) * c, c)
 
   return jax.tree.map(mix, x, center)

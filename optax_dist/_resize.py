@@ -67,7 +67,7 @@ def resize_workers(
     Array([[0., 0.],
            [0., 0.],
            [0., 0.]], dtype=float32)
-    >>> state.sync.step.shape
+    >>> state.sync.calls.shape
     (3,)
   """
   if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -76,7 +76,7 @@ def resize_workers(
   if len(periodic) != 1:
     raise ValueError(
       "resize_workers needs a state that holds exactly one periodic optax_dist transform "
-      f"(elastic_average, agn, model_average or diloco), whose center every worker "
+      f"({_declare.algorithms()}), whose center every worker "
       f"restarts from; this one holds {len(periodic)}."
     )
   leaves = jax.tree.leaves((params, opt_state))
@@ -112,8 +112,10 @@ def resize_workers(
         fields[name] = spread(value._replace(num_dropped=jnp.zeros_like(value.num_dropped)))
       elif name == "pending" and jax.tree.leaves(value):
         # A delayed sync in flight is dropped: its apply call keeps the center.
-        dropped = jax.tree.map(jnp.zeros_like, spread(value))
-        fields[name] = dropped._replace(mine=jnp.logical_not(dropped.mine))
+        fresh = _declare.Pending.fresh(jax.tree.map(lambda x: x[0], value.value))
+        fields[name] = jax.tree.map(
+          lambda x: jnp.broadcast_to(x, (num_workers, *jnp.shape(x))), fresh
+        )
       elif name in _declare.ENGINE_FIELDS:
         fields[name] = resize(value)
       else:

@@ -30,6 +30,35 @@ APPLY = "apply"
 Flag = bool | int | str | tuple[str, int] | None
 
 
+class Phases(NamedTuple):
+  """What one call does with one fragment's sync.
+
+  Each decision is a Python bool (a static flag: ``False`` compiles nothing)
+  or a traced bool (the program decides from its counter).
+
+  Attributes:
+    reduce: Whether the call runs the fragment's reduction (undelayed: its
+      whole sync, after the inner step; delayed: before the inner step).
+    apply: Whether the call lands the fragment's sync: its outer step, after
+      the inner step (undelayed: the same as ``reduce``).
+  """
+
+  reduce: Any
+  apply: Any
+
+
+class Plan(NamedTuple):
+  """What one call of a periodic transform does: :meth:`SyncSchedule.plan`.
+
+  Attributes:
+    warmup: Whether it is a synchronous warm-up call (Python or traced bool).
+    fragments: One :class:`Phases` per fragment.
+  """
+
+  warmup: Any
+  fragments: tuple[Phases, ...]
+
+
 def check_period(value: Any, name: str) -> int:
   """A period is a static Python int >= 1."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -91,7 +120,7 @@ def check_delay_fits(period: int, num: int, delay: int, period_name: str) -> Non
     )
 
 
-class Settings(NamedTuple):
+class ScheduleArgs(NamedTuple):
   """A periodic transform's schedule arguments, validated.
 
   Attributes:
@@ -113,7 +142,7 @@ class Settings(NamedTuple):
   @classmethod
   def check(
     cls, period_name: str, period: Any, sync_warmup: Any, fragments: Any, delay: Any, blend: Any
-  ) -> "Settings":
+  ) -> "ScheduleArgs":
     """Every schedule argument checked once, with an error that says what to pass."""
     period = check_period(period, period_name)
     warmup = _static_count("sync_warmup", sync_warmup)
@@ -269,36 +298,68 @@ class SyncSchedule:
     """The call, modulo the period and counted after the warm-up, when ``fragment`` syncs."""
     return ((fragment + 1) * self.period // self.fragments) % self.period
 
-  def in_graph(self, step: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-    """Traced decisions for the call that brings the counter to ``step``.
+  def in_graph(self, calls: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    """Traced decisions for the call that brings the counter to ``calls``.
 
     Returns whether it is a warm-up call, and for each fragment whether it
     syncs.
     """
-    is_warm = step <= self.warmup
-    since = step - self.warmup
+    is_warm = calls <= self.warmup
+    since = calls - self.warmup
     syncs = [
       jnp.logical_and(since > 0, since % self.period == self.offset(f))
       for f in range(self.fragments)
     ]
     return is_warm, syncs
 
-  def runs_a_sync(self, step: jax.Array) -> jax.Array:
-    """Whether the call that brings the counter to ``step`` syncs a fragment, or with a
-    delay reduces or applies one (a warm-up call does not)."""
-    if self.delay:
-      reduces, applies = self.phases(step)
-      decisions = reduces + applies
+  @property
+  def splits(self) -> bool:
+    """Whether a sync is split in two (``delay >= 1``): its reduction runs before the
+    inner step, from the params the call receives, and its outer step after it."""
+    return self.delay >= 1
+
+  @property
+  def waits(self) -> bool:
+    """Whether a reduced sync waits in the state (``delay >= 2``): reduced on one call,
+    applied on a later one (``("apply", f)``)."""
+    return self.delay >= 2
+
+  def plan(self, flag: Flag, calls: jax.Array) -> Plan:
+    """What the call that brings the counter to ``calls`` does, under the static ``flag``.
+
+    ``flag=None``: traced decisions, from ``calls``; any other flag (checked
+    by :func:`optax_dist._flags.check_flag`): Python bools, from the flag
+    alone.
+    """
+    if flag is None:
+      is_warm, syncs = self.in_graph(calls)
+      reduces, applies = self.phases(calls) if self.splits else (syncs, syncs)
+      # Without a warm-up no call is one: nothing of it is compiled.
+      return Plan(is_warm if self.warmup else False, tuple(map(Phases, reduces, applies)))
+    if flag == WARMUP:
+      return Plan(True, (Phases(False, False),) * self.fragments)
+    if flag is False or isinstance(flag, tuple):
+      named: list[int] = []
     else:
-      _, decisions = self.in_graph(step)
+      named = list(range(self.fragments)) if flag is True else [int(flag)]
+    if self.waits:
+      applied = [flag[1]] if isinstance(flag, tuple) else []
+    else:
+      applied = named
+    return Plan(False, tuple(Phases(f in named, f in applied) for f in range(self.fragments)))
+
+  def runs_a_sync(self, calls: jax.Array) -> jax.Array:
+    """Whether the call that brings the counter to ``calls`` syncs a fragment, or with a
+    delay reduces or applies one (a warm-up call does not)."""
+    decisions = [d for phases in self.plan(None, calls).fragments for d in phases]
     return functools.reduce(jnp.logical_or, decisions)
 
-  def phases(self, step: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
-    """With a delay: for each fragment, whether the call that brings the counter to ``step``
+  def phases(self, calls: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
+    """With a delay: for each fragment, whether the call that brings the counter to ``calls``
     reduces it (``delay - 1`` calls before its scheduled one) and whether it applies it
     (its scheduled call)."""
-    _, reduces = self.in_graph(step + self.delay - 1)
-    _, applies = self.in_graph(step)
+    _, reduces = self.in_graph(calls + self.delay - 1)
+    _, applies = self.in_graph(calls)
     return reduces, applies
 
 
@@ -309,7 +370,8 @@ class SyncState(NamedTuple):
   same on every worker, except ``num_dropped``.
 
   Attributes:
-    step: Number of calls since init (int32).
+    calls: Number of calls since init (int32); read by
+      :func:`optax_dist.call_count`.
     num_syncs: Number of syncs that moved the center, one per fragment synced
       (int32); read by :func:`optax_dist.global_step`.
     num_skipped_syncs: Number of syncs that left the center as it was because
@@ -324,7 +386,7 @@ class SyncState(NamedTuple):
       :func:`optax_dist.sync_schedule`.
   """
 
-  step: jax.Array
+  calls: jax.Array
   num_syncs: jax.Array
   num_skipped_syncs: jax.Array
   num_dropped: jax.Array

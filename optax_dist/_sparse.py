@@ -78,7 +78,7 @@ def _scatter(positions: jax.Array, values: jax.Array) -> jax.Array:
   return dense.at[rows, positions].set(values, unique_indices=True)
 
 
-def encode(positions: jax.Array, values: jax.Array, scale: Any, dtype: Any) -> jax.Array:
+def to_wire(positions: jax.Array, values: jax.Array, scale: Any, dtype: Any) -> jax.Array:
   """One worker's positions, values and scales as one uint8 vector."""
   parts = [positions.astype(jnp.uint8).reshape(-1)]
   if dtype is None:
@@ -96,7 +96,7 @@ def encode(positions: jax.Array, values: jax.Array, scale: Any, dtype: Any) -> j
   return jnp.concatenate(parts)
 
 
-def decode(buffer: jax.Array, m: int, k: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def from_wire(buffer: jax.Array, m: int, k: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
   """The positions ``(L, m, k)`` and dequantized values ``(L, m, k)`` of buffers ``(L, bytes)``."""
   lead = buffer.shape[0]
   count = m * k
@@ -142,13 +142,13 @@ def gather_sum(
   chunks = _codec.flatten(leaves, m * CHUNK).reshape(m, CHUNK)
   positions, values, scale, sent = select(chunks, k, dtype)
   dropped = (chunks - sent).reshape(-1)[:size]
-  buffer = encode(positions, values, scale, dtype)
+  buffer = to_wire(positions, values, scale, dtype)
   if side is not None:
     buffer = _codec.append_side(buffer[None], side)[0]
   gathered = _collectives.all_gather(buffer, axes)
   if side is not None:
     gathered, side_total = _codec.split_side(gathered, side)
-  all_positions, all_values = decode(gathered, m, k, dtype)
+  all_positions, all_values = from_wire(gathered, m, k, dtype)
   # Every worker adds the contributions in worker order: the same bits everywhere.
   rows = jnp.arange(m)[:, None]
   total = jnp.zeros((m, CHUNK), jnp.float32)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_dist import _declare
 from optax_dist import _nonfinite
 from optax_dist import _schedule
 from optax_dist import _tower
@@ -50,8 +51,8 @@ def holds_periodic(opt_state: Any) -> bool:
 
 
 def periodic_counter(opt_state: Any) -> Any:
-  """The call counter (``step``) of the first periodic state in ``opt_state``, or None."""
-  return next((s.sync.step for s in iter_states(opt_state) if is_periodic(s)), None)
+  """The call counter (``calls``) of the first periodic state in ``opt_state``, or None."""
+  return next((s.sync.calls for s in iter_states(opt_state) if is_periodic(s)), None)
 
 
 def communicates(opt_state: Any) -> bool:
@@ -141,8 +142,8 @@ def _periodic_states(opt_state: Any, what: str) -> list[tuple[Any, tuple]]:
   found = [(state, ancestors) for state, ancestors in walk(opt_state) if is_periodic(state)]
   if not found:
     raise ValueError(
-      f"This optimizer state holds no periodic optax_dist transform (elastic_average, agn, "
-      f"model_average or diloco), so it has no {what}."
+      f"This optimizer state holds no periodic optax_dist transform "
+      f"({_declare.algorithms()}), so it has no {what}."
     )
   return found
 
@@ -286,7 +287,7 @@ def restart_nonfinite(params: optax.Params, opt_state: optax.OptState) -> optax.
   # Only on the calls that sync: repaired on a local call, the worker would
   # be finite at the sync, which would not count it as dropped.
   repair = jnp.logical_and(
-    state.sync.schedule.runs_a_sync(state.sync.step),
+    state.sync.schedule.runs_a_sync(state.sync.calls),
     jnp.logical_not(_nonfinite.all_finite(params)),
   )
   return jax.tree.map(lambda p, c: jnp.where(repair, c, p), params, center)
@@ -390,7 +391,7 @@ def call_count(opt_state: optax.OptState) -> int:
   """
   sync_schedule(opt_state)  # The same errors where a count cannot be known.
   state, ancestors = _periodic_states(opt_state, "call count")[0]
-  count = _read_scalar(state.sync.step)
+  count = _read_scalar(state.sync.calls)
   for ancestor in ancestors:
     if isinstance(ancestor, _nonfinite.ApplyIfAllFiniteState):
       count += _read_scalar(ancestor.total_skipped)

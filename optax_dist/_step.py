@@ -116,7 +116,7 @@ def _restart_on_sync(params: Any, opt_state: Any, flag: Any, axes: tuple) -> Any
     return _state.restart_nonfinite(params, opt_state)
   counters = periodic[0].sync
   return _syncloop.run_on_sync(
-    counters.schedule.runs_a_sync(counters.step),
+    counters.schedule.runs_a_sync(counters.calls),
     lambda p, _: _state.restart_nonfinite(p, opt_state),
     params,
     axes,

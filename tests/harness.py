@@ -14,8 +14,50 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import optax
 
+import optax_dist
+
 AXIS = "workers"
 MODES = ("vmap", "shard_map", "pmap")
+
+# The tests' one list of the library's algorithms: each one's transform and
+# the name of its period argument (None: it has none). Every test file that
+# runs "each algorithm" builds its transforms from here
+# (test_harness.py checks that the list names every periodic algorithm).
+ALGORITHMS: dict[str, tuple[Callable, str | None]] = {
+  "tower": (optax_dist.tower, None),
+  "elastic_average": (optax_dist.elastic_average, "communication_period"),
+  "agn": (optax_dist.agn, "communication_period"),
+  "model_average": (optax_dist.model_average, "interval_steps"),
+  "diloco": (optax_dist.diloco, "sync_period"),
+}
+# The algorithms whose syncs take a ``comm_dtype`` (quantized and low-bit rings).
+COMPRESSED = ("diloco", "model_average", "elastic_average")
+
+
+def algorithm(name: str, inner: Any, period: int = 2, **kwargs: Any) -> Any:
+  """Algorithm ``name`` around ``inner`` on the workers' axis, syncing every ``period`` calls."""
+  make, period_name = ALGORITHMS[name]
+  if period_name is not None:
+    kwargs[period_name] = period
+  return make(inner, axis_name=AXIS, **kwargs)
+
+
+def compressed(name: str, **kwargs: Any) -> Any:
+  """The compressed-sync tests' transform ``name`` (SGD inside, period 2)."""
+  extra = {
+    "diloco": {"outer": optax.sgd(0.7, momentum=0.5)},
+    "model_average": {},
+    "elastic_average": {"moving_rate": 0.2},
+  }[name]
+  return algorithm(name, optax.sgd(0.1), 2, **extra, **kwargs)
+
+
+def compressed_problem(n: int = 4, steps: int = 6, seed: int = 1) -> tuple[Any, list]:
+  """The compressed-sync tests' params (one 40 x 30 matrix) and gradients."""
+  rng = np.random.default_rng(seed)
+  params = stack({"w": rng.normal(size=(40, 30)).astype(np.float32)}, n)
+  grads = [{"w": rng.normal(size=(n, 40, 30)).astype(np.float32)} for _ in range(steps)]
+  return params, grads
 
 
 def worker_mesh(n: int, axis_name: str = AXIS) -> jax.sharding.Mesh:

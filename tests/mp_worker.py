@@ -375,7 +375,7 @@ def train(out_dir, ckpt_dir, kill_at=None):
     out_dir / f"train_{jax.process_index()}.npz",
     start=start,
     restart=restart,
-    step=state.sync.step,
+    step=state.sync.calls,
     num_syncs=state.sync.num_syncs,
     **flat("train", params, state),
   )

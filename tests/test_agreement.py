@@ -68,12 +68,12 @@ def test_one_ulp_is_a_difference(mesh):
 @pytest.mark.parametrize(
   "other, expected",
   [
-    (elastic(communication_period=5), "settings.engine.on_sync.period = 5 (process 0: 4)"),
+    (elastic(communication_period=5), "settings.engine.phases.sync.period = 5 (process 0: 4)"),
     (
       elastic(ordering="round_robin"),
-      "settings.engine.on_sync.ordering = 'round_robin' (process 0: 'simultaneous')",
+      "settings.engine.phases.sync.ordering = 'round_robin' (process 0: 'simultaneous')",
     ),
-    (elastic(moving_rate=0.5), "settings.engine.on_sync.moving_rate = 0.5 (process 0: None)"),
+    (elastic(moving_rate=0.5), "settings.engine.phases.sync.moving_rate = 0.5 (process 0: None)"),
     (
       optax_dist.elastic_average(optax.adam(2e-3), axis_name="w", communication_period=4),
       "step_size = -0.002 (process 0: -0.001)",
@@ -82,7 +82,7 @@ def test_one_ulp_is_a_difference(mesh):
 )
 def test_settings_that_differ_between_processes_are_named(mesh, monkeypatch, other, expected):
   # Stand in for a second process: the gathered settings rows of two processes.
-  rows = np.stack([_agreement.encode(_settings.lines(s)) for s in (elastic(), other)])
+  rows = np.stack([_agreement.to_row(_settings.lines(s)) for s in (elastic(), other)])
   monkeypatch.setattr(_agreement.multihost_utils, "process_allgather", lambda row, tiled: rows)
   monkeypatch.setattr(_agreement, "params_lines", lambda params: [])
   with pytest.raises(ValueError) as info:

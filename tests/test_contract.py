@@ -21,6 +21,7 @@ from typing import Any
 from typing import NamedTuple
 
 import chex
+from harness import ALGORITHMS
 from harness import AXIS
 from harness import MODES
 from harness import map_workers
@@ -282,6 +283,19 @@ CASES = [
   ),
 ]
 PERIODIC = [case for case in CASES if case.flags]
+
+
+def test_the_cases_cover_the_harness_list_of_algorithms():
+  # The tests' one list of algorithms (tests/harness.py) names every
+  # algorithm the library declares, and the contract covers each of them.
+  from optax_dist import _declare
+
+  declared = _declare.algorithms().replace(" or ", ", ").split(", ")
+  assert sorted(ALGORITHMS) == sorted(["tower", *declared])
+  wrappers = {optax_dist.apply_if_all_finite}  # Cases of a wrapper, not of an algorithm.
+  assert {case.factory for case in CASES} - wrappers == {make for make, _ in ALGORITHMS.values()}
+
+
 NEEDS_PARAMS = {
   "elastic_average": "elastic_average",
   "agn": "agn",

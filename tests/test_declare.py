@@ -26,6 +26,7 @@ class _State(NamedTuple):
 def _declaration():
   return _declare.Declaration(
     _State,
+    "test",
     center=_declare.CENTER,
     kept=_declare.Field(shared=True),
     snapshot=_declare.Field(restart="center"),
@@ -36,14 +37,19 @@ def _declaration():
 
 def test_an_undeclared_field_is_an_error():
   with pytest.raises(TypeError, match=r"undeclared: \['snapshot', 'buffer', 'empty'\]"):
-    _declare.Declaration(_State, center=_declare.CENTER, kept=_declare.Field())
+    _declare.Declaration(_State, "test", center=_declare.CENTER, kept=_declare.Field())
 
 
 def test_a_declared_field_the_class_lacks_is_an_error():
   fields = dict(kept=_declare.Field(), snapshot=_declare.Field(), buffer=_declare.Field())
   with pytest.raises(TypeError, match=r"not fields of the class: \['typo'\]"):
     _declare.Declaration(
-      _State, center=_declare.CENTER, empty=_declare.Field(), typo=_declare.Field(), **fields
+      _State,
+      "test",
+      center=_declare.CENTER,
+      empty=_declare.Field(),
+      typo=_declare.Field(),
+      **fields,
     )
 
 
@@ -53,7 +59,7 @@ def test_the_center_must_be_declared():
     sync: Any
 
   with pytest.raises(TypeError, match="the center included"):
-    _declare.Declaration(NoCenter)
+    _declare.Declaration(NoCenter, "test")
 
 
 def test_a_restart_rule_is_checked():
@@ -133,3 +139,8 @@ def test_every_algorithm_declares_every_field(make, offloaded, restarts):
     else:
       same = jax.tree.map(np.array_equal, value, getattr(state, name))
       assert all(jax.tree.leaves(same))
+
+
+def test_error_messages_name_the_declared_algorithms():
+  _declaration()  # A declaration outside the package is not one of them.
+  assert _declare.algorithms() == "agn, diloco, elastic_average or model_average"

@@ -196,7 +196,7 @@ def test_resume_with_a_pending_fragment_is_bit_identical(tmp_path):
   full = run_transform(tx, zeros(), batches, mode="vmap")
   part = run_transform(tx, zeros(), batches[:9], mode="vmap")
   assert optax_dist.sync_schedule(part.state)(9) == ("apply", 1)
-  assert bool(np.all(part.state.pending.ok))
+  assert bool(np.all(part.state.pending.moved))
   saved = (part.params[-1], part.state)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp_path / "state", saved)
@@ -222,9 +222,9 @@ def test_resize_drops_a_pending_fragment():
   batches = as_batches(gradients(5, steps=8))
   # Fragment 0's sync, scheduled on call 6, was reduced on call 5.
   part = run_transform(tx, zeros(), batches[:5], mode="vmap")
-  assert bool(np.all(part.state.pending.ok))
+  assert bool(np.all(part.state.pending.moved))
   params, state = optax_dist.resize_workers(part.params[-1], part.state, 2)
-  assert not np.any(state.pending.ok)
+  assert not np.any(state.pending.moved)
   np.testing.assert_array_equal(state.pending.value["a"], 0)
   step = jax.jit(jax.vmap(lambda p, s, g: _step(tx, p, s, g), axis_name=AXIS))
   g = jax.tree.map(lambda x: x[:2], batches[5])

@@ -11,7 +11,9 @@ import functools
 from flax import linen as nn
 from flax import nnx
 from flax.training import train_state
+import harness
 from harness import AXIS
+from harness import algorithm
 from harness import run_transform
 from harness import stack
 from harness import worker_mesh
@@ -28,15 +30,14 @@ close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
 N = 4
 STEPS = 5  # Two syncs at period 2, and a local step after the second.
 ALGORITHMS = {
-  "tower": lambda: optax_dist.tower(optax.adam(0.05), axis_name=AXIS),
-  "elastic_average": lambda: optax_dist.elastic_average(
-    optax.adam(0.05), axis_name=AXIS, communication_period=2, moving_rate=0.3
-  ),
-  "agn": lambda: optax_dist.agn(optax.sgd(0.1), axis_name=AXIS, communication_period=2),
-  "model_average": lambda: optax_dist.model_average(
-    optax.adam(0.05), axis_name=AXIS, interval_steps=2
-  ),
-  "diloco": lambda: optax_dist.diloco(optax.adam(0.05), axis_name=AXIS, sync_period=2),
+  name: functools.partial(
+    algorithm,
+    name,
+    optax.sgd(0.1) if name == "agn" else optax.adam(0.05),
+    2,
+    **({"moving_rate": 0.3} if name == "elastic_average" else {}),
+  )
+  for name in harness.ALGORITHMS
 }
 
 

@@ -188,7 +188,7 @@ def test_nan_on_one_worker_of_one_process_skips_the_step_everywhere(all_run, mes
   _assert_leaves(result, "nonfinite", params, state, rtol=1e-6, atol=1e-6)
   # Every worker skipped step 3 (a sync step): 6 steps applied, 3 syncs, same counters.
   np.testing.assert_array_equal(state.total_notfinite, [1] * mp_worker.N)
-  np.testing.assert_array_equal(state.inner_state.sync.step, [mp_worker.STEPS - 1] * mp_worker.N)
+  np.testing.assert_array_equal(state.inner_state.sync.calls, [mp_worker.STEPS - 1] * mp_worker.N)
   np.testing.assert_array_equal(state.inner_state.sync.num_syncs, [3] * mp_worker.N)
   assert np.isfinite(params["w"]).all() and np.isfinite(state.inner_state.center["w"]).all()
   # Exactly the run without that step.
@@ -221,7 +221,7 @@ def test_disagreement_raises_the_same_error_on_every_process(all_run):
   assert "every_k_schedule = 3 (process 0: 2)" in multisteps, multisteps
   period = str(first["agree/period"])
   assert "process 1 (workers 2, 3) differs from process 0" in period
-  assert "settings.engine.on_sync.period = 4 (process 0: 3)" in period
+  assert "settings.engine.phases.sync.period = 4 (process 0: 3)" in period
   params = str(first["agree/params"])
   assert "params['w'] on workers 2, 3 (process 1) differ from worker 0's" in params
   assert "params['b'] on workers 2, 3 (process 1)" in params
@@ -233,7 +233,7 @@ def test_disagreeing_processes_both_exit_with_the_error(tmp_path):
   assert all(code != 0 for code in codes), codes
   for output in outputs:
     assert "ValueError: check_agreement: the 4 workers on axis ('workers',) disagree" in output
-    assert "settings.engine.on_sync.period = 4 (process 0: 3)" in output
+    assert "settings.engine.phases.sync.period = 4 (process 0: 3)" in output
 
 
 def test_crash_and_resume_is_bit_identical(all_run, tmp_path):

@@ -47,7 +47,7 @@ def test_nan_on_one_worker_skips_the_step_on_every_worker(mode):
   np.testing.assert_array_equal(state.total_notfinite, [1] * N)
   np.testing.assert_array_equal(state.notfinite_count, [0] * N)
   np.testing.assert_array_equal(state.last_finite, [True] * N)
-  np.testing.assert_array_equal(state.inner_state.sync.step, [STEPS - 1] * N)
+  np.testing.assert_array_equal(state.inner_state.sync.calls, [STEPS - 1] * N)
   np.testing.assert_array_equal(state.inner_state.sync.num_syncs, [2] * N)
   center = np.asarray(optax_dist.center_params(state)["w"])
   assert np.isfinite(center).all() and np.isfinite(traj.params[-1]["w"]).all()
@@ -111,7 +111,7 @@ def test_plain_apply_if_finite_desynchronizes_the_workers():
   # several processes the others would wait for it at the next sync.
   tx = optax.apply_if_finite(elastic(), max_consecutive_errors=10)
   state = run_transform(tx, PARAMS, gradients(), mode="vmap").state
-  steps = np.asarray(state.inner_state.sync.step)
+  steps = np.asarray(state.inner_state.sync.calls)
   np.testing.assert_array_equal(steps, [STEPS, STEPS, STEPS - 1, STEPS])
   # Worker 2 attempted one sync fewer than the others (synced or skipped).
   attempts = np.asarray(state.inner_state.sync.num_syncs + state.inner_state.sync.num_skipped_syncs)

@@ -5,8 +5,11 @@ algorithm. The center (the reference's ``swapping_saver``) is saved under the
 params' own names and loads into a fresh single-device model.
 """
 
+import functools
+
 from flax import linen as nn
 from harness import AXIS
+from harness import algorithm
 from harness import worker_mesh
 import jax
 import jax.numpy as jnp
@@ -23,28 +26,30 @@ PERIOD = 3
 SAVE_AFTER = 4  # One step past the first sync: in the middle of a period.
 MORE_STEPS = 4  # Through the next sync (step 6) and beyond.
 ALGORITHMS = {
-  "tower": lambda: optax_dist.tower(optax.adam(0.05), axis_name=AXIS),
-  "elastic_average": lambda: optax_dist.elastic_average(
-    optax.adam(0.05), axis_name=AXIS, communication_period=PERIOD, moving_rate=0.3, rho=0.1
-  ),
-  "elastic_average_round_robin": lambda: optax_dist.elastic_average(
-    optax.adam(0.05), axis_name=AXIS, communication_period=PERIOD, ordering="round_robin"
-  ),
-  "agn": lambda: optax_dist.agn(optax.adam(0.05), axis_name=AXIS, communication_period=PERIOD),
-  "model_average": lambda: optax_dist.model_average(
-    optax.adam(0.05), axis_name=AXIS, interval_steps=PERIOD
-  ),
-  "diloco": lambda: optax_dist.diloco(optax.adam(0.05), axis_name=AXIS, sync_period=PERIOD),
-  "diloco_streaming_int8_warmup": lambda: optax_dist.diloco(
-    optax.adam(0.05),
-    axis_name=AXIS,
-    sync_period=2 * PERIOD,
-    fragments=2,
-    sync_warmup=1,
-    comm_dtype=jnp.int8,
-    error_feedback=True,
-  ),
+  name: functools.partial(algorithm, name, optax.adam(0.05), PERIOD, **kwargs)
+  for name, kwargs in [
+    ("tower", {}),
+    ("elastic_average", {"moving_rate": 0.3, "rho": 0.1}),
+    ("agn", {}),
+    ("model_average", {}),
+    ("diloco", {}),
+  ]
 }
+# Variants whose states hold more: a snapshot-free round robin, and DiLoCo's
+# fragments, warm-up and error-feedback residual.
+ALGORITHMS["elastic_average_round_robin"] = functools.partial(
+  algorithm, "elastic_average", optax.adam(0.05), PERIOD, ordering="round_robin"
+)
+ALGORITHMS["diloco_streaming_int8_warmup"] = functools.partial(
+  algorithm,
+  "diloco",
+  optax.adam(0.05),
+  2 * PERIOD,
+  fragments=2,
+  sync_warmup=1,
+  comm_dtype=jnp.int8,
+  error_feedback=True,
+)
 
 
 class MLP(nn.Module):

@@ -1,6 +1,9 @@
 """Quantized syncs: the int8 ring, its error bound, error feedback, and what crosses the wire."""
 
 from harness import AXIS
+from harness import COMPRESSED
+from harness import compressed
+from harness import compressed_problem
 from harness import map_workers
 from harness import run_transform
 from harness import stack
@@ -68,33 +71,13 @@ def test_a_non_finite_contribution_makes_the_sum_non_finite():
   assert not np.isfinite(np.asarray(total["b"])).all()
 
 
-ALGORITHMS = {
-  "diloco": lambda **kw: optax_dist.diloco(
-    optax.sgd(0.1), axis_name=AXIS, sync_period=2, outer=optax.sgd(0.7, momentum=0.5), **kw
-  ),
-  "model_average": lambda **kw: optax_dist.model_average(
-    optax.sgd(0.1), axis_name=AXIS, interval_steps=2, **kw
-  ),
-  "elastic_average": lambda **kw: optax_dist.elastic_average(
-    optax.sgd(0.1), axis_name=AXIS, communication_period=2, moving_rate=0.2, **kw
-  ),
-}
-
-
-def problem(n=4, steps=6, seed=1):
-  rng = np.random.default_rng(seed)
-  params = stack({"w": rng.normal(size=(40, 30)).astype(np.float32)}, n)
-  grads = [{"w": rng.normal(size=(n, 40, 30)).astype(np.float32)} for _ in range(steps)]
-  return params, grads
-
-
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
 @pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
 def test_quantized_syncs_keep_the_center_identical_and_close_to_float32(name, dtype):
-  params, grads = problem()
-  exact = run_transform(ALGORITHMS[name](), params, grads, mode="shard_map")
+  params, grads = compressed_problem()
+  exact = run_transform(compressed(name), params, grads, mode="shard_map")
   quantized = run_transform(
-    ALGORITHMS[name](comm_dtype=jnp.dtype(dtype)), params, grads, mode="shard_map"
+    compressed(name, comm_dtype=jnp.dtype(dtype)), params, grads, mode="shard_map"
   )
   center = np.asarray(optax_dist.center_params(quantized.state)["w"])
   np.testing.assert_array_equal(center, np.broadcast_to(center[0], center.shape))
@@ -193,9 +176,9 @@ def test_int8_sync_sends_under_a_third_of_the_float32_bytes(n):
     },
     n,
   )
-  f32 = optax_dist.communication_report(*_unpack(lowered(ALGORITHMS["diloco"](), n, params)))
+  f32 = optax_dist.communication_report(*_unpack(lowered(compressed("diloco"), n, params)))
   q = optax_dist.communication_report(
-    *_unpack(lowered(ALGORITHMS["diloco"](comm_dtype=jnp.int8), n, params))
+    *_unpack(lowered(compressed("diloco", comm_dtype=jnp.int8), n, params))
   )
   assert {c.kind for c in f32.collectives} == {"all-reduce"}
   assert {(c.kind, c.shape.split("[")[0].strip("(")) for c in q.collectives} >= {
@@ -229,10 +212,10 @@ def _unpack(pair):
     ({"comm_dtype": jnp.int8, "error_feedback": 1}, TypeError, "must be a Python bool"),
   ],
 )
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", sorted(COMPRESSED))
 def test_bad_communication_arguments(name, kwargs, error, match):
   with pytest.raises(error, match=match):
-    ALGORITHMS[name](**kwargs)
+    compressed(name, **kwargs)
 
 
 def test_round_robin_takes_no_comm_dtype():

@@ -282,7 +282,7 @@ def test_restart_nonfinite():
   params = {"w": jnp.array([1.0, 2.0], jnp.bfloat16), "b": jnp.array([3.0])}
   state = tx.init(params)
   state = state._replace(center={"w": jnp.array([0.25, 0.5]), "b": jnp.array([-1.0])})
-  at = lambda calls: state._replace(sync=state.sync._replace(step=jnp.int32(calls)))  # noqa: E731
+  at = lambda calls: state._replace(sync=state.sync._replace(calls=jnp.int32(calls)))  # noqa: E731
   same = optax_dist.restart_nonfinite(params, at(2))
   jax.tree.map(np.testing.assert_array_equal, same, params)
   bad = {"w": params["w"], "b": jnp.array([jnp.inf])}

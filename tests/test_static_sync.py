@@ -179,7 +179,7 @@ def test_the_counters_count_what_the_flags_did():
   for t, (x, _) in enumerate(expected):
     got = np.concatenate([traj.params[t]["a"], traj.params[t]["b"].reshape(N, -1)], axis=1)
     np.testing.assert_allclose(got, x, rtol=1e-6, atol=1e-6, err_msg=f"call {t + 1}")
-  np.testing.assert_array_equal(traj.state.sync.step, [3] * N)
+  np.testing.assert_array_equal(traj.state.sync.calls, [3] * N)
   np.testing.assert_array_equal(optax_dist.global_step(traj.state), [2] * N)
 
 
@@ -213,7 +213,7 @@ def test_post_local_sgd_matches_numpy_reference(algorithm, flags):
       np.testing.assert_array_equal(traj.params[t][0], traj.params[t][1])
   np.testing.assert_allclose(traj.state.center[0], expected[-1][1], rtol=2e-6, atol=2e-6)
   # Warm-up calls count as calls, not as syncs.
-  np.testing.assert_array_equal(traj.state.sync.step, [steps] * N)
+  np.testing.assert_array_equal(traj.state.sync.calls, [steps] * N)
   np.testing.assert_array_equal(optax_dist.global_step(traj.state), [2] * N)
 
 
@@ -359,7 +359,7 @@ def test_schedule_and_count_through_a_skip_wrapper():
   )
   traj = run_transform(tx, params, grads, mode="vmap")
   assert optax_dist.call_count(traj.state) == 5
-  assert int(traj.state.inner_state.sync.step[0]) == 4  # The transform ran 4 times.
+  assert int(traj.state.inner_state.sync.calls[0]) == 4  # The transform ran 4 times.
 
 
 @pytest.mark.parametrize(
