@@ -140,6 +140,19 @@ ROWS = (
     {**DILOCO, "period": 32, "comm_dtype": "int4", "error_feedback": True, "inner": "muon"},
     grid="muon",
   ),
+  # Added with the ring's owner buffer (the owner's rounding error fed into
+  # the summed chunk) and top-k's plain outer step: int2 with error feedback,
+  # and top-k 2% with int4 values under SparseLoCo's outer SGD (no momentum).
+  Row(
+    "DiLoCo int2 + error feedback M=8 H=32",
+    {**DILOCO, "period": 32, "comm_dtype": "int2", "error_feedback": True},
+    AT_M8,
+  ),
+  Row(
+    "DiLoCo top-k 2% int4, outer SGD M=8 H=32",
+    {**DILOCO, "outer_momentum": 0.0, "period": 32, "comm_dtype": "int4", "topk_fraction": 0.02},
+    AT_M8,
+  ),
 )
 
 # Muon's learning rate (its Adam on the non-matrix params runs at DP's AdamW
