@@ -226,15 +226,22 @@ class Pending(NamedTuple):
     value: What the reduction gave, in center precision (DiLoCo: the mean
       pseudo-gradient; model averaging: the new center), shaped like the
       center (only the leaves of the fragment in flight are meaningful).
+      Through a quantized ring with ``delay >= 2``, the ring's first phase
+      only: the summed chunk this worker owns, in its place (zeros
+      elsewhere), whose rounding and ``all_gather`` run on the call that
+      applies it.
     moved: Whether the center moves when it is applied (some worker was
       finite, and so is ``value``).
     left_out: Whether this worker's contribution was left out of the
       reduction (not finite, or a spike).
+    num_finite: How many workers' contributions were finite (float32; what a
+      ring's summed chunk is divided by once gathered).
   """
 
   value: Any
   moved: jax.Array
   left_out: jax.Array
+  num_finite: jax.Array
 
   @classmethod
   def fresh(cls, like: Any) -> "Pending":
@@ -247,7 +254,8 @@ class Pending(NamedTuple):
       return jnp.zeros_like(p, dtype=dtype)
 
     value = jax.tree.map(zeros, like)
-    return cls(value, jnp.zeros([], bool), jnp.zeros([], bool))
+    false = jnp.zeros([], bool)
+    return cls(value, false, false, jnp.zeros([], jnp.float32))
 
 
 def check_transformation(value: Any, argument: str, example: str) -> None:

@@ -222,14 +222,30 @@ def diloco(
   _declare.check_transformation(outer, "outer", "optax.sgd(0.7, momentum=0.9, nesterov=True)")
   outer = optax.with_extra_args_support(outer)
   axes = _collectives.axis_tuple(axis_name)
+  split = _reduce.splits_in_two(wire)
 
-  def on_reduce(x, fields):
+  def reduce(x, fields, first_phase=False):
     # The mean pseudo-gradient over the workers whose own is finite.
     pseudo_gradient = jax.tree.map(lambda c, xi: c - xi, fields.center, x)
     pseudo_gradient, last_norm = _reduce.unless_spike(pseudo_gradient, fields.last_norm, axes)
-    reduced = _reduce.finite_sum(pseudo_gradient, axes, wire, fields.residual)
-    pending, residual = reduced.pending(reduced.mean(), axes, fields.residual)
+    reduced = _reduce.finite_sum(
+      pseudo_gradient, axes, wire, fields.residual, first_phase=first_phase
+    )
+    if first_phase:
+      pending, residual = reduced.first_phase_pending(fields.residual)
+    else:
+      pending, residual = reduced.pending(reduced.mean(), axes, fields.residual)
     return pending, fields._replace(residual=residual, last_norm=last_norm)
+
+  def on_reduce(x, fields):
+    return reduce(x, fields)
+
+  def on_first_phase(x, fields):
+    return reduce(x, fields, first_phase=True)
+
+  def on_gather(pending, fields):
+    pending, residual = _reduce.gathered(pending, axes, wire, fields.residual)
+    return pending, fields._replace(residual=residual)
 
   def on_apply(fields, pending):
     # The outer step moves the center, unless no worker was finite.
@@ -245,7 +261,7 @@ def diloco(
     "diloco",
     inner,
     FIELDS,
-    _engine.TwoPhase(on_reduce, on_apply),
+    _engine.TwoPhase(on_reduce, on_apply, *((on_first_phase, on_gather) if split else ())),
     axis_name=axis_name,
     period_name="sync_period",
     period=sync_period,

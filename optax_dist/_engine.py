@@ -68,10 +68,19 @@ class TwoPhase(NamedTuple):
       from its gradients).
     apply: ``apply(fields, pending) -> fields``: the outer step; the workers
       then land on ``blend * x + (1 - blend) * center``.
+    first_phase: Optional, for a collective of two phases (the quantized
+      ring): ``first_phase(x, fields) -> (Pending, fields)``, the first
+      alone. When a reduced sync waits (``delay >= 2``) it runs on the
+      reducing call, and ``gather`` on the applying one, so that each phase
+      overlaps a different call's compute.
+    gather: ``gather(pending, fields) -> (Pending, fields)``: the second
+      phase, before ``apply``.
   """
 
   reduce: Callable[[Any, Any], tuple[Pending, Any]]
   apply: Callable[[Any, Pending], Any]
+  first_phase: Callable[[Any, Any], tuple[Pending, Any]] | None = None
+  gather: Callable[[Any, Any], tuple[Pending, Any]] | None = None
 
 
 def periodic(
@@ -366,6 +375,9 @@ class _Call:
         if self.offload_pending:
           red = red._replace(value=_offload.to_device(red.value))
         red = self.fence(red)
+        if self.schedule.waits and sync.gather is not None:  # The second phase, here.
+          red, fields_f = sync.gather(red, fields_f)
+          red, fields_f = self.fence((red, fields_f))
       new = sync.apply(fields_f, red)
       target = _reduce.blended(local.x, new.center, engine.settings.blend, red.left_out)
       out = _declare.Synced(local.moved_to(target), new, red.moved, red.left_out)
@@ -378,19 +390,19 @@ class _Call:
     assert isinstance(sync, TwoPhase)  # periodic() refuses a delay otherwise.
     fields_f = self.fence(self.moved(fields_f, _offload.to_device))
     x = jax.tree.map(lambda p: p.astype(_declare.center_dtype(p.dtype)), params_f)
-    red, new = sync.reduce(x, fields_f)
+    # A reduced sync that waits runs the first phase of a two-phase collective.
+    first = sync.first_phase if self.schedule.waits and sync.gather is not None else None
+    red, new = (first or sync.reduce)(x, fields_f)
     red = self.fence(red)
     if self.offload_pending:
       red = red._replace(value=_offload.to_host(red.value))
     return red, self.moved(self.fence(new), _offload.to_host)
 
   def pending_view(self, f: int) -> Pending:
-    return Pending(
-      self.views.tree(self.pending.value, f), self.pending.moved, self.pending.left_out
-    )
+    return self.pending._replace(value=self.views.tree(self.pending.value, f))
 
   def pending_merge(self, red: Pending) -> Pending:
-    return Pending(self.views.merge_tree(self.pending.value, red.value), red.moved, red.left_out)
+    return red._replace(value=self.views.merge_tree(self.pending.value, red.value))
 
   def new_state(self) -> Any:
     counters = self.state.sync

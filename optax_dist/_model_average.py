@@ -214,14 +214,30 @@ def model_average(
     pending, residual = reduced.pending(mean, axes, fields.residual)
     return pending, fields._replace(residual=residual, last_norm=last_norm)
 
+  def on_first_phase(x, fields):
+    # The ring's first phase alone (a delayed sync that waits): the differences.
+    diff = jax.tree.map(lambda xi, c: xi - c, x, fields.center)
+    diff, last_norm = _reduce.unless_spike(diff, fields.last_norm, axes)
+    reduced = _reduce.finite_sum(diff, axes, wire, fields.residual, first_phase=True)
+    pending, residual = reduced.first_phase_pending(fields.residual)
+    return pending, fields._replace(residual=residual, last_norm=last_norm)
+
+  def on_gather(pending, fields):
+    pending, residual = _reduce.gathered(pending, axes, wire, fields.residual)
+    center = jax.tree.map(lambda c, m: c + m, fields.center, pending.value)
+    moved = jnp.logical_and(pending.moved, _reduce.all_finite(center, axes))
+    return pending._replace(value=center, moved=moved), fields._replace(residual=residual)
+
   def on_apply(fields, pending):
     return fields._replace(center=_reduce.where(pending.moved, pending.value, fields.center))
+
+  split = _reduce.splits_in_two(wire)
 
   return _engine.periodic(
     "model_average",
     inner,
     FIELDS,
-    _engine.TwoPhase(on_reduce, on_apply),
+    _engine.TwoPhase(on_reduce, on_apply, *((on_first_phase, on_gather) if split else ())),
     axis_name=axis_name,
     period_name="interval_steps",
     period=interval_steps,

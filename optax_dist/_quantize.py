@@ -251,12 +251,36 @@ def ring_sum(
   scales in the ``all_to_all``, so that every worker receives every
   worker's copy and sums them exactly, in worker order; the result is then
   ``(total, dropped, side_total)``.
+
+  The ring is :func:`ring_reduce` then :func:`ring_gather`, which a delayed
+  sync runs on two different calls.
+  """
+  part, dropped, *sides = ring_reduce(tree, axes, dtype, residual=residual, decay=decay, side=side)
+  total, dropped_sum = ring_gather(part, axes, dtype)
+  dropped = jax.tree.map(jnp.add, dropped, dropped_sum)
+  return (total, dropped, *sides)
+
+
+def _chunk(leaves: list, n: int, dtype: Any) -> tuple[int, int]:
+  """The numbers in ``leaves`` and the length of each worker's chunk (whole blocks)."""
+  block = _codec.block_size(dtype)
+  size = sum(math.prod(jnp.shape(x)) for x in leaves)
+  return size, math.ceil(size / n / block) * block
+
+
+def ring_reduce(
+  tree: Any, axes: tuple, dtype: Any, *, residual: Any = None, decay: float = 1.0, side: Any = None
+) -> tuple[Any, ...]:
+  """The ring's first phase: each worker's summed chunk, shaped like ``tree``.
+
+  Returns the summed chunk this worker owns, in place in a tree shaped like
+  ``tree`` (zeros elsewhere), and what the first rounding dropped (see
+  :func:`ring_sum` for ``residual``, ``decay`` and ``side``).
   """
   leaves, treedef = jax.tree.flatten(tree)
   n = _collectives.num_workers(axes)
+  size, chunk = _chunk(leaves, n, dtype)
   block = _codec.block_size(dtype)
-  size = sum(math.prod(jnp.shape(x)) for x in leaves)
-  chunk = math.ceil(size / n / block) * block
   me = _collectives.worker_index(axes)
   padded = _codec.flatten(leaves, n * chunk).reshape(n, chunk)
   owner = None
@@ -269,7 +293,7 @@ def ring_sum(
     padded = padded + jnp.where(mine, jnp.zeros_like(fed), fed)
   padded = padded.reshape(n, chunk // block, block)
   values, scale = _codec.quantize(padded, dtype)
-  dropped = (padded - _codec.dequantize(values, scale)).reshape(-1)
+  dropped = (padded - _codec.dequantize(values, scale)).reshape(-1)[:size]
   # Worker k receives chunk k of every worker and sums them, in worker order.
   buffer = _codec.to_wire(values, scale, dtype)
   if side is not None:
@@ -283,15 +307,35 @@ def ring_sum(
     part = part + _codec.dequantize(values[j], scale[j])
   if owner is not None:  # The owner's buffer, into the summed chunk it belongs to.
     part = part + owner.reshape(part.shape)
-  values, scale = _codec.quantize(part, dtype)
-  # What the second rounding dropped from the summed chunk is the owner's to
-  # feed back, with what its own share of that chunk lost on the way.
-  start = me * chunk
-  dropped_sum = (part - _codec.dequantize(values, scale)).reshape(-1)
-  own = lax.dynamic_slice(dropped, (start,), (chunk,))
-  dropped = lax.dynamic_update_slice(dropped, own + dropped_sum, (start,))[:size]
+  placed = lax.dynamic_update_slice(
+    jnp.zeros(n * chunk, part.dtype), part.reshape(-1), (me * chunk,)
+  )
+  out = _codec.unflatten(placed[:size], leaves, treedef), _codec.unflatten(dropped, leaves, treedef)
+  return out if side is None else (*out, side_total)
+
+
+def ring_gather(part: Any, axes: tuple, dtype: Any) -> tuple[Any, Any]:
+  """The ring's second phase: the sum, from the summed chunks of :func:`ring_reduce`.
+
+  Each worker rounds the chunk it owns and ``all_gather`` gives every worker
+  every rounded chunk. Returns the sum (the same bits on every worker) and
+  what the rounding dropped: the owner's buffer, shaped like ``part``, zero
+  outside the chunk this worker owns.
+  """
+  leaves, treedef = jax.tree.flatten(part)
+  n = _collectives.num_workers(axes)
+  size, chunk = _chunk(leaves, n, dtype)
+  block = _codec.block_size(dtype)
+  me = _collectives.worker_index(axes)
+  mine = lax.dynamic_slice(_codec.flatten(leaves, n * chunk), (me * chunk,), (chunk,))
+  mine = mine.reshape(chunk // block, block)
+  values, scale = _codec.quantize(mine, dtype)
+  dropped = (mine - _codec.dequantize(values, scale)).reshape(-1)
+  dropped = lax.dynamic_update_slice(jnp.zeros(n * chunk, dropped.dtype), dropped, (me * chunk,))
   gathered = _collectives.all_gather(_codec.to_wire(values[None], scale[None], dtype)[0], axes)
   values, scale = _codec.from_wire(gathered, dtype, chunk)
   total = _codec.dequantize(values, scale).reshape(-1)[:size]
-  out = _codec.unflatten(total, leaves, treedef), _codec.unflatten(dropped, leaves, treedef)
-  return out if side is None else (*out, side_total)
+  return (
+    _codec.unflatten(total, leaves, treedef),
+    _codec.unflatten(dropped[:size], leaves, treedef),
+  )

@@ -133,17 +133,33 @@ class FiniteSum(NamedTuple):
     """Whether the sync moves: some worker was finite, and ``value`` (its result) is."""
     return jnp.logical_and(self.num_finite > 0, all_finite(value, axes))
 
+  def first_phase_pending(self, residual: Any) -> tuple[Pending, Any]:
+    """The ring's first phase as a reduced sync (completed by :func:`gathered`).
+
+    It moves if some worker was finite (the gathered mean is checked too);
+    the new residual where it does, ``residual`` otherwise.
+    """
+    moved = self.num_finite > 0
+    pending = Pending(self.total, moved, self.left_out, self.num_finite)
+    return pending, where(moved, self.residual, residual)
+
   def pending(self, value: Any, axes: tuple, residual: Any) -> tuple[Pending, Any]:
     """``value`` (the sync's result) as a reduced sync, and the residual it leaves.
 
     The new residual where the sync moves, ``residual`` (the old one) otherwise.
     """
     moved = self.moved(value, axes)
-    return Pending(value, moved, self.left_out), where(moved, self.residual, residual)
+    pending = Pending(value, moved, self.left_out, self.num_finite)
+    return pending, where(moved, self.residual, residual)
 
 
 def finite_sum(
-  tree: Any, axes: tuple, wire: _quantize.Wire | None = None, residual: Any = None
+  tree: Any,
+  axes: tuple,
+  wire: _quantize.Wire | None = None,
+  residual: Any = None,
+  *,
+  first_phase: bool = False,
 ) -> FiniteSum:
   """The workers' sum of their contributions ``tree``, the non-finite ones left out.
 
@@ -152,16 +168,51 @@ def finite_sum(
   finite workers travels in the same collective as the contribution: one
   more float32 element of the all-reduce, or after the scales of the
   quantized ring. No collective is added.
+
+  ``first_phase``: only the quantized ring's first phase
+  (:func:`optax_dist._quantize.ring_reduce`); the total is then the summed
+  chunk this worker owns, which :func:`gathered` completes.
   """
   wire = _quantize.Wire() if wire is None else wire
   mine = all_finite(tree, axes)
   contribution = zeros_unless(mine, tree)
   if wire.error_feedback:
     residual = zeros_unless(mine, residual)
-  total, residual, count = _quantize.wire_sum(
-    contribution, axes, wire, residual, side=count_operand(mine, axes)
-  )
+  side = count_operand(mine, axes)
+  if first_phase:
+    fed = residual if wire.error_feedback else None
+    decay = wire.error_decay
+    total, dropped, count = _quantize.ring_reduce(
+      contribution, axes, wire.dtype, residual=fed, decay=decay, side=side
+    )
+    residual = dropped if wire.error_feedback else residual
+  else:
+    total, residual, count = _quantize.wire_sum(contribution, axes, wire, residual, side=side)
   return FiniteSum(total, residual, count[0], jnp.logical_not(mine))
+
+
+def splits_in_two(wire: _quantize.Wire) -> bool:
+  """Whether ``wire``'s sum runs in two collectives that a delayed sync can part (a ring)."""
+  return wire.quantized and wire.topk_fraction is None
+
+
+def gathered(pending: Pending, axes: tuple, wire: _quantize.Wire, residual: Any) -> tuple:
+  """A reduced sync whose ring stopped after its first phase, completed.
+
+  ``pending`` holds the summed chunk this worker owns (a
+  :meth:`FiniteSum.first_phase_pending`). The ring's second phase rounds it
+  and gathers every chunk; the result is the finite workers' mean, and the
+  owner's rounding error joins ``residual`` (error feedback) where the sync
+  moves. Returns ``(pending, residual)``: the mean as the reduced value.
+  """
+  total, dropped = _quantize.ring_gather(pending.value, axes, wire.dtype)
+  count = jnp.maximum(pending.num_finite, 1.0)
+  mean = jax.tree.map(lambda t: t / count.astype(t.dtype), total)
+  mean = _syncloop.rounding_fence(mean, pending.num_finite)
+  moved = jnp.logical_and(pending.moved, all_finite(mean, axes))
+  if wire.error_feedback:
+    residual = jax.tree.map(lambda e, d: jnp.where(moved, e + d, e), residual, dropped)
+  return pending._replace(value=mean, moved=moved), residual
 
 
 def count_operand(mine: jax.Array, axes: tuple) -> jax.Array:

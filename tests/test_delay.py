@@ -302,3 +302,76 @@ def test_data_parallel_step_static_and_in_graph_agree_with_a_delay():
   params, state = out["static"]
   assert np.isfinite(np.asarray(params["a"])).all()
   np.testing.assert_array_equal(optax_dist.dropped_syncs(state), [0, 1, 0, 0])
+
+
+@pytest.mark.parametrize(
+  ("alg", "tau", "kwargs"),
+  [
+    ("diloco", 2, {"comm_dtype": jnp.int8}),
+    ("diloco", 3, {"comm_dtype": jnp.int4, "error_feedback": True}),
+    ("model_average", 2, {"comm_dtype": jnp.int2, "error_feedback": True}),
+  ],
+)
+def test_a_ring_that_waits_runs_one_phase_per_call_with_the_same_numbers(
+  alg, tau, kwargs, monkeypatch
+):
+  # With delay >= 2 the ring's all-to-all runs on the reducing call and its
+  # all-gather on the applying one; the numbers are those of the whole ring
+  # run on the reducing call (the owner's chunk waits in `pending`).
+  from optax_dist import _reduce
+
+  assert jax.device_count() >= N
+  rng = np.random.default_rng(4)
+  params = {"a": jnp.zeros((N, 40)), "b": jnp.zeros((N, 24))}
+  batches = [
+    {
+      "a": jnp.asarray(rng.normal(size=(N, 40)), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(N, 24)), jnp.float32),
+    }
+    for _ in range(14)
+  ]
+  split = run_transform(make(alg, tau, 0.25, **kwargs), params, batches, mode="shard_map")
+  monkeypatch.setattr(_reduce, "splits_in_two", lambda wire: False)
+  whole = run_transform(make(alg, tau, 0.25, **kwargs), params, batches, mode="shard_map")
+  for a, b in zip(split.params, whole.params, strict=True):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  center = optax_dist.center_params
+  jax.tree.map(np.testing.assert_array_equal, center(split.state), center(whole.state))
+  jax.tree.map(np.testing.assert_array_equal, split.state.residual, whole.state.residual)
+  assert not np.array_equal(split.params[-1]["a"], params["a"])
+
+
+def test_a_ring_that_waits_sends_its_phases_on_different_calls():
+  assert jax.device_count() >= N
+  from jax.sharding import PartitionSpec as P
+
+  from tests.harness import worker_mesh
+
+  tx = make("diloco", 2, 0.0, comm_dtype=jnp.int4, error_feedback=True)
+  mesh = worker_mesh(N)
+  params = {"a": jnp.zeros((N, 40)), "b": jnp.zeros((N, 24))}
+  state = jax.jit(jax.shard_map(jax.vmap(tx.init), mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))(
+    params
+  )
+
+  def collectives(flag):
+    def step(p, s, g):
+      u, s = tx.update(
+        jax.tree.map(lambda x: x[0], g),
+        jax.tree.map(lambda x: x[0], s),
+        jax.tree.map(lambda x: x[0], p),
+        sync=flag,
+      )
+      return jax.tree.map(lambda x: x[None], (u, s))
+
+    fn = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+    text = fn.lower(params, state, params).compile().as_text()
+    return {kind: text.count(f" {kind}(") for kind in ("all-to-all", "all-gather", "all-reduce")}
+
+  schedule = optax_dist.sync_schedule(state)
+  flags = [schedule(count) for count in range(WARMUP, WARMUP + H)]
+  assert flags[2:4] == [0, ("apply", 0)]
+  assert collectives(False) == {"all-to-all": 0, "all-gather": 0, "all-reduce": 0}
+  reducing, applying = collectives(0), collectives(("apply", 0))
+  assert reducing["all-to-all"] == 1 and reducing["all-gather"] == 0, reducing
+  assert applying["all-gather"] == 1 and applying["all-to-all"] == 0, applying
