@@ -390,6 +390,12 @@ class _Call:
     assert isinstance(sync, TwoPhase)  # periodic() refuses a delay otherwise.
     fields_f = self.fence(self.moved(fields_f, _offload.to_device))
     x = jax.tree.map(lambda p: p.astype(_declare.center_dtype(p.dtype)), params_f)
+    # The reduction's inputs behind a barrier: without it XLA fuses a pass
+    # of the reduction over a param (the spike check's sum of squares) into
+    # the inner step's kernel over the same param, and the collective then
+    # waits for the gradients; with it, the reduction reads only this call's
+    # inputs and can run while the forward and backward passes do.
+    x, fields_f = jax.lax.optimization_barrier((x, fields_f))
     # A reduced sync that waits runs the first phase of a two-phase collective.
     first = sync.first_phase if self.schedule.waits and sync.gather is not None else None
     red, new = (first or sync.reduce)(x, fields_f)

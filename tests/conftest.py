@@ -54,6 +54,10 @@ _MISSING = {k: v for k, v in COMPILER_FLAGS.items() if f"--{k}=" not in _FLAGS}
 for _name, _value in xla_flags.known(_MISSING).items():
   _FLAGS += f" --{_name}={_value}"
 os.environ["XLA_FLAGS"] = f"{_FLAGS} --xla_force_host_platform_device_count={NUM_DEVICES}".strip()
+# JAX runs on the CPU even where the TPU compiler (the `tpu` extra) is
+# installed: tests/test_tpu_compile.py compiles for a TPU topology without a
+# TPU, and nothing else looks for one.
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 
