@@ -287,10 +287,15 @@ def leaf_bytes(tree):
   return sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(tree))
 
 
+def transfer_type(t, text):
+  """The collective a send or receive between slices belongs to (``ALL_GATHER``, ...), or None."""
+  line = next(line for name, _, line in tpu_hlo.entry_schedule(text) if name == t.name)
+  return next((k for k in EGRESS if f'_xla_megascale_transfer_type="{k}"' in line), None)
+
+
 def egress_bytes(t, text, n_slices, chips):
   """Bytes the slice sends across slices for transfer ``t`` (a send), by its transfer type."""
-  line = next(line for name, _, line in tpu_hlo.entry_schedule(text) if name == t.name)
-  kind = next((k for k in EGRESS if f'_xla_megascale_transfer_type="{k}"' in line), None)
+  kind = transfer_type(t, text)
   factor = EGRESS[kind](n_slices) if kind else 1.0
   return t.nbytes * chips * factor, kind or "?"
 
@@ -510,12 +515,7 @@ def schedule_table():
       sends = [t for t in sent if t.kind == "send"]
 
       def kinds(ts, text=text):
-        lines = {name: line for name, _, line in tpu_hlo.entry_schedule(text)}
-        found = []
-        for t in ts:
-          line = lines[t.name]
-          kind = next((k for k in EGRESS if f'transfer_type="{k}"' in line), t.kind)
-          found.append(kind.lower().replace("_", "-"))
+        found = [(transfer_type(t, text) or t.kind).lower().replace("_", "-") for t in ts]
         return ", ".join(sorted(set(found))) or "none"
 
       lines.append(

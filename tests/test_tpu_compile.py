@@ -86,13 +86,18 @@ def diloco(delay, **kw):
   )
 
 
-@pytest.fixture(scope="module")
-def programs():
-  """The scheduled HLO of each program, compiled once for the module."""
+def needs_libtpu():
+  """Fails (never skips) where the ``tpu`` extra is missing."""
   try:
     import libtpu  # noqa: F401
   except ImportError:
     pytest.fail(tpu_hlo.TPU_EXTRA_MISSING)
+
+
+@pytest.fixture(scope="module")
+def programs():
+  """The scheduled HLO of each program, compiled once for the module."""
+  needs_libtpu()
   return {
     "local": compiled(diloco(1), False),
     "float32, delay 1": compiled(diloco(1), True),
@@ -168,10 +173,7 @@ def ring(delay):
 @pytest.fixture(scope="module")
 def rings():
   """An int4 ring's programs: delay 2 (its reducing and applying calls) and delay 1."""
-  try:
-    import libtpu  # noqa: F401
-  except ImportError:
-    pytest.fail(tpu_hlo.TPU_EXTRA_MISSING)
+  needs_libtpu()
   return {
     "delay 2, reducing": compiled(ring(2), True),
     "delay 2, applying": compiled(ring(2), ("apply", 0)),
