@@ -32,9 +32,10 @@ def test_block_sizes_and_bits_are_the_documented_ones():
 
 def test_pack_gold_bytes_and_round_trip():
   codes = jnp.array([[1, -1, 7, -8], [0, -2, 3, 5]], jnp.int8)
-  # Two's complement nibbles, code 0 in the low bits: 1 | 0xF << 4, 7 | 0x8 << 4, ...
+  # Two's complement nibbles, planar: byte j holds codes j (low bits) and j + 2:
+  # 1 | 7 << 4, 0xF | 0x8 << 4; 0 | 3 << 4, 0xE | 5 << 4.
   np.testing.assert_array_equal(
-    _codec.pack(codes, 4), np.array([[0xF1, 0x87], [0xE0, 0x53]], np.uint8)
+    _codec.pack(codes, 4), np.array([[0x71, 0x8F], [0x30, 0x5E]], np.uint8)
   )
   np.testing.assert_array_equal(_codec.unpack(_codec.pack(codes, 4), 4), codes)
   two = jnp.array([[1, -1, 0, -2], [0, 0, 0, 1]], jnp.int8)
@@ -72,14 +73,16 @@ def np_quantize(blocks, top):
 
 
 def np_pack(codes, width):
+  """Planar: byte j of m holds codes j, j + m, ..., code j + i m in bits i * width up."""
   per = 8 // width
-  low = (codes & ((1 << width) - 1)).reshape(*codes.shape[:-1], -1, per)
-  return (low << (np.arange(per) * width)).sum(-1).astype(np.uint8)
+  low = (codes & ((1 << width) - 1)).reshape(*codes.shape[:-1], per, -1)
+  return (low << (np.arange(per)[:, None] * width)).sum(-2).astype(np.uint8)
 
 
 def np_unpack(packed, width):
   per = 8 // width
-  fields = (packed[..., None].astype(np.int64) >> (np.arange(per) * width)) & ((1 << width) - 1)
+  shifts = np.arange(per)[:, None] * width
+  fields = (packed[..., None, :].astype(np.int64) >> shifts) & ((1 << width) - 1)
   signed = np.where(fields >= 1 << (width - 1), fields - (1 << width), fields)
   return signed.reshape(*packed.shape[:-1], -1)
 
