@@ -460,13 +460,13 @@ def markdown(results, cfg, command, wall_s):
       "| program | compute (ms) | step @ 10 | step @ 25 | step @ 100 | tokens/s @ 10 | tokens/s @ 25 | tokens/s @ 100 |",
       "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    local = next(r for r in topo["rows"] if r["name"] == "local")
+    local = next((r for r in topo["rows"] if r["name"] == "local"), None)
     for r in topo["rows"]:
       e = r["estimate"]
       cells = [f"{e[f'step_s@{g}'] * 1e3:,.0f}" for g in LINKS_GBIT]
       tps = []
       for g in LINKS_GBIT:
-        if r["name"] in ("DP", "local"):
+        if r["name"] in ("DP", "local") or local is None:
           tps.append(e[f"tokens_per_s@{g}"])
         else:
           avg = (
@@ -564,6 +564,10 @@ def main(argv=None):
 
   libtpu = importlib.metadata.version("libtpu")
   params = leaf_bytes(param_shapes(cfg["width"], cfg["depth"], cfg["heads"], cfg["context"])) // 4
+  command = "python benchmarks/tpu_compile.py" + (" " + " ".join(argv) if argv else "")
+  if argv is None and len(sys.argv) > 1:
+    command = "python benchmarks/tpu_compile.py " + " ".join(sys.argv[1:])
+  out = pathlib.Path(args.out)
   start = time.perf_counter()
   results = []
   for entry in args.topologies:
@@ -571,36 +575,32 @@ def main(argv=None):
     chip = topology.split(":")[0]
     mesh = tpu_hlo.topology_mesh(topology, int(n), axes=(SLICES, CHIPS))
     n_slices, chips = mesh.shape[SLICES], mesh.shape[CHIPS]
-    tokens_per_step = cfg["batch_per_chip"] * cfg["context"] * n_slices * chips
-    rows = []
-    for name in args.rows:
-      row = measure(name, mesh, cfg)
-      row["estimate"] = estimate(row, chip, tokens_per_step)
-      print(f"{topology} x {n}: {name}: compiled in {row['compile_s']} s", flush=True)
-      rows.append(row)
     results.append(
       {
         "topology": topology,
         "slices": n_slices,
         "chips": chips,
         "chip": chip,
-        "tokens_per_step": tokens_per_step,
+        "tokens_per_step": cfg["batch_per_chip"] * cfg["context"] * n_slices * chips,
         "params": params,
         "libtpu": libtpu,
-        "rows": rows,
+        "rows": [],
       }
     )
-  wall = time.perf_counter() - start
-  command = "python benchmarks/tpu_compile.py" + (" " + " ".join(argv) if argv else "")
-  if argv is None and len(sys.argv) > 1:
-    command = "python benchmarks/tpu_compile.py " + " ".join(sys.argv[1:])
-  out = pathlib.Path(args.out)
-  out.with_suffix(".json").write_text(
-    json.dumps({"command": command, "wall_s": wall, "config": cfg, "results": results}, indent=1)
-  )
-  text = markdown(results, cfg, command, wall)
-  out.with_suffix(".md").write_text(text)
-  print(text)
+    for name in args.rows:
+      row = measure(name, mesh, cfg)
+      row["estimate"] = estimate(row, chip, results[-1]["tokens_per_step"])
+      print(f"{topology} x {n}: {name}: compiled in {row['compile_s']} s", flush=True)
+      results[-1]["rows"].append(row)
+      # Written after every row: a long run that stops keeps what it measured.
+      wall = time.perf_counter() - start
+      out.with_suffix(".json").write_text(
+        json.dumps(
+          {"command": command, "wall_s": wall, "config": cfg, "results": results}, indent=1
+        )
+      )
+      out.with_suffix(".md").write_text(markdown(results, cfg, command, wall))
+  print(out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
