@@ -392,11 +392,12 @@ def gb(n):
   return f"{n / 2**30:.2f}"
 
 
-def markdown(results, cfg, command, wall_s):
+def markdown(results, cfg, runs):
+  commands = "; ".join(f"`{r['command']}` ({r['wall_s'] / 60:.1f} min)" for r in runs)
   lines = [
     "# A 1B-param LM compiled for multi-slice TPU topologies",
     "",
-    f"Command: `{command}` ({wall_s / 60:.1f} minutes on this machine's 2 CPU cores). "
+    f"Commands: {commands}, on this machine's 2 CPU cores. "
     f"Model: examples/train_lm.py's blocks, width {cfg['width']}, {cfg['depth']} blocks scanned, "
     f"{cfg['heads']} heads, context {cfg['context']}, {cfg['batch_per_chip']} sequences per chip; "
     f"{results[0]['params'] / 1e9:.3f}B params. jax {jax.__version__}, libtpu "
@@ -543,6 +544,11 @@ def main(argv=None):
   parser.add_argument("--rows", nargs="+", default=list(ROWS))
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tpu_compile"))
   parser.add_argument(
+    "--append",
+    action="store_true",
+    help="add the rows to those of --out's JSON (same model), replacing rows of the same name",
+  )
+  parser.add_argument(
     "--schedule",
     action="store_true",
     help="only the schedule table: each format and delay on the tests' small model",
@@ -568,15 +574,22 @@ def main(argv=None):
   if argv is None and len(sys.argv) > 1:
     command = "python benchmarks/tpu_compile.py " + " ".join(sys.argv[1:])
   out = pathlib.Path(args.out)
+  runs, results = [], []
+  if args.append and out.with_suffix(".json").exists():
+    before = json.loads(out.with_suffix(".json").read_text())
+    if before["config"] != cfg:
+      raise SystemExit(f"--append: {out}.json has config {before['config']}, not {cfg}")
+    runs, results = before["runs"], before["results"]
+  runs.append({"command": command, "wall_s": 0.0})
   start = time.perf_counter()
-  results = []
   for entry in args.topologies:
     topology, _, n = entry.rpartition("x")
     chip = topology.split(":")[0]
     mesh = tpu_hlo.topology_mesh(topology, int(n), axes=(SLICES, CHIPS))
     n_slices, chips = mesh.shape[SLICES], mesh.shape[CHIPS]
-    results.append(
-      {
+    topo = next((t for t in results if (t["topology"], t["slices"]) == (topology, n_slices)), None)
+    if topo is None:
+      topo = {
         "topology": topology,
         "slices": n_slices,
         "chips": chips,
@@ -586,20 +599,19 @@ def main(argv=None):
         "libtpu": libtpu,
         "rows": [],
       }
-    )
+      results.append(topo)
     for name in args.rows:
       row = measure(name, mesh, cfg)
-      row["estimate"] = estimate(row, chip, results[-1]["tokens_per_step"])
+      row["estimate"] = estimate(row, chip, topo["tokens_per_step"])
       print(f"{topology} x {n}: {name}: compiled in {row['compile_s']} s", flush=True)
-      results[-1]["rows"].append(row)
+      topo["rows"] = [r for r in topo["rows"] if r["name"] != name] + [row]
+      topo["rows"].sort(key=lambda r: ROWS.index(r["name"]))
       # Written after every row: a long run that stops keeps what it measured.
-      wall = time.perf_counter() - start
+      runs[-1]["wall_s"] = time.perf_counter() - start
       out.with_suffix(".json").write_text(
-        json.dumps(
-          {"command": command, "wall_s": wall, "config": cfg, "results": results}, indent=1
-        )
+        json.dumps({"runs": runs, "config": cfg, "results": results}, indent=1)
       )
-      out.with_suffix(".md").write_text(markdown(results, cfg, command, wall))
+      out.with_suffix(".md").write_text(markdown(results, cfg, runs))
   print(out.with_suffix(".md").read_text())
 
 

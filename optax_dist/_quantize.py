@@ -253,12 +253,22 @@ def ring_sum(
   ``(total, dropped, side_total)``.
 
   The ring is :func:`ring_reduce` then :func:`ring_gather`, which a delayed
-  sync runs on two different calls.
+  sync runs on two different calls; run on one call, the summed chunk and
+  the dropped numbers stay flat between the two phases.
   """
-  part, dropped, *sides = ring_reduce(tree, axes, dtype, residual=residual, decay=decay, side=side)
-  total, dropped_sum = ring_gather(part, axes, dtype)
-  dropped = jax.tree.map(jnp.add, dropped, dropped_sum)
-  return (total, dropped, *sides)
+  leaves, treedef = jax.tree.flatten(tree)
+  fed = None if residual is None else jax.tree.leaves(residual)
+  part, dropped, *sides = _reduce_flat(leaves, axes, dtype, fed, decay, side)
+  total, dropped_sum = _gather_flat(part, leaves, axes, dtype)
+  start = _collectives.worker_index(axes) * part.shape[0]
+  owned = lax.dynamic_slice(dropped, (start,), part.shape) + dropped_sum
+  dropped = lax.dynamic_update_slice(dropped, owned, (start,))
+  size = sum(math.prod(jnp.shape(x)) for x in leaves)
+  return (
+    _codec.unflatten(total, leaves, treedef),
+    _codec.unflatten(dropped[:size], leaves, treedef),
+    *sides,
+  )
 
 
 def _chunk(leaves: list, n: int, dtype: Any) -> tuple[int, int]:
@@ -266,6 +276,55 @@ def _chunk(leaves: list, n: int, dtype: Any) -> tuple[int, int]:
   block = _codec.block_size(dtype)
   size = sum(math.prod(jnp.shape(x)) for x in leaves)
   return size, math.ceil(size / n / block) * block
+
+
+def _reduce_flat(
+  leaves: list, axes: tuple, dtype: Any, residual: list | None, decay: float, side: Any
+) -> tuple[Any, ...]:
+  """The first phase on flat vectors: the owned summed chunk, and the padded dropped numbers."""
+  n = _collectives.num_workers(axes)
+  _, chunk = _chunk(leaves, n, dtype)
+  block = _codec.block_size(dtype)
+  me = _collectives.worker_index(axes)
+  padded = _codec.flatten(leaves, n * chunk).reshape(n, chunk)
+  owner = None
+  if residual is not None:
+    fed = _codec.flatten(residual, n * chunk).reshape(n, chunk)
+    if decay != 1.0:
+      fed = decay * fed
+    mine = jnp.arange(n)[:, None] == me
+    owner = lax.dynamic_index_in_dim(fed, me, keepdims=False)
+    padded = padded + jnp.where(mine, jnp.zeros_like(fed), fed)
+  padded = padded.reshape(n, chunk // block, block)
+  values, scale = _codec.quantize(padded, dtype)
+  dropped = (padded - _codec.dequantize(values, scale)).reshape(-1)
+  # Worker k receives chunk k of every worker and sums them, in worker order.
+  buffer = _codec.to_wire(values, scale, dtype)
+  if side is not None:
+    buffer = _codec.append_side(buffer, side)
+  received = _collectives.all_to_all(buffer, axes)
+  if side is not None:
+    received, side_total = _codec.split_side(received, side)
+  values, scale = _codec.from_wire(received, dtype, chunk)
+  part = _codec.dequantize(values[0], scale[0])
+  for j in range(1, n):
+    part = part + _codec.dequantize(values[j], scale[j])
+  part = part.reshape(-1)
+  if owner is not None:  # The owner's buffer, into the summed chunk it belongs to.
+    part = part + owner
+  return (part, dropped) if side is None else (part, dropped, side_total)
+
+
+def _gather_flat(part: jax.Array, leaves: list, axes: tuple, dtype: Any) -> tuple[Any, Any]:
+  """The second phase on flat vectors: the padded sum, and the owned chunk's dropped numbers."""
+  size, chunk = _chunk(leaves, _collectives.num_workers(axes), dtype)
+  block = _codec.block_size(dtype)
+  mine = part.reshape(chunk // block, block)
+  values, scale = _codec.quantize(mine, dtype)
+  dropped = (mine - _codec.dequantize(values, scale)).reshape(-1)
+  gathered = _collectives.all_gather(_codec.to_wire(values[None], scale[None], dtype)[0], axes)
+  values, scale = _codec.from_wire(gathered, dtype, chunk)
+  return _codec.dequantize(values, scale).reshape(-1)[:size], dropped
 
 
 def ring_reduce(
@@ -278,40 +337,17 @@ def ring_reduce(
   :func:`ring_sum` for ``residual``, ``decay`` and ``side``).
   """
   leaves, treedef = jax.tree.flatten(tree)
-  n = _collectives.num_workers(axes)
-  size, chunk = _chunk(leaves, n, dtype)
-  block = _codec.block_size(dtype)
+  fed = None if residual is None else jax.tree.leaves(residual)
+  part, dropped, *sides = _reduce_flat(leaves, axes, dtype, fed, decay, side)
+  n, chunk = _collectives.num_workers(axes), part.shape[0]
+  size = sum(math.prod(jnp.shape(x)) for x in leaves)
   me = _collectives.worker_index(axes)
-  padded = _codec.flatten(leaves, n * chunk).reshape(n, chunk)
-  owner = None
-  if residual is not None:
-    fed = _codec.flatten(jax.tree.leaves(residual), n * chunk).reshape(n, chunk)
-    if decay != 1.0:
-      fed = decay * fed
-    mine = jnp.arange(n)[:, None] == me
-    owner = lax.dynamic_index_in_dim(fed, me, keepdims=False)
-    padded = padded + jnp.where(mine, jnp.zeros_like(fed), fed)
-  padded = padded.reshape(n, chunk // block, block)
-  values, scale = _codec.quantize(padded, dtype)
-  dropped = (padded - _codec.dequantize(values, scale)).reshape(-1)[:size]
-  # Worker k receives chunk k of every worker and sums them, in worker order.
-  buffer = _codec.to_wire(values, scale, dtype)
-  if side is not None:
-    buffer = _codec.append_side(buffer, side)
-  received = _collectives.all_to_all(buffer, axes)
-  if side is not None:
-    received, side_total = _codec.split_side(received, side)
-  values, scale = _codec.from_wire(received, dtype, chunk)
-  part = _codec.dequantize(values[0], scale[0])
-  for j in range(1, n):
-    part = part + _codec.dequantize(values[j], scale[j])
-  if owner is not None:  # The owner's buffer, into the summed chunk it belongs to.
-    part = part + owner.reshape(part.shape)
-  placed = lax.dynamic_update_slice(
-    jnp.zeros(n * chunk, part.dtype), part.reshape(-1), (me * chunk,)
+  placed = lax.dynamic_update_slice(jnp.zeros(n * chunk, part.dtype), part, (me * chunk,))
+  out = (
+    _codec.unflatten(placed[:size], leaves, treedef),
+    _codec.unflatten(dropped[:size], leaves, treedef),
   )
-  out = _codec.unflatten(placed[:size], leaves, treedef), _codec.unflatten(dropped, leaves, treedef)
-  return out if side is None else (*out, side_total)
+  return (*out, *sides)
 
 
 def ring_gather(part: Any, axes: tuple, dtype: Any) -> tuple[Any, Any]:
@@ -325,16 +361,10 @@ def ring_gather(part: Any, axes: tuple, dtype: Any) -> tuple[Any, Any]:
   leaves, treedef = jax.tree.flatten(part)
   n = _collectives.num_workers(axes)
   size, chunk = _chunk(leaves, n, dtype)
-  block = _codec.block_size(dtype)
   me = _collectives.worker_index(axes)
   mine = lax.dynamic_slice(_codec.flatten(leaves, n * chunk), (me * chunk,), (chunk,))
-  mine = mine.reshape(chunk // block, block)
-  values, scale = _codec.quantize(mine, dtype)
-  dropped = (mine - _codec.dequantize(values, scale)).reshape(-1)
+  total, dropped = _gather_flat(mine, leaves, axes, dtype)
   dropped = lax.dynamic_update_slice(jnp.zeros(n * chunk, dropped.dtype), dropped, (me * chunk,))
-  gathered = _collectives.all_gather(_codec.to_wire(values[None], scale[None], dtype)[0], axes)
-  values, scale = _codec.from_wire(gathered, dtype, chunk)
-  total = _codec.dequantize(values, scale).reshape(-1)[:size]
   return (
     _codec.unflatten(total, leaves, treedef),
     _codec.unflatten(dropped[:size], leaves, treedef),
