@@ -217,17 +217,31 @@ def build(name, mesh, cfg):
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     return nll / chips  # Summed over the chips by the reduce-scatter: the slice's mean.
 
+  state = jax.eval_shape(tx.init, local)
+  kinds = memory_kinds(state, name.startswith("host offload"))
+  host = jax.tree.map(lambda k: k == "pinned_host", kinds)
+
   def step(params, state, tokens):
-    params, state = jax.tree.map(lambda a: a[0], (params, state))
+    params = jax.tree.map(lambda a: a[0], params)
+    state = jax.tree.map(lambda a, h: a if h else a[0], state, host)
     grads = jax.grad(loss)(params, tokens)
     kw = {} if flag is None else {"sync": flag}
     updates, state = tx.update(grads, state, params, **kw)
-    return jax.tree.map(lambda a: a[None], (optax.apply_updates(params, updates), state))
+    state = jax.tree.map(lambda a, h: a if h else a[None], state, host)
+    return jax.tree.map(lambda a: a[None], optax.apply_updates(params, updates)), state
 
-  state = jax.eval_shape(tx.init, local)
+  def spec(path, s, kind=None):
+    """Per-worker layout: a leading slices axis; the sharded dim over the chips.
 
-  def spec(path, s):
-    """Per-worker layout: a leading slices axis; the sharded dim over the chips."""
+    A leaf in host memory has no leading axis: its sharded dim goes over the
+    slices and the chips. (Taking the leading axis off a [1, 20, 512] leaf in
+    host memory fails libtpu 0.0.42.1's layout check, a RET_CHECK in
+    target.cc, at 20 blocks; at 2 it compiles.)
+    """
+    if kind == "pinned_host":
+      dims = [None] * s.ndim
+      dims[shard_dim(path)] = (SLICES, CHIPS)
+      return P(*dims)
     if s.ndim == 0:
       return P(SLICES)
     dims = [None] * (s.ndim + 1)
@@ -236,7 +250,7 @@ def build(name, mesh, cfg):
     return P(*dims)
 
   param_spec = jax.tree.map_with_path(spec, local)
-  state_spec = jax.tree.map_with_path(spec, state)
+  state_spec = jax.tree.map_with_path(spec, state, kinds)
   token_spec = P((SLICES, CHIPS))
   fn = jax.jit(
     jax.shard_map(
@@ -251,15 +265,18 @@ def build(name, mesh, cfg):
 
   def stacked(path, s, kind=None):
     """The global array: a leading slices axis, the chips' shards side by side."""
-    shape = [n_slices, *s.shape]
-    if s.ndim:
-      shape[1 + shard_dim(path)] *= chips
+    if kind == "pinned_host":
+      shape = list(s.shape)
+      shape[shard_dim(path)] *= n_slices * chips
+    else:
+      shape = [n_slices, *s.shape]
+      if s.ndim:
+        shape[1 + shard_dim(path)] *= chips
     memory = "pinned_host" if kind == "pinned_host" else None
-    sharding = NamedSharding(mesh, spec(path, s), memory_kind=memory)
+    sharding = NamedSharding(mesh, spec(path, s, kind), memory_kind=memory)
     return jax.ShapeDtypeStruct(tuple(shape), s.dtype, sharding=sharding)
 
   args_params = jax.tree.map_with_path(stacked, local)
-  kinds = memory_kinds(state, name.startswith("host offload"))
   args_state = jax.tree.map_with_path(stacked, state, kinds)
   batch = cfg["batch_per_chip"] * n_slices * chips
   tokens = jax.ShapeDtypeStruct(
@@ -353,32 +370,34 @@ def measure(name, mesh, cfg):
   }
 
 
-def estimate(row, chip, tokens_per_step):
+def estimate(row, chip, tokens_per_step, depth):
   """Step time (s) and tokens per second at each link speed: an estimate.
 
-  Compute is the larger of flops over the chip's peak and bytes accessed over
-  its HBM bandwidth (``cost_analysis``, per device). A transfer across slices
-  takes its egress per slice (``EGRESS``) over the link; the slice's chips
-  share the link. Hidden transfers overlap the compute, exposed ones add to
-  it: max(compute, hidden) + exposed. Collectives within a slice (the FSDP
-  all-gathers and reduce-scatters) are left out: the same in every row.
+  From ``cost_analysis`` (per device), which counts the body of a loop once:
+
+  * the matrix multiplies: the flops times the blocks (the scanned body holds
+    nearly all of them) over the chip's peak;
+  * the elementwise work (the optimizer, the sync's quantizing and summing):
+    the bytes accessed over the chip's HBM bandwidth. XLA's count of an
+    in-place update is the whole buffer, so this is an upper bound.
+
+  A transfer across slices takes its egress per slice (``EGRESS``) over the
+  link; the slice's chips share the link. A hidden transfer runs during the
+  matrix multiplies, an exposed one after them:
+  max(matmuls, hidden) + elementwise + exposed. Collectives within a slice
+  (the FSDP all-gathers and reduce-scatters) are left out: the same in every
+  row.
   """
   spec = CHIP_SPECS[chip]
-  compute = max(row["flops"] / spec["flops"], row["bytes_accessed"] / spec["hbm_bytes_per_s"])
-  out = {"compute_s": compute}
+  matmuls = row["flops"] * depth / spec["flops"]
+  elementwise = row["bytes_accessed"] / spec["hbm_bytes_per_s"]
+  out = {"matmul_s": matmuls, "elementwise_s": elementwise}
+  sends = [t for t in row["transfers"] if "egress_bytes_per_slice" in t]
   for gbit in LINKS_GBIT:
     rate = gbit * 1e9 / 8
-    hidden = sum(
-      t["egress_bytes_per_slice"]
-      for t in row["transfers"]
-      if "egress_bytes_per_slice" in t and t["hidden"]
-    )
-    exposed = sum(
-      t["egress_bytes_per_slice"]
-      for t in row["transfers"]
-      if "egress_bytes_per_slice" in t and not t["hidden"]
-    )
-    step = max(compute, hidden / rate) + exposed / rate
+    hidden = sum(t["egress_bytes_per_slice"] for t in sends if t["hidden"])
+    exposed = sum(t["egress_bytes_per_slice"] for t in sends if not t["hidden"])
+    step = max(matmuls, hidden / rate) + elementwise + exposed / rate
     out[f"step_s@{gbit}"] = step
     out[f"tokens_per_s@{gbit}"] = tokens_per_step / step
   return out
@@ -390,6 +409,27 @@ def mb(n):
 
 def gb(n):
   return f"{n / 2**30:.2f}"
+
+
+def period_tokens_per_s(topo, row, gbit):
+  """Tokens per second of a row: per step for DP and the local step; over a period for a sync.
+
+  A sync's period is ``SYNC_PERIOD`` calls: the sync call and local steps, or
+  at delay 2 the reducing call, the applying call and local steps. None for
+  an applying call (counted with its reducing call) or without the rows
+  that the period needs.
+  """
+  rows = {r["name"]: r["estimate"][f"step_s@{gbit}"] for r in topo["rows"]}
+  name = row["name"]
+  if name in ("DP", "local"):
+    return topo["tokens_per_step"] / rows[name]
+  calls = [name]
+  if name.endswith(", reducing"):
+    calls.append(name.replace(", reducing", ", applying"))
+  if name.endswith(", applying") or "local" not in rows or not all(c in rows for c in calls):
+    return None
+  period = sum(rows[c] for c in calls) + (SYNC_PERIOD - len(calls)) * rows["local"]
+  return SYNC_PERIOD * topo["tokens_per_step"] / period
 
 
 def markdown(results, cfg, runs):
@@ -413,15 +453,15 @@ def markdown(results, cfg, runs):
       "`memory_analysis()`; the formula is params + state (inner AdamW, center, outer state, "
       "residual) over the shards, and the part of it in host memory.",
       "",
-      "| program | compile (s) | HBM args | HBM temps | host args | formula | formula on host | matmuls |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+      "| program | compile (s) | HBM args | HBM temps | host args | formula | formula on host |",
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in topo["rows"]:
       m, f = r["memory"], r["formula"]
       lines.append(
         f"| {r['name']} | {r['compile_s']} | {gb(m['argument_bytes'])} | {gb(m['temp_bytes'])} | "
         f"{gb(m['host_argument_bytes'])} | {gb(f['params_bytes'] + f['state_bytes'])} | "
-        f"{gb(f['host_state_bytes'])} | {r['matmuls']} |"
+        f"{gb(f['host_state_bytes'])} |"
       )
     lines += [
       "",
@@ -452,31 +492,27 @@ def markdown(results, cfg, runs):
       )
     lines += [
       "",
-      f"Estimated step time (ms) and tokens per second, {chip} at {CHIP_SPECS[chip]['flops'] / 1e12:.0f} "
-      f"TFLOP/s and {CHIP_SPECS[chip]['hbm_bytes_per_s'] / 1e9:.0f} GB/s per chip; the links "
-      f"between slices at 10, 25 and 100 Gbit/s per slice. DiLoCo's tokens per second average "
-      f"{SYNC_PERIOD - 1} local steps and one sync step (H = {SYNC_PERIOD}). An estimate, not a "
-      "measurement (assumptions in `estimate` of the script).",
+      f"Estimated step time (ms) and tokens per second, {chip} at "
+      f"{CHIP_SPECS[chip]['flops'] / 1e12:.0f} TFLOP/s and "
+      f"{CHIP_SPECS[chip]['hbm_bytes_per_s'] / 1e9:.0f} GB/s per chip, the links between slices "
+      "at 10, 25 and 100 Gbit/s per slice: max(matrix multiplies, hidden transfers) + "
+      "elementwise work + exposed transfers. DiLoCo's tokens per second are over a period of "
+      f"H = {SYNC_PERIOD} calls: its local steps and its sync (at delay 2, the reducing and the "
+      "applying call). An estimate, not a measurement (assumptions in `estimate` of the script).",
       "",
-      "| program | compute (ms) | step @ 10 | step @ 25 | step @ 100 | tokens/s @ 10 | tokens/s @ 25 | tokens/s @ 100 |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- |",
+      "| program | matmuls (ms) | elementwise (ms) | step @ 10 | step @ 25 | step @ 100 "
+      "| tokens/s @ 10 | tokens/s @ 25 | tokens/s @ 100 |",
+      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    local = next((r for r in topo["rows"] if r["name"] == "local"), None)
     for r in topo["rows"]:
       e = r["estimate"]
       cells = [f"{e[f'step_s@{g}'] * 1e3:,.0f}" for g in LINKS_GBIT]
-      tps = []
-      for g in LINKS_GBIT:
-        if r["name"] in ("DP", "local") or local is None:
-          tps.append(e[f"tokens_per_s@{g}"])
-        else:
-          avg = (
-            (SYNC_PERIOD - 1) * local["estimate"][f"step_s@{g}"] + e[f"step_s@{g}"]
-          ) / SYNC_PERIOD
-          tps.append(topo["tokens_per_step"] / avg)
+      tps = [period_tokens_per_s(topo, r, g) for g in LINKS_GBIT]
       lines.append(
-        f"| {r['name']} | {e['compute_s'] * 1e3:,.0f} | {' | '.join(cells)} | "
-        + " | ".join(f"{v:,.0f}" for v in tps)
+        f"| {r['name']} | {e['matmul_s'] * 1e3:,.0f} | {e['elementwise_s'] * 1e3:,.0f} | "
+        + " | ".join(cells)
+        + " | "
+        + " | ".join("-" if v is None else f"{v:,.0f}" for v in tps)
         + " |"
       )
     lines.append("")
@@ -602,7 +638,7 @@ def main(argv=None):
       results.append(topo)
     for name in args.rows:
       row = measure(name, mesh, cfg)
-      row["estimate"] = estimate(row, chip, topo["tokens_per_step"])
+      row["estimate"] = estimate(row, chip, topo["tokens_per_step"], cfg["depth"])
       print(f"{topology} x {n}: {name}: compiled in {row['compile_s']} s", flush=True)
       topo["rows"] = [r for r in topo["rows"] if r["name"] != name] + [row]
       topo["rows"].sort(key=lambda r: ROWS.index(r["name"]))
