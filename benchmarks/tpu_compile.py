@@ -26,17 +26,18 @@ the script reports, per device:
 
 Programs: data parallelism (``tower``: the gradients all-reduced across the
 slices every step), a DiLoCo local step, DiLoCo's sync step in float32,
-int8, int4 and top-k 2% int4, each with ``delay=0`` and ``delay=1``, and the
-float32 sync with ``host_offload=True``.
+int8, int4 and top-k 2% int4, each with ``delay=0`` and ``delay=1``, the
+int8 and int4 rings' two calls at ``delay=2`` (the reducing call and the
+applying call), and the float32 sync with ``host_offload=True``.
 
 ``--schedule`` compiles only the tests' small model for each wire format and
 delay and writes benchmarks/results/tpu_schedule.md (5 minutes on 2 cores).
 
-At the 1B default on v5e 2x2 x 2, DP, the local step and the float32 syncs
-compile (33 to 78 s each); the int4 ring's sync does not: the compiler
-reports 67.5 GiB of temporaries against 15.75 GiB of HBM, so the quantized
-rows need a smaller model or a larger chip until the ring's temporaries are
-cut. Run (writes benchmarks/results/tpu_compile.md and .json)::
+Every row compiles at the 1B default on v5e 2x2 x 2 and 4x4 x 4, in 25 s to
+about 15 minutes each on 2 CPU cores; all rows of both topologies take about
+2 hours, so a run can be split (``--rows``, ``--topologies``) and its rows
+joined with ``--append``. Run (writes benchmarks/results/tpu_compile.md and
+.json)::
 
     pip install -e ".[tpu,examples]"
     python benchmarks/tpu_compile.py
@@ -433,11 +434,19 @@ def period_tokens_per_s(topo, row, gbit):
 
 
 def markdown(results, cfg, runs):
-  commands = "; ".join(f"`{r['command']}` ({r['wall_s'] / 60:.1f} min)" for r in runs)
+  compile_s = sum(r["compile_s"] for t in results for r in t["rows"])
+  if len(runs) == 1:
+    how = f"Command: `{runs[0]['command']}` ({runs[0]['wall_s'] / 60:.1f} min)"
+  else:
+    how = (
+      f"{len(runs)} runs of `python benchmarks/tpu_compile.py`, split with `--rows` and "
+      "`--topologies` and joined with `--append` (their commands in the JSON)"
+    )
   lines = [
     "# A 1B-param LM compiled for multi-slice TPU topologies",
     "",
-    f"Commands: {commands}, on this machine's 2 CPU cores. "
+    f"{how}, on this machine's 2 CPU cores; the compile times add up to "
+    f"{compile_s / 60:.0f} minutes. "
     f"Model: examples/train_lm.py's blocks, width {cfg['width']}, {cfg['depth']} blocks scanned, "
     f"{cfg['heads']} heads, context {cfg['context']}, {cfg['batch_per_chip']} sequences per chip; "
     f"{results[0]['params'] / 1e9:.3f}B params. jax {jax.__version__}, libtpu "
