@@ -41,23 +41,35 @@ def _top(dtype: Any) -> float:
   return float(jnp.finfo(dtype).max)
 
 
-def quantize(blocks: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def quantize(
+  blocks: jax.Array, dtype: Any, like: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Blocks ``(..., B)`` of float32 to ``dtype`` values and one float32 scale per block.
 
   Rounds to nearest. Integer formats give int8 codes in ``[-T, T]``
   (``T`` = 127, 7 or 1), the float8 formats float8 values. An all-zero block
   gets scale 0 and zero values; a block holding an Inf or a NaN gets a NaN
   scale, so that the sum is not finite.
+
+  ``like`` (optional, shaped like ``blocks``): the values whose absolute
+  maximum sets each block's scale, when ``blocks`` holds them plus an
+  error-feedback buffer. The values are then clipped to ``[-T, T]`` (the
+  format's largest magnitude for float8), and a block whose ``like`` is all
+  zero sends zeros.
   """
-  absmax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+  own = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+  absmax = own if like is None else jnp.max(jnp.abs(like), axis=-1, keepdims=True)
   top = _top(dtype)
   scale = absmax / top
   scaled = blocks / jnp.where(scale > 0, scale, 1.0)
+  if like is not None:
+    scaled = jnp.where(scale > 0, jnp.clip(scaled, -top, top), 0.0)
   if jnp.issubdtype(jnp.dtype(dtype), jnp.integer):
     values = jnp.clip(jnp.round(scaled), -top, top).astype(jnp.int8)
   else:
     values = scaled.astype(dtype)
-  scale = jnp.where(jnp.isfinite(absmax), scale, jnp.nan)
+  finite = jnp.isfinite(absmax) if like is None else jnp.isfinite(absmax + own)
+  scale = jnp.where(finite, scale, jnp.nan)
   return values, scale
 
 

@@ -34,12 +34,22 @@ Each rounding moves a number by at most half a step, ``absmax / (2 T)`` with
 ``T`` = 127, 7 or 1 the largest value. What the roundings drop is returned
 for error feedback, in one params-sized buffer per worker: what the first
 rounding dropped from its contribution, and, where the chunk it owns stands,
-also what the second rounding dropped from the summed chunk (the owner's
-buffer, 1/N of the params). Fed back, the owner's buffer goes into the next
-summed chunk before its rounding, and the rest into the worker's next
-contribution, as in the compressed all-reduce of 1-bit Adam (worker and
-server error feedback): the owner's error never sets the scales of the blocks
-it sends.
+what the second rounding dropped from the summed chunk (the owner's buffer,
+1/N of the params). Fed back, the owner's buffer goes into the summed chunk
+before its rounding, and the rest into the worker's next contribution, as in
+the compressed all-reduce of 1-bit Adam (worker and server error feedback).
+
+With feedback, no buffer sets a scale: each block's scale is that of the
+fresh values alone (the worker's contribution; the summed chunk as
+received), and the values with the buffer added are rounded on it, clipped
+to ``[-T, T]``. So a buffer holds about half a step of the fresh values
+(more only while they shrink). Were the scale that of the values with the
+buffer, as without feedback, a ternary int2 code would send a buffer's
+largest numbers at the full block maximum: the step would grow with the
+buffer, and the buffer with the step, until it held as much as the
+contributions themselves, and where workers pull apart (their contributions
+large, their sum small) the ring lost more in each sync, in noise, than it
+saved in bias.
 
 With ``topk_fraction`` the contribution is sparse instead (SparseLoCo, see
 :mod:`optax_dist._sparse`).
@@ -243,9 +253,11 @@ def ring_sum(
 
   ``residual`` (error feedback; ``decay`` times it is fed back) is what the
   last sum dropped, as returned: where the owned chunk stands it is the
-  owner's buffer and goes into the summed chunk, before its rounding;
-  elsewhere it goes into this worker's contribution. So the owner's error
-  never sets the scales of the blocks it sends.
+  owner's buffer and goes into the summed chunk, before its rounding, with
+  what the first rounding dropped from this worker's own part of that
+  chunk; elsewhere it goes into this worker's contribution. Each rounding
+  keeps the scales of the values without the buffer (see the module
+  docstring).
 
   ``side``: a small float32 array whose bytes ride after every chunk's
   scales in the ``all_to_all``, so that every worker receives every
@@ -259,9 +271,13 @@ def ring_sum(
   leaves, treedef = jax.tree.flatten(tree)
   fed = None if residual is None else jax.tree.leaves(residual)
   part, dropped, *sides = _reduce_flat(leaves, axes, dtype, fed, decay, side)
-  total, dropped_sum = _gather_flat(part, leaves, axes, dtype)
   start = _collectives.worker_index(axes) * part.shape[0]
-  owned = lax.dynamic_slice(dropped, (start,), part.shape) + dropped_sum
+  owned = lax.dynamic_slice(dropped, (start,), part.shape)
+  if fed is None:
+    total, dropped_sum = _gather_flat(part, leaves, axes, dtype)
+    owned = owned + dropped_sum
+  else:  # The owner's part of ``dropped`` goes into its summed chunk.
+    total, owned = _gather_flat(part, leaves, axes, dtype, kept=owned)
   dropped = lax.dynamic_update_slice(dropped, owned, (start,))
   size = sum(math.prod(jnp.shape(x)) for x in leaves)
   return (
@@ -281,23 +297,33 @@ def _chunk(leaves: list, n: int, dtype: Any) -> tuple[int, int]:
 def _reduce_flat(
   leaves: list, axes: tuple, dtype: Any, residual: list | None, decay: float, side: Any
 ) -> tuple[Any, ...]:
-  """The first phase on flat vectors: the owned summed chunk, and the padded dropped numbers."""
+  """The first phase on flat vectors: the owned summed chunk, and the padded dropped numbers.
+
+  With ``residual``, the owner's buffer (times ``decay``) is not in the
+  summed chunk yet: it is added, where the owned chunk stands, to the
+  dropped numbers, for the second phase to round with the summed chunk.
+  """
   n = _collectives.num_workers(axes)
   _, chunk = _chunk(leaves, n, dtype)
   block = _codec.block_size(dtype)
   me = _collectives.worker_index(axes)
-  padded = _codec.flatten(leaves, n * chunk).reshape(n, chunk)
-  owner = None
+  shape = (n, chunk // block, block)
+  fresh = _codec.flatten(leaves, n * chunk).reshape(n, chunk)
+  padded, held = fresh, None
   if residual is not None:
     fed = _codec.flatten(residual, n * chunk).reshape(n, chunk)
     if decay != 1.0:
       fed = decay * fed
     mine = jnp.arange(n)[:, None] == me
-    owner = lax.dynamic_index_in_dim(fed, me, keepdims=False)
-    padded = padded + jnp.where(mine, jnp.zeros_like(fed), fed)
-  padded = padded.reshape(n, chunk // block, block)
-  values, scale = _codec.quantize(padded, dtype)
+    held = jnp.where(mine, fed, jnp.zeros_like(fed))  # The owner's buffer.
+    padded = fresh + jnp.where(mine, jnp.zeros_like(fed), fed)
+  padded = padded.reshape(shape)
+  # With feedback, the scales are the contribution's own: the buffer never sets them.
+  like = None if residual is None else fresh.reshape(shape)
+  values, scale = _codec.quantize(padded, dtype, like)
   dropped = (padded - _codec.dequantize(values, scale)).reshape(-1)
+  if held is not None:  # Kept for the owner's rounding of its summed chunk.
+    dropped = dropped + held.reshape(-1)
   # Worker k receives chunk k of every worker and sums them, in worker order.
   buffer = _codec.to_wire(values, scale, dtype)
   if side is not None:
@@ -310,18 +336,23 @@ def _reduce_flat(
   for j in range(1, n):
     part = part + _codec.dequantize(values[j], scale[j])
   part = part.reshape(-1)
-  if owner is not None:  # The owner's buffer, into the summed chunk it belongs to.
-    part = part + owner
   return (part, dropped) if side is None else (part, dropped, side_total)
 
 
-def _gather_flat(part: jax.Array, leaves: list, axes: tuple, dtype: Any) -> tuple[Any, Any]:
-  """The second phase on flat vectors: the padded sum, and the owned chunk's dropped numbers."""
+def _gather_flat(
+  part: jax.Array, leaves: list, axes: tuple, dtype: Any, kept: jax.Array | None = None
+) -> tuple[Any, Any]:
+  """The second phase on flat vectors: the padded sum, and the owned chunk's dropped numbers.
+
+  ``kept`` (error feedback): the owner's buffer for its chunk; it goes into
+  the summed chunk, whose rounding keeps the summed chunk's own scales.
+  """
   size, chunk = _chunk(leaves, _collectives.num_workers(axes), dtype)
   block = _codec.block_size(dtype)
   mine = part.reshape(chunk // block, block)
-  values, scale = _codec.quantize(mine, dtype)
-  dropped = (mine - _codec.dequantize(values, scale)).reshape(-1)
+  summed = mine if kept is None else mine + kept.reshape(mine.shape)
+  values, scale = _codec.quantize(summed, dtype, None if kept is None else mine)
+  dropped = (summed - _codec.dequantize(values, scale)).reshape(-1)
   gathered = _collectives.all_gather(_codec.to_wire(values[None], scale[None], dtype)[0], axes)
   values, scale = _codec.from_wire(gathered, dtype, chunk)
   return _codec.dequantize(values, scale).reshape(-1)[:size], dropped
@@ -334,7 +365,10 @@ def ring_reduce(
 
   Returns the summed chunk this worker owns, in place in a tree shaped like
   ``tree`` (zeros elsewhere), and what the first rounding dropped (see
-  :func:`ring_sum` for ``residual``, ``decay`` and ``side``).
+  :func:`ring_sum` for ``residual``, ``decay`` and ``side``). With
+  ``residual``, the owner's buffer (times ``decay``) is not in the summed
+  chunk yet: it is added, where the owned chunk stands, to what this
+  returns as dropped, for :func:`ring_gather` to round with the summed chunk.
   """
   leaves, treedef = jax.tree.flatten(tree)
   fed = None if residual is None else jax.tree.leaves(residual)
@@ -350,21 +384,34 @@ def ring_reduce(
   return (*out, *sides)
 
 
-def ring_gather(part: Any, axes: tuple, dtype: Any) -> tuple[Any, Any]:
+def ring_gather(part: Any, axes: tuple, dtype: Any, *, residual: Any = None) -> tuple[Any, Any]:
   """The ring's second phase: the sum, from the summed chunks of :func:`ring_reduce`.
 
   Each worker rounds the chunk it owns and ``all_gather`` gives every worker
   every rounded chunk. Returns the sum (the same bits on every worker) and
   what the rounding dropped: the owner's buffer, shaped like ``part``, zero
   outside the chunk this worker owns.
+
+  ``residual`` (error feedback): the buffer :func:`ring_reduce` returned.
+  Where the owned chunk stands it is the owner's (what the rounding of its
+  own contribution dropped, and the owner's buffer fed back): it goes into
+  the summed chunk, whose rounding keeps the summed chunk's own scales; the
+  residual is returned with the owned chunk's part replaced by what this
+  rounding dropped.
   """
   leaves, treedef = jax.tree.flatten(part)
   n = _collectives.num_workers(axes)
   size, chunk = _chunk(leaves, n, dtype)
-  me = _collectives.worker_index(axes)
-  mine = lax.dynamic_slice(_codec.flatten(leaves, n * chunk), (me * chunk,), (chunk,))
-  total, dropped = _gather_flat(mine, leaves, axes, dtype)
-  dropped = lax.dynamic_update_slice(jnp.zeros(n * chunk, dropped.dtype), dropped, (me * chunk,))
+  start = _collectives.worker_index(axes) * chunk
+  mine = lax.dynamic_slice(_codec.flatten(leaves, n * chunk), (start,), (chunk,))
+  if residual is None:
+    total, dropped = _gather_flat(mine, leaves, axes, dtype)
+    dropped = lax.dynamic_update_slice(jnp.zeros(n * chunk, dropped.dtype), dropped, (start,))
+  else:
+    kept = _codec.flatten(jax.tree.leaves(residual), n * chunk)
+    owned = lax.dynamic_slice(kept, (start,), (chunk,))
+    total, dropped = _gather_flat(mine, leaves, axes, dtype, kept=owned)
+    dropped = lax.dynamic_update_slice(kept, dropped, (start,))
   return (
     _codec.unflatten(total, leaves, treedef),
     _codec.unflatten(dropped[:size], leaves, treedef),

@@ -201,17 +201,20 @@ def gathered(pending: Pending, axes: tuple, wire: _quantize.Wire, residual: Any)
 
   ``pending`` holds the summed chunk this worker owns (a
   :meth:`FiniteSum.first_phase_pending`). The ring's second phase rounds it
-  and gathers every chunk; the result is the finite workers' mean, and the
-  owner's rounding error joins ``residual`` (error feedback) where the sync
-  moves. Returns ``(pending, residual)``: the mean as the reduced value.
+  and gathers every chunk; the result is the finite workers' mean. With
+  error feedback, the owner's part of ``residual`` (as the first phase left
+  it) goes into the summed chunk before its rounding, and what that rounding
+  dropped takes its place where the sync moves. Returns
+  ``(pending, residual)``: the mean as the reduced value.
   """
-  total, dropped = _quantize.ring_gather(pending.value, axes, wire.dtype)
+  fed = residual if wire.error_feedback else None
+  total, kept = _quantize.ring_gather(pending.value, axes, wire.dtype, residual=fed)
   count = jnp.maximum(pending.num_finite, 1.0)
   mean = jax.tree.map(lambda t: t / count.astype(t.dtype), total)
   mean = _syncloop.rounding_fence(mean, pending.num_finite)
   moved = jnp.logical_and(pending.moved, all_finite(mean, axes))
   if wire.error_feedback:
-    residual = jax.tree.map(lambda e, d: jnp.where(moved, e + d, e), residual, dropped)
+    residual = where(moved, kept, residual)
   return pending._replace(value=mean, moved=moved), residual
 
 
