@@ -76,6 +76,8 @@ EVAL_EVERY = 160
 MODEL = {"width": 32, "depth": 2, "heads": 4, "context": 32, "batch_size": 32}
 DP_LRS = (2e-3, 3e-3, 5e-3, 8e-3)
 OUTER_LRS = (0.4, 0.6, 0.8, 1.0)
+# Top-k's plain outer SGD step chose 1.0, the edge of OUTER_LRS: its grid goes on.
+TOPK_OUTER_LRS = (0.8, 1.0, 1.5, 2.0)
 OUTER_MOMENTUM = 0.9
 INNER_FRACTIONS = (1.0, 0.5)
 # The paper's gap to DP (their Table 4), in percent, for M = 1, 2, 4, 8.
@@ -88,7 +90,8 @@ class Row(NamedTuple):
   ``grid`` is ``"dp"`` (``DP_LRS``), ``"outer"`` (``OUTER_LRS`` x
   ``INNER_FRACTIONS`` of DP's learning rate), ``"outer at M=8"`` (``OUTER_LRS``
   at the inner fraction chosen for DiLoCo M=8 H=32: half the trials, for the
-  rows that vary it) or ``"inner"`` (the fractions only).
+  rows that vary it), ``"topk outer"`` (the same with ``TOPK_OUTER_LRS``) or
+  ``"inner"`` (the fractions only).
   ``"same as <row>"`` runs that row's chosen trial, untuned.
   ``warmup_fraction`` sets ``sync_warmup`` to that fraction of the steps;
   ``seeds`` replaces the study's seeds.
@@ -103,6 +106,7 @@ class Row(NamedTuple):
 
 DILOCO = {"algorithm": "diloco", "outer_momentum": OUTER_MOMENTUM}
 AT_M8 = "outer at M=8"
+TOPK_AT_M8 = "topk outer"
 # In the order they run: the rows the targets need first.
 ROWS = (
   Row("DP", {"algorithm": "sync"}, grid="dp"),
@@ -151,7 +155,7 @@ ROWS = (
   Row(
     "DiLoCo top-k 2% int4, outer SGD M=8 H=32",
     {**DILOCO, "outer_momentum": 0.0, "period": 32, "comm_dtype": "int4", "topk_fraction": 0.02},
-    AT_M8,
+    TOPK_AT_M8,
   ),
 )
 
@@ -216,10 +220,11 @@ def row_config(row, steps, model):
 
 def trials(row, dp_lr, m8_fraction=None, chosen=None):
   """The row's tuning grid: a list of ``{"learning_rate", "outer_learning_rate"}``."""
-  if row.grid == AT_M8:
+  if row.grid in (AT_M8, TOPK_AT_M8):
     if m8_fraction is None:
       raise RuntimeError("DiLoCo M=8 H=32 must be tuned before the rows that use its choice")
-    return [{"learning_rate": m8_fraction * dp_lr, "outer_learning_rate": lr} for lr in OUTER_LRS]
+    outer = OUTER_LRS if row.grid == AT_M8 else TOPK_OUTER_LRS
+    return [{"learning_rate": m8_fraction * dp_lr, "outer_learning_rate": lr} for lr in outer]
   if row.grid == "dp":
     return [{"learning_rate": lr} for lr in DP_LRS]
   if row.grid == "muon":
