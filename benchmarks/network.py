@@ -36,6 +36,13 @@ training cluster's hosts (a sync follows a pause of H - 1 local steps, and
 would otherwise restart from TCP's initial congestion window);
 ``--slow-start-after-idle`` keeps Linux's default.
 
+The workers run with glibc's allocator told to keep the memory it is given
+(``KEEP_MEMORY``: one arena, no ``mmap`` for large blocks, no trimming).
+XLA's CPU runtime allocates a program's temporaries on every call; with
+glibc's defaults they went back to the kernel after each step and came back
+as fresh pages, 41K to 49K page faults a DiLoCo sync step at 4.2M params
+(``benchmarks/sync_cpu.py``). ``--default-malloc`` keeps glibc's defaults.
+
 Needs root, ``ip`` (iproute2, with network namespaces and veth), ``tc`` and
 ``unshare``; not run in CI. The namespaces and the veth pair are removed on
 exit, also on errors and on SIGINT/SIGTERM; every child runs under a timeout.
@@ -442,7 +449,17 @@ def worker(out_path, windows, repeats, only=()):
 # --- the driver ----------------------------------------------------------------------------
 
 
-def measure(rate, windows, repeats, timeout, children, slow_start_after_idle=False, only=()):
+# glibc settings that keep freed memory in the process (see the module docstring).
+KEEP_MEMORY = {
+  "MALLOC_ARENA_MAX": "1",
+  "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
+  "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
+}
+
+
+def measure(
+  rate, windows, repeats, timeout, children, slow_start_after_idle=False, only=(), malloc=True
+):
   link = Link(rate, slow_start_after_idle)
   try:
     print(f"link {rate}: {'; '.join(link.qdisc())}", flush=True)
@@ -462,6 +479,8 @@ def measure(rate, windows, repeats, timeout, children, slow_start_after_idle=Fal
         }
       )
       env.pop("XLA_FLAGS", None)
+      if malloc:
+        env.update(KEEP_MEMORY)
       for k in range(N):
         argv = [sys.executable, __file__, "--worker", str(out), "--window", str(windows)]
         argv += ["--repeats", str(repeats), *(["--only", *only] if only else [])]
@@ -478,8 +497,20 @@ def measure(rate, windows, repeats, timeout, children, slow_start_after_idle=Fal
     "rate_bits": rate_bits(rate),
     "goodput_bits": goodput * 8,
     "tcp_slow_start_after_idle": int(slow_start_after_idle),
+    "malloc": KEEP_MEMORY if malloc else "glibc defaults",
     **measured,
   }
+
+
+def malloc_text(result):
+  """How the workers' allocator ran (results before the setting existed ran with glibc's defaults)."""
+  if isinstance(result.get("malloc"), dict):
+    return (
+      "allocator keeping freed memory ("
+      + " ".join(f"{k}={v}" for k, v in result["malloc"].items())
+      + ")"
+    )
+  return "glibc's default allocator settings"
 
 
 def predict(result):
@@ -501,7 +532,8 @@ def table(results):
     lines += [
       f"Link {result['rate']} (tbf); one TCP stream measured {result['goodput_bits'] / 1e6:.0f} "
       f"Mbit/s; TCP slow start after idle "
-      f"{'on' if result.get('tcp_slow_start_after_idle') else 'off'}. "
+      f"{'on' if result.get('tcp_slow_start_after_idle') else 'off'}; "
+      f"{malloc_text(result)}. "
       f"{result['num_params']:,} params, {N} processes x 1 CPU device. *Dispatch*: "
       "`static` compiles one program per kind of call and picks it on the host "
       "(data_parallel_step's default), `in_graph` is one program that decides inside. "
@@ -589,6 +621,11 @@ def main(argv=None):
     action="store_true",
     help="keep TCP's slow start after idle (Linux's default) on the link's namespaces",
   )
+  parser.add_argument(
+    "--default-malloc",
+    action="store_true",
+    help="run the workers with glibc's default allocator settings (see KEEP_MEMORY)",
+  )
   parser.add_argument("--only", nargs="+", default=(), help="variants to run (and the baselines)")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON")
@@ -631,6 +668,7 @@ def main(argv=None):
           children,
           args.slow_start_after_idle,
           args.only,
+          not args.default_malloc,
         )
       )
     )
