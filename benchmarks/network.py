@@ -37,7 +37,8 @@ would otherwise restart from TCP's initial congestion window);
 ``--slow-start-after-idle`` keeps Linux's default.
 
 The workers run with glibc's allocator told to keep the memory it is given
-(``KEEP_MEMORY``: one arena, no ``mmap`` for large blocks, no trimming).
+(``optax_dist.launch.KEEP_MEMORY``: one arena, no ``mmap`` for large
+blocks, no trimming).
 XLA's CPU runtime allocates a program's temporaries on every call; with
 glibc's defaults they went back to the kernel after each step and came back
 as fresh pages, 41K to 49K page faults a DiLoCo sync step at 4.2M params
@@ -449,14 +450,6 @@ def worker(out_path, windows, repeats, only=()):
 # --- the driver ----------------------------------------------------------------------------
 
 
-# glibc settings that keep freed memory in the process (see the module docstring).
-KEEP_MEMORY = {
-  "MALLOC_ARENA_MAX": "1",
-  "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
-  "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
-}
-
-
 def measure(
   rate, windows, repeats, timeout, children, slow_start_after_idle=False, only=(), malloc=True
 ):
@@ -479,8 +472,11 @@ def measure(
         }
       )
       env.pop("XLA_FLAGS", None)
+      env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
       if malloc:
-        env.update(KEEP_MEMORY)
+        from optax_dist import launch
+
+        env.update(launch.KEEP_MEMORY)
       for k in range(N):
         argv = [sys.executable, __file__, "--worker", str(out), "--window", str(windows)]
         argv += ["--repeats", str(repeats), *(["--only", *only] if only else [])]
@@ -497,7 +493,7 @@ def measure(
     "rate_bits": rate_bits(rate),
     "goodput_bits": goodput * 8,
     "tcp_slow_start_after_idle": int(slow_start_after_idle),
-    "malloc": KEEP_MEMORY if malloc else "glibc defaults",
+    "malloc": {k: env[k] for k in sorted(env) if k.startswith("MALLOC_")} or "glibc defaults",
     **measured,
   }
 
@@ -624,7 +620,7 @@ def main(argv=None):
   parser.add_argument(
     "--default-malloc",
     action="store_true",
-    help="run the workers with glibc's default allocator settings (see KEEP_MEMORY)",
+    help="run the workers with glibc's default allocator settings (see the docstring)",
   )
   parser.add_argument("--only", nargs="+", default=(), help="variants to run (and the baselines)")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

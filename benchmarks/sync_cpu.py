@@ -9,8 +9,8 @@ of both devices together (``getrusage``: less sensitive to other work on the
 machine than wall time), the wall time and the minor page faults.
 
 Each format runs twice: with glibc's default allocator settings, and with
-the settings that keep freed memory in the process (``KEEP_MEMORY`` of
-``benchmarks/network.py``), which must be in the environment before the
+the settings that keep freed memory in the process
+(``optax_dist.launch.KEEP_MEMORY``), which must be in the environment before the
 process starts.
 
     python benchmarks/sync_cpu.py            # about 2 minutes on 2 cores
@@ -26,6 +26,8 @@ import sys
 import time
 
 import network
+
+from optax_dist import launch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FORMATS = {
@@ -112,7 +114,7 @@ def main(argv=None):
     return None
   begin, rows = time.perf_counter(), []
   for name in FORMATS:
-    for allocator, extra in (("glibc defaults", {}), ("keeping memory", network.KEEP_MEMORY)):
+    for allocator, extra in (("glibc defaults", {}), ("keeping memory", launch.KEEP_MEMORY)):
       env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
       env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
       argv = [sys.executable, __file__, "--child", name, "--calls", str(args.calls)]

@@ -19,6 +19,14 @@ variables, which :func:`optax_dist.initialize_from_env` reads to call
   processes at start-up and the heartbeat timeout.
 * ``OPTAX_DIST_RESTART``: 0 on the first run, then the number of restarts.
 
+With ``--keep-memory`` the processes also get glibc's allocator settings in
+:data:`KEEP_MEMORY` (one arena, no ``mmap`` for large blocks, no trimming),
+where the environment does not set them already. XLA's CPU runtime
+allocates a program's temporaries on every call, and with glibc's defaults
+they go back to the kernel after each step and return as fresh pages: a
+quantized or top-k sync of 4.2M params took 41K to 49K page faults and
+about twice its CPU time. A process then keeps its peak memory.
+
 Failures. When a process dies (a non-zero exit or a signal) the others are
 usually blocked in their next collective and would wait for a timeout. The
 launcher polls its children, so it notices the death at once, gives the
@@ -60,6 +68,13 @@ from optax_dist import _distributed
 
 _PREFIX = "optax_dist.launch:"
 
+# glibc's allocator keeps what it frees: one arena, no mmap, no trimming.
+KEEP_MEMORY = {
+  "MALLOC_ARENA_MAX": "1",
+  "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
+  "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
+}
+
 
 def free_port() -> int:
   """A TCP port that is free on 127.0.0.1 right now."""
@@ -93,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--timeout", type=int, default=60, help="start-up and heartbeat timeout of jax.distributed"
   )
+  parser.add_argument(
+    "--keep-memory",
+    action="store_true",
+    help="glibc keeps freed memory in each process (KEEP_MEMORY; fewer page faults on CPU)",
+  )
   parser.add_argument("script", help="the Python script every process runs")
   parser.add_argument("args", nargs=argparse.REMAINDER, help="the script's arguments")
   return parser
@@ -119,6 +139,8 @@ def _environment(args: argparse.Namespace, port: int, process_id: int, restart: 
   env[_distributed.ENV_PROCESS_ID] = str(process_id)
   env[_distributed.ENV_RESTART] = str(restart)
   env[_distributed.ENV_TIMEOUT] = str(args.timeout)
+  if args.keep_memory:
+    env = {**KEEP_MEMORY, **env}  # A setting in the environment wins.
   if args.devices_per_process is not None:
     env[_distributed.ENV_DEVICES_PER_PROCESS] = str(args.devices_per_process)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
