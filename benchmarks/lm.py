@@ -76,8 +76,9 @@ EVAL_EVERY = 160
 MODEL = {"width": 32, "depth": 2, "heads": 4, "context": 32, "batch_size": 32}
 DP_LRS = (2e-3, 3e-3, 5e-3, 8e-3)
 OUTER_LRS = (0.4, 0.6, 0.8, 1.0)
-# Top-k's plain outer SGD step chose 1.0, the edge of OUTER_LRS: its grid goes on.
-TOPK_OUTER_LRS = (0.8, 1.0, 1.5, 2.0)
+# Top-k's plain outer SGD step chose 1.0, then 2.0, the edges of OUTER_LRS and of
+# (0.8, 1.0, 1.5, 2.0): its grid goes on.
+TOPK_OUTER_LRS = (1.0, 1.5, 2.0, 3.0, 4.0)
 OUTER_MOMENTUM = 0.9
 INNER_FRACTIONS = (1.0, 0.5)
 # The paper's gap to DP (their Table 4), in percent, for M = 1, 2, 4, 8.
@@ -152,6 +153,8 @@ ROWS = (
     {**DILOCO, "period": 32, "comm_dtype": "int2", "error_feedback": True},
     AT_M8,
   ),
+  # int2 without feedback, for int2 + feedback to be measured against.
+  Row("DiLoCo int2 M=8 H=32", {**DILOCO, "period": 32, "comm_dtype": "int2"}, AT_M8),
   Row(
     "DiLoCo top-k 2% int4, outer SGD M=8 H=32",
     {**DILOCO, "outer_momentum": 0.0, "period": 32, "comm_dtype": "int4", "topk_fraction": 0.02},
