@@ -76,9 +76,9 @@ EVAL_EVERY = 160
 MODEL = {"width": 32, "depth": 2, "heads": 4, "context": 32, "batch_size": 32}
 DP_LRS = (2e-3, 3e-3, 5e-3, 8e-3)
 OUTER_LRS = (0.4, 0.6, 0.8, 1.0)
-# Top-k's plain outer SGD step chose 1.0, then 2.0, the edges of OUTER_LRS and of
-# (0.8, 1.0, 1.5, 2.0): its grid goes on.
-TOPK_OUTER_LRS = (1.0, 1.5, 2.0, 3.0, 4.0)
+# Top-k's plain outer SGD step chose 1.0, 2.0 and 4.0, the edges of OUTER_LRS, of
+# (0.8, 1.0, 1.5, 2.0) and of (1.0, 1.5, 2.0, 3.0, 4.0): its grid goes on.
+TOPK_OUTER_LRS = (2.0, 3.0, 4.0, 6.0, 8.0)
 OUTER_MOMENTUM = 0.9
 INNER_FRACTIONS = (1.0, 0.5)
 # The paper's gap to DP (their Table 4), in percent, for M = 1, 2, 4, 8.
