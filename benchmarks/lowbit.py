@@ -13,7 +13,7 @@ Two measurements, side by side in one run:
    and with each format at the same period, final test accuracy over the
    seeds, and the difference to float32 DiLoCo in points.
 
-    python benchmarks/lowbit.py                 # about 12 minutes on 2 cores
+    python benchmarks/lowbit.py                 # about 6 minutes on 2 cores
     python benchmarks/lowbit.py --periods 16 --seeds 0   # a smoke run
     python benchmarks/lowbit.py --muon          # MuLoCo rows: Muon inside, float32, int4, int2
     python benchmarks/lowbit.py --residuals     # error feedback where workers pull apart (20 s)

@@ -44,6 +44,10 @@ glibc's defaults they went back to the kernel after each step and came back
 as fresh pages, 41K to 49K page faults a DiLoCo sync step at 4.2M params
 (``benchmarks/sync_cpu.py``). ``--default-malloc`` keeps glibc's defaults.
 
+``--collectives`` times bare collectives across the link instead (a
+float32 all-reduce of the params, and 1 MiB through ``psum``,
+``all_to_all``, ``all_gather`` and ``ppermute``): the rate each gets.
+
 Needs root, ``ip`` (iproute2, with network namespaces and veth), ``tc`` and
 ``unshare``; not run in CI. The namespaces and the veth pair are removed on
 exit, also on errors and on SIGINT/SIGTERM; every child runs under a timeout.
@@ -447,11 +451,98 @@ def worker(out_path, windows, repeats, only=()):
     )
 
 
+def collectives_worker(out_path, repeats):
+  """Times bare collectives between the two processes: what rate each gets from the link."""
+  import jax
+
+  import optax_dist
+
+  optax_dist.initialize_from_env()
+  from jax.sharding import AxisType
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  import numpy as np
+
+  mesh = jax.make_mesh((N,), (AXIS,), axis_types=(AxisType.Auto,))
+  sharding = NamedSharding(mesh, P(AXIS))
+  params, chunk = sum(a * b + b for a, b in itertools.pairwise(SIZES)), 1 << 20
+  # (name, the collective on this worker's row, numbers per worker, dtype, bytes it sends).
+  cases = [
+    ("psum, float32 params", lambda x: jax.lax.psum(x, AXIS), params, np.float32, 4 * params),
+    ("psum, 1 MiB of int32", lambda x: jax.lax.psum(x, AXIS), chunk // 4, np.int32, chunk),
+    (
+      "all_to_all, 1 MiB to the other worker",
+      lambda x: jax.lax.all_to_all(x, AXIS, 1, 1, tiled=True),
+      N * chunk,
+      np.int8,
+      chunk,
+    ),
+    (
+      "all_gather, 1 MiB",
+      lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True),
+      chunk,
+      np.uint8,
+      chunk,
+    ),
+    (
+      "ppermute, 1 MiB each way",
+      lambda x: jax.lax.ppermute(x, AXIS, [(0, 1), (1, 0)]),
+      chunk,
+      np.uint8,
+      chunk,
+    ),
+  ]
+  rows = []
+  for name, collective, numbers, dtype, sent in cases:
+    local = np.ones((1, numbers), dtype)
+    x = jax.make_array_from_process_local_data(sharding, local)
+    fn = jax.jit(jax.shard_map(collective, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS)))
+    for _ in range(2):
+      jax.block_until_ready(fn(x))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(x))
+      times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    rows.append({"name": name, "s": median, "sent_bytes": sent, "bits_per_s": 8 * sent / median})
+    print(
+      f"  {name:>40}: {1e3 * median:8.1f} ms, {8 * sent / median / 1e6:6.1f} Mbit/s", flush=True
+    )
+  if jax.process_index() == 0:
+    pathlib.Path(out_path).write_text(json.dumps({"results": rows}, indent=1))
+
+
+def collectives_table(result):
+  lines = [
+    f"Link {result['rate']} (tbf); one TCP stream measured {result['goodput_bits'] / 1e6:.0f} "
+    f"Mbit/s. Each collective alone between the {N} processes, median of its calls; *rate* "
+    "is the bytes one worker sends (ring convention) over the time.",
+    "",
+    "| collective | ms | bytes sent per worker | rate (Mbit/s) | of the TCP stream's |",
+    "| --- | ---: | ---: | ---: | ---: |",
+  ]
+  for r in result["results"]:
+    lines.append(
+      f"| {r['name']} | {1e3 * r['s']:.1f} | {r['sent_bytes']:,} | "
+      f"{r['bits_per_s'] / 1e6:.1f} | {r['bits_per_s'] / result['goodput_bits']:.2f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
 # --- the driver ----------------------------------------------------------------------------
 
 
 def measure(
-  rate, windows, repeats, timeout, children, slow_start_after_idle=False, only=(), malloc=True
+  rate,
+  windows,
+  repeats,
+  timeout,
+  children,
+  slow_start_after_idle=False,
+  only=(),
+  malloc=True,
+  collectives=False,
 ):
   link = Link(rate, slow_start_after_idle)
   try:
@@ -480,6 +571,7 @@ def measure(
       for k in range(N):
         argv = [sys.executable, __file__, "--worker", str(out), "--window", str(windows)]
         argv += ["--repeats", str(repeats), *(["--only", *only] if only else [])]
+        argv += ["--collectives"] if collectives else []
         children.start(link.command(k, argv), env={**env, "OPTAX_DIST_PROCESS_ID": str(k)})
       codes = children.wait(timeout)
       if any(codes):
@@ -623,12 +715,19 @@ def main(argv=None):
     help="run the workers with glibc's default allocator settings (see the docstring)",
   )
   parser.add_argument("--only", nargs="+", default=(), help="variants to run (and the baselines)")
+  parser.add_argument(
+    "--collectives",
+    action="store_true",
+    help="time bare collectives across the link instead (network_collectives.{json,md})",
+  )
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
   parser.add_argument("--replot", action="store_true", help="redraw the figure from the JSON")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   parser.add_argument("--probe-server", help=argparse.SUPPRESS)
   parser.add_argument("--probe-client", nargs=2, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.worker and args.collectives:
+    return collectives_worker(args.worker, args.repeats)
   if args.worker:
     return worker(args.worker, args.window, args.repeats, args.only)
   if args.probe_server:
@@ -651,6 +750,20 @@ def main(argv=None):
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   children = Children()
   info = machine()
+  if args.collectives:
+    results = [
+      measure(rate, args.window, args.repeats, args.timeout, children, collectives=True)
+      for rate in args.rates
+    ]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "network_collectives.json").write_text(
+      json.dumps({"machine": info, "results": results}, indent=1) + "\n"
+    )
+    text = "\n".join(collectives_table(r) for r in results)
+    (out / "network_collectives.md").write_text(text)
+    print(text)
+    return results
   results = []
   for rate in args.rates:
     start = time.perf_counter()
