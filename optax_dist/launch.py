@@ -20,7 +20,7 @@ variables, which :func:`optax_dist.initialize_from_env` reads to call
 * ``OPTAX_DIST_RESTART``: 0 on the first run, then the number of restarts.
 
 With ``--keep-memory`` the processes also get glibc's allocator settings in
-:data:`KEEP_MEMORY` (one arena, no ``mmap`` for large blocks, no trimming),
+``KEEP_MEMORY`` (one arena, no ``mmap`` for large blocks, no trimming),
 where the environment does not set them already. XLA's CPU runtime
 allocates a program's temporaries on every call, and with glibc's defaults
 they go back to the kernel after each step and return as fresh pages: a
