@@ -25,7 +25,7 @@ where the environment does not set them already. XLA's CPU runtime
 allocates a program's temporaries on every call, and with glibc's defaults
 they go back to the kernel after each step and return as fresh pages: a
 quantized or top-k sync of 4.2M params took 41K to 49K page faults and
-about twice its CPU time. A process then keeps its peak memory.
+1.5x to 1.8x its CPU time. A process then keeps its peak memory.
 
 Failures. When a process dies (a non-zero exit or a signal) the others are
 usually blocked in their next collective and would wait for a timeout. The
