@@ -38,10 +38,9 @@ would otherwise restart from TCP's initial congestion window);
 
 The workers run with glibc's allocator told to keep the memory it is given
 (``optax_dist.launch.KEEP_MEMORY``: one arena, no ``mmap`` for large
-blocks, no trimming).
-XLA's CPU runtime allocates a program's temporaries on every call; with
-glibc's defaults they went back to the kernel after each step and came back
-as fresh pages, 41K to 49K page faults a DiLoCo sync step at 4.2M params
+blocks, no trimming). XLA's CPU runtime allocates a program's temporaries
+on every call; with glibc's defaults they went back to the kernel after
+each step and came back as fresh pages, 41K to 49K page faults a DiLoCo sync step at 4.2M params
 (``benchmarks/sync_cpu.py``). ``--default-malloc`` keeps glibc's defaults.
 
 ``--collectives`` times bare collectives across the link instead (a
@@ -752,7 +751,16 @@ def main(argv=None):
   info = machine()
   if args.collectives:
     results = [
-      measure(rate, args.window, args.repeats, args.timeout, children, collectives=True)
+      measure(
+        rate,
+        args.window,
+        args.repeats,
+        args.timeout,
+        children,
+        args.slow_start_after_idle,
+        malloc=not args.default_malloc,
+        collectives=True,
+      )
       for rate in args.rates
     ]
     out = pathlib.Path(args.out)
