@@ -749,20 +749,22 @@ def main(argv=None):
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   children = Children()
   info = machine()
+
+  def run(rate, collectives=False):
+    return measure(
+      rate,
+      args.window,
+      args.repeats,
+      args.timeout,
+      children,
+      args.slow_start_after_idle,
+      args.only,
+      not args.default_malloc,
+      collectives,
+    )
+
   if args.collectives:
-    results = [
-      measure(
-        rate,
-        args.window,
-        args.repeats,
-        args.timeout,
-        children,
-        args.slow_start_after_idle,
-        malloc=not args.default_malloc,
-        collectives=True,
-      )
-      for rate in args.rates
-    ]
+    results = [run(rate, collectives=True) for rate in args.rates]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "network_collectives.json").write_text(
@@ -775,20 +777,7 @@ def main(argv=None):
   results = []
   for rate in args.rates:
     start = time.perf_counter()
-    results.append(
-      predict(
-        measure(
-          rate,
-          args.window,
-          args.repeats,
-          args.timeout,
-          children,
-          args.slow_start_after_idle,
-          args.only,
-          not args.default_malloc,
-        )
-      )
-    )
+    results.append(predict(run(rate)))
     print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
